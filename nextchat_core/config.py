@@ -1,0 +1,396 @@
+"""Typed, validated NExT-Chat configuration: one composite config of sub-configs.
+
+A checkpoint carries its config (``config.json``), so the vision tower, the sizes, the
+token ids and the prompt template are properties of the checkpoint. Named presets:
+
+* ``tiny`` - for tests: every part present, seconds on CPU.
+* ``demo`` - the small model trained by ``make demo-model`` and shipped with the product.
+* ``nextchat-7b-336`` - the released NExT-Chat-7B-336 shapes (CLIP ViT-L/14-336 layer -2
+  without CLS, 2-layer GELU projector 1024->4096->4096, Vicuna-7B with vocab 32005,
+  loc_encoder 4->2048->4096, loc_decoder 4096->2048->4, seg_prompt_mlp 4096->4096->1024
+  as 4 tokens x 256, SAM ViT-H).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+CONFIG_VERSION = 1
+
+
+@dataclass
+class VisionConfig:
+    """The vision tower: any ``transformers`` encoder that yields patch features."""
+
+    # "clip": transformers CLIPVisionModel (the released model); "hf": any other
+    # transformers vision backbone named by hf_model_type (AutoModel.from_config).
+    backbone: Literal["clip", "hf"] = "clip"
+    hf_model_type: str = ""  # e.g. "vit", "convnext", used when backbone == "hf"
+    image_size: int = 336  # square input side, pixels
+    patch_size: int = 14
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    intermediate_size: int = 4096
+    select_layer: int = -2  # NExT-Chat/LLaVA: penultimate layer's hidden states
+    drop_cls: bool = True  # drop the CLS token (576 patch tokens at 336/14)
+    # Per-channel normalization after centered pad-to-square (CLIP's mean/std).
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    frozen: bool = True  # the released model never trains CLIP
+    extra: dict[str, Any] = field(default_factory=dict)  # forwarded to the HF config
+
+    def validate(self) -> None:
+        if self.backbone not in ("clip", "hf"):
+            raise ValueError(f"vision.backbone must be 'clip' or 'hf', got {self.backbone!r}")
+        if self.backbone == "hf" and not self.hf_model_type:
+            raise ValueError("vision.hf_model_type is required when vision.backbone == 'hf'")
+        if self.backbone == "clip" and self.image_size % self.patch_size:
+            raise ValueError(
+                f"vision.image_size ({self.image_size}) must be a multiple of "
+                f"vision.patch_size ({self.patch_size})"
+            )
+        if not -self.num_layers <= self.select_layer <= self.num_layers:
+            raise ValueError(
+                f"vision.select_layer {self.select_layer} is outside the tower's "
+                f"{self.num_layers} layers"
+            )
+
+    @property
+    def num_patches(self) -> int:
+        """Image tokens per image for a ViT tower (576 for CLIP ViT-L/14 at 336 px)."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class ProjectorConfig:
+    """``mm_projector``: ``depth`` Linear layers with GELU between (mlp2x_gelu)."""
+
+    depth: int = 2
+
+    def validate(self) -> None:
+        if self.depth < 1:
+            raise ValueError(f"projector.depth must be >= 1, got {self.depth}")
+
+
+@dataclass
+class LLMConfig:
+    """The language model, a ``transformers`` LlamaForCausalLM built from these sizes."""
+
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    intermediate_size: int = 11008
+    vocab_size: int = 32005  # 32000 LLaMA + 5 NExT-Chat tokens
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    attn_implementation: str = "sdpa"
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"llm.hidden_size ({self.hidden_size}) must be divisible by "
+                f"llm.num_heads ({self.num_heads})"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"llm.num_heads ({self.num_heads}) must be divisible by "
+                f"llm.num_kv_heads ({self.num_kv_heads})"
+            )
+
+
+@dataclass
+class LocationConfig:
+    """``loc_encoder`` (box in, 4->hidden->llm) and ``loc_decoder`` (llm->hidden->4)."""
+
+    hidden_size: int = 2048
+
+    def validate(self) -> None:
+        if self.hidden_size < 1:
+            raise ValueError(f"location.hidden_size must be >= 1, got {self.hidden_size}")
+
+
+@dataclass
+class SamConfig:
+    """segment-anything ImageEncoderViT / PromptEncoder / MaskDecoder sizes, plus
+    ``seg_prompt_mlp`` (llm -> mlp_hidden -> num_prompt_tokens * prompt_dim)."""
+
+    image_size: int = 1024  # SAM input side (longest side resized to this, centered pad)
+    patch_size: int = 16
+    encoder_embed_dim: int = 1280
+    encoder_depth: int = 32
+    encoder_num_heads: int = 16
+    encoder_global_attn_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    window_size: int = 14
+    prompt_dim: int = 256  # SAM's prompt / transformer dim
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    iou_head_hidden_dim: int = 256
+    mask_in_chans: int = 16
+    num_prompt_tokens: int = 4  # seg_prompt_mlp output = 4 tokens x 256 (NExT-Chat)
+    prompt_mlp_hidden: int = 4096
+    # The public demo zeroes masks whose predicted IoU is below 0.3.
+    mask_iou_threshold: float = 0.3
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+    def validate(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"sam.image_size ({self.image_size}) must be a multiple of "
+                f"sam.patch_size ({self.patch_size})"
+            )
+        if any(i >= self.encoder_depth for i in self.encoder_global_attn_indexes):
+            raise ValueError(
+                f"sam.encoder_global_attn_indexes {self.encoder_global_attn_indexes} "
+                f"must be < sam.encoder_depth ({self.encoder_depth})"
+            )
+        if self.encoder_embed_dim % self.encoder_num_heads:
+            raise ValueError("sam.encoder_embed_dim must be divisible by sam.encoder_num_heads")
+        if self.prompt_dim % self.decoder_num_heads:
+            raise ValueError("sam.prompt_dim must be divisible by sam.decoder_num_heads")
+
+    @property
+    def embedding_size(self) -> int:
+        """Side of SAM's image embedding grid (64 for the released 1024/16)."""
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class TokenConfig:
+    """NExT-Chat's added tokens and their ids (32000-32004 in the released tokenizer)."""
+
+    im_patch: str = "<im_patch>"
+    im_start: str = "<im_start>"
+    im_end: str = "<im_end>"
+    at: str = "<at>"  # the paper's <trigger>
+    boxes: str = "<boxes>"  # the location placeholder filled by loc_encoder
+    image_placeholder: str = "<image>"  # text marker expanded to im_start + patches + im_end
+    im_patch_id: int = 32000
+    im_start_id: int = 32001
+    im_end_id: int = 32002
+    at_id: int = 32003
+    boxes_id: int = 32004
+    bos_id: int = 1
+    eos_id: int = 2
+    pad_id: int = 0
+
+    def validate(self) -> None:
+        ids = [self.im_patch_id, self.im_start_id, self.im_end_id, self.at_id, self.boxes_id]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"special token ids must be distinct, got {ids}")
+
+    def added_tokens(self) -> list[str]:
+        return [self.im_patch, self.im_start, self.im_end, self.at, self.boxes]
+
+
+@dataclass
+class TemplateConfig:
+    """The conversation template (Vicuna v1.1 for the released model) and the task
+    prompts used to turn a referring expression into a question."""
+
+    system: str = (
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions."
+    )
+    user_role: str = "USER"
+    assistant_role: str = "ASSISTANT"
+    sep: str = " "
+    sep2: str = "</s>"
+    # Where is {expr}: the REC question; {expr} is replaced, <image> marks the image.
+    rec_question: str = "<image> Where is {expr} in the image?"
+    rec_answer: str = "Answer: {boxes} ."
+    caption_question: str = "<image> What is in the region {region}?"
+    # Region references in questions: one `<at> <boxes>` pair per input box.
+
+    def validate(self) -> None:
+        if "{expr}" not in self.rec_question:
+            raise ValueError("template.rec_question must contain '{expr}'")
+        if "{boxes}" not in self.rec_answer:
+            raise ValueError("template.rec_answer must contain '{boxes}'")
+        if "{region}" not in self.caption_question:
+            raise ValueError("template.caption_question must contain '{region}'")
+
+
+@dataclass
+class LossConfig:
+    """Loss weights (NExT-Chat public code: GIoU weight 0.2; the paper says 0.8)."""
+
+    lm: float = 1.0
+    l1: float = 2.0
+    giou: float = 0.2
+    cycle1: float = 1.0
+    cycle2: float = 1.0
+    focal: float = 20.0
+    focal_alpha: float = 0.8
+    focal_gamma: float = 2.0
+    dice: float = 1.0
+    iou: float = 1.0
+
+
+@dataclass
+class NextChatConfig:
+    """The whole model. ``preset`` names where it came from (informational)."""
+
+    preset: str = "custom"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    location: LocationConfig = field(default_factory=LocationConfig)
+    sam: SamConfig = field(default_factory=SamConfig)
+    tokens: TokenConfig = field(default_factory=TokenConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for part in (self.vision, self.projector, self.llm, self.location, self.sam, self.tokens, self.template):
+            part.validate()
+        top = max(self.tokens.im_patch_id, self.tokens.im_start_id, self.tokens.im_end_id,
+                  self.tokens.at_id, self.tokens.boxes_id)
+        if top >= self.llm.vocab_size:
+            raise ValueError(
+                f"special token id {top} does not fit llm.vocab_size {self.llm.vocab_size}"
+            )
+
+    # ------------------------------------------------------------------ (de)serialize
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NextChatConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"config must be a JSON object, got {type(data).__name__}")
+        kinds = {
+            "vision": VisionConfig,
+            "projector": ProjectorConfig,
+            "llm": LLMConfig,
+            "location": LocationConfig,
+            "sam": SamConfig,
+            "tokens": TokenConfig,
+            "template": TemplateConfig,
+            "loss": LossConfig,
+        }
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}; expected some of {sorted(known)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in kinds:
+                kwargs[key] = _sub_from_dict(kinds[key], key, value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> NextChatConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+
+def _sub_from_dict(kind: type, name: str, value: Any) -> Any:
+    if not isinstance(value, dict):
+        raise TypeError(f"config.{name} must be an object, got {type(value).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = set(value) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown keys in config.{name}: {sorted(unknown)}; expected some of {sorted(fields)}")
+    converted = {}
+    for key, v in value.items():
+        # JSON has no tuples; the dataclass defaults tell which fields are tuples.
+        default = fields[key].default
+        converted[key] = tuple(v) if isinstance(default, tuple) and isinstance(v, list) else v
+    return kind(**converted)
+
+
+# ---------------------------------------------------------------------------- presets
+
+
+def _tiny() -> NextChatConfig:
+    return NextChatConfig(
+        preset="tiny",
+        vision=VisionConfig(
+            image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2,
+            intermediate_size=64, frozen=False,
+        ),
+        llm=LLMConfig(
+            hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=128,
+            vocab_size=512, max_position_embeddings=512,
+        ),
+        location=LocationConfig(hidden_size=32),
+        sam=SamConfig(
+            image_size=64, patch_size=16, encoder_embed_dim=32, encoder_depth=2,
+            encoder_num_heads=2, encoder_global_attn_indexes=(1,), window_size=2,
+            prompt_dim=32, decoder_depth=2, decoder_mlp_dim=64, decoder_num_heads=2,
+            iou_head_hidden_dim=32, mask_in_chans=4, prompt_mlp_hidden=64,
+        ),
+        tokens=_small_tokens(512),
+        template=TemplateConfig(system="", rec_question="<image> Where is {expr}?"),
+    )
+
+
+def _demo() -> NextChatConfig:
+    return NextChatConfig(
+        preset="demo",
+        vision=VisionConfig(
+            image_size=128, patch_size=16, hidden_size=128, num_layers=4, num_heads=4,
+            intermediate_size=512, frozen=False,
+        ),
+        llm=LLMConfig(
+            hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=688,
+            vocab_size=2048, max_position_embeddings=512,
+        ),
+        location=LocationConfig(hidden_size=256),
+        sam=SamConfig(
+            image_size=256, patch_size=16, encoder_embed_dim=96, encoder_depth=4,
+            encoder_num_heads=4, encoder_global_attn_indexes=(1, 3), window_size=4,
+            prompt_dim=64, decoder_depth=2, decoder_mlp_dim=256, decoder_num_heads=4,
+            iou_head_hidden_dim=64, mask_in_chans=8, prompt_mlp_hidden=256,
+        ),
+        tokens=_small_tokens(2048),
+        template=TemplateConfig(system="", rec_question="<image> Where is {expr}?"),
+    )
+
+
+def _small_tokens(vocab_size: int) -> TokenConfig:
+    # Small presets use a byte-level BPE trained by nextchat_core.tokenizer whose first
+    # ids are <unk> <s> </s> <pad> and whose last five are NExT-Chat's added tokens, in the
+    # released order (im_patch, im_start, im_end, at, boxes).
+    base = vocab_size - 5
+    return TokenConfig(
+        im_patch_id=base, im_start_id=base + 1, im_end_id=base + 2, at_id=base + 3,
+        boxes_id=base + 4, bos_id=1, eos_id=2, pad_id=3,
+    )
+
+
+def _nextchat_7b_336() -> NextChatConfig:
+    return NextChatConfig(preset="nextchat-7b-336")  # the defaults are the released shapes
+
+
+PRESETS = {"tiny": _tiny, "demo": _demo, "nextchat-7b-336": _nextchat_7b_336}
+
+
+def get_preset(name: str) -> NextChatConfig:
+    """A fresh config for a named preset (``tiny``, ``demo``, ``nextchat-7b-336``)."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
