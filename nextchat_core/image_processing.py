@@ -1,0 +1,145 @@
+"""Image loading and the two preprocessing paths of NExT-Chat.
+
+* Vision tower: centered pad-to-square with the mean color (LLaVA/NExT-Chat
+  ``expand2square``), resize to the tower's input size, CLIP normalization.
+* SAM: longest side resized to ``sam.image_size``, SAM normalization, centered padding to
+  a square (zeros after normalization, i.e. the mean color) - the same centered placement
+  as the square frame, so boxes move between the frames through ``frames`` alone.
+
+Geometry (offsets, scales) comes from :mod:`nextchat_core.frames`; nothing here converts
+coordinates.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import NextChatConfig
+from .frames import SamGeometry, SquareGeometry
+
+# Decompression-bomb guard: refuse images above this many pixels (PIL's default warns at
+# 89 M and raises at 179 M; a labeling backend should fail fast and clearly instead).
+MAX_IMAGE_PIXELS = int(os.environ.get("NEXTCHAT_MAX_IMAGE_PIXELS", 64_000_000))
+
+
+def load_image(source: Any) -> Image.Image:
+    """Open an image from a path, bytes, a file object, a PIL image or an ``HxWx3`` uint8
+    array; apply its EXIF orientation and convert to 8-bit RGB.
+
+    Handles palette, CMYK, 16-bit, grayscale and alpha images. Raises ``ValueError`` for
+    corrupt, truncated or oversized (decompression-bomb) data and ``TypeError`` for a
+    source of another kind.
+    """
+    if isinstance(source, Image.Image):
+        img = source
+    elif isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
+            raise TypeError(
+                f"an array image must be HxWx3 uint8 RGB, got shape {source.shape} dtype {source.dtype}"
+            )
+        return Image.fromarray(source)
+    elif isinstance(source, str | os.PathLike | bytes | bytearray) or hasattr(source, "read"):
+        img = _open(source)
+    else:
+        raise TypeError(
+            "image must be a path, bytes, a file object, a PIL.Image or an HxWx3 uint8 "
+            f"array, got {type(source).__name__}"
+        )
+    return _to_rgb(img)
+
+
+def _open(source: Any) -> Image.Image:
+    name = str(source) if isinstance(source, str | os.PathLike) else "<bytes>"
+    if isinstance(source, str | os.PathLike) and not Path(source).is_file():
+        raise FileNotFoundError(f"image file not found: {source}")
+    fp = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+    try:
+        img = Image.open(fp)
+        w, h = img.size
+        if w * h > MAX_IMAGE_PIXELS:
+            raise ValueError(
+                f"image {name} is {w}x{h} = {w * h} pixels, above the limit of "
+                f"{MAX_IMAGE_PIXELS}; downscale it or raise NEXTCHAT_MAX_IMAGE_PIXELS"
+            )
+        img.load()  # decode now so truncation errors surface here, not later
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise ValueError(f"cannot decode image {name}: {exc} (expected a PNG/JPEG/...)") from exc
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    img = ImageOps.exif_transpose(img) or img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale the actual range to 8 bits rather than clipping.
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(arr.astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+@dataclass
+class ProcessedImage:
+    """One image ready for the model.
+
+    ``pixel_values``: ``3xVxV`` float, vision-tower frame (padded square, CLIP-normalized).
+    ``sam_pixel_values``: ``3xSxS`` float, SAM frame (centered, SAM-normalized).
+    ``width``/``height``: the EXIF-transposed original size in pixels.
+    """
+
+    pixel_values: torch.Tensor
+    sam_pixel_values: torch.Tensor
+    width: int
+    height: int
+
+
+class ImageProcessor:
+    """Turns RGB images into the vision-tower and SAM inputs of one config."""
+
+    def __init__(self, config: NextChatConfig) -> None:
+        self.vision_size = config.vision.image_size
+        self.sam_size = config.sam.image_size
+        self.mean = np.asarray(config.vision.image_mean, dtype=np.float32)
+        self.std = np.asarray(config.vision.image_std, dtype=np.float32)
+        self.sam_mean = np.asarray(config.sam.pixel_mean, dtype=np.float32)
+        self.sam_std = np.asarray(config.sam.pixel_std, dtype=np.float32)
+
+    def __call__(self, image: Any) -> ProcessedImage:
+        img = load_image(image)
+        return ProcessedImage(
+            pixel_values=self.vision_input(img),
+            sam_pixel_values=self.sam_input(img),
+            width=img.width,
+            height=img.height,
+        )
+
+    def vision_input(self, img: Image.Image) -> torch.Tensor:
+        """``3xVxV`` float: centered pad to square with the mean color, resize, normalize."""
+        g = SquareGeometry(img.width, img.height)
+        fill = tuple(int(round(m * 255)) for m in self.mean)
+        square = Image.new("RGB", (g.side, g.side), fill)
+        square.paste(img, (g.pad_x, g.pad_y))
+        square = square.resize((self.vision_size, self.vision_size), Image.Resampling.BICUBIC)
+        arr = (np.asarray(square, dtype=np.float32) / 255.0 - self.mean) / self.std
+        return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+    def sam_input(self, img: Image.Image) -> torch.Tensor:
+        """``3xSxS`` float: longest side to S, SAM-normalized, zero (= mean) centered pad."""
+        g = SamGeometry(img.width, img.height, self.sam_size)
+        resized = img.resize((g.new_width, g.new_height), Image.Resampling.BILINEAR)
+        arr = (np.asarray(resized, dtype=np.float32) - self.sam_mean) / self.sam_std
+        out = np.zeros((self.sam_size, self.sam_size, 3), dtype=np.float32)
+        out[g.pad_y : g.pad_y + g.new_height, g.pad_x : g.pad_x + g.new_width] = arr
+        return torch.from_numpy(out.transpose(2, 0, 1).copy())

@@ -1,0 +1,421 @@
+"""NExT-Chat: an LMM that answers in text and, through ``<at>``, in boxes and SAM masks."""
+
+from __future__ import annotations
+
+import inspect
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from torch import nn
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from .. import frames, losses
+from ..config import LossConfig, NextChatConfig
+from ..conversation import IGNORE_INDEX
+from .outputs import GenerationOutput, MaskOutput, NextChatOutput
+from .vision_tower import VisionTower
+
+# transformers renamed LlamaModel.forward's `past_key_values` to `cache` (5.2x); pass
+# whichever this installed version names, so generation works across 5.x.
+_CACHE_KWARG = (
+    "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+)
+
+
+def _mlp(dims: list[int], act: type[nn.Module]) -> nn.Sequential:
+    """Linear layers with ``act`` between them: indices 0, 2, ... are the Linears, as in the
+    released state dict (``loc_encoder.0``, ``loc_encoder.2``)."""
+    layers: list[nn.Module] = []
+    for i in range(len(dims) - 1):
+        if i:
+            layers.append(act())
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+    return nn.Sequential(*layers)
+
+
+class NextChatModel(nn.Module):
+    """The whole model, built from a config with random weights.
+
+    Parts (names match the released state dict up to the prefixes mapped in
+    :mod:`nextchat_core.build`): ``vision_tower``, ``mm_projector``, ``language_model``
+    (a LlamaForCausalLM), ``loc_encoder`` (4 -> hidden -> llm, ReLU), ``loc_decoder``
+    (llm -> hidden -> 4, ReLU, no sigmoid/clamp), ``seg_prompt_mlp`` (llm -> hidden ->
+    tokens*prompt_dim, ReLU) and ``sam`` (segment-anything ``Sam``).
+    """
+
+    def __init__(self, config: NextChatConfig) -> None:
+        super().__init__()
+        self.config = config
+        v, llm, loc, sam = config.vision, config.llm, config.location, config.sam
+        self.vision_tower = VisionTower(v)
+        self.mm_projector = _mlp([v.hidden_size] + [llm.hidden_size] * config.projector.depth, nn.GELU)
+        lm_config = LlamaConfig(
+            vocab_size=llm.vocab_size,
+            hidden_size=llm.hidden_size,
+            intermediate_size=llm.intermediate_size,
+            num_hidden_layers=llm.num_layers,
+            num_attention_heads=llm.num_heads,
+            num_key_value_heads=llm.num_kv_heads,
+            max_position_embeddings=llm.max_position_embeddings,
+            rms_norm_eps=llm.rms_norm_eps,
+            rope_theta=llm.rope_theta,
+            tie_word_embeddings=llm.tie_word_embeddings,
+            bos_token_id=config.tokens.bos_id,
+            eos_token_id=config.tokens.eos_id,
+            pad_token_id=config.tokens.pad_id,
+        )
+        lm_config._attn_implementation = llm.attn_implementation
+        self.language_model = LlamaForCausalLM(lm_config)
+        self.loc_encoder = _mlp([4, loc.hidden_size, llm.hidden_size], nn.ReLU)
+        self.loc_decoder = _mlp([llm.hidden_size, loc.hidden_size, 4], nn.ReLU)
+        self.seg_prompt_mlp = _mlp(
+            [llm.hidden_size, sam.prompt_mlp_hidden, sam.num_prompt_tokens * sam.prompt_dim], nn.ReLU
+        )
+        grid = sam.embedding_size
+        self.sam = Sam(
+            # As segment_anything.build_sam._build_sam, at this config's sizes.
+            image_encoder=ImageEncoderViT(
+                img_size=sam.image_size,
+                patch_size=sam.patch_size,
+                embed_dim=sam.encoder_embed_dim,
+                depth=sam.encoder_depth,
+                num_heads=sam.encoder_num_heads,
+                mlp_ratio=4,
+                out_chans=sam.prompt_dim,
+                qkv_bias=True,
+                norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                use_rel_pos=True,
+                global_attn_indexes=sam.encoder_global_attn_indexes,
+                window_size=sam.window_size,
+            ),
+            prompt_encoder=PromptEncoder(
+                embed_dim=sam.prompt_dim,
+                image_embedding_size=(grid, grid),
+                input_image_size=(sam.image_size, sam.image_size),
+                mask_in_chans=sam.mask_in_chans,
+            ),
+            mask_decoder=MaskDecoder(
+                num_multimask_outputs=3,
+                transformer=TwoWayTransformer(
+                    depth=sam.decoder_depth,
+                    embedding_dim=sam.prompt_dim,
+                    mlp_dim=sam.decoder_mlp_dim,
+                    num_heads=sam.decoder_num_heads,
+                ),
+                transformer_dim=sam.prompt_dim,
+                iou_head_depth=3,
+                iou_head_hidden_dim=sam.iou_head_hidden_dim,
+            ),
+            pixel_mean=list(sam.pixel_mean),
+            pixel_std=list(sam.pixel_std),
+        )
+        if v.frozen:
+            self.vision_tower.requires_grad_(False)
+
+    # ------------------------------------------------------------------ encoders
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision_tower.num_tokens
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``Bx3xVxV`` vision-tower inputs -> ``BxNxH`` projected image tokens."""
+        if _trainable(self.vision_tower):
+            feats = self.vision_tower(pixel_values)
+        else:
+            with torch.no_grad():  # NExT-Chat never trains CLIP: save its activations
+                feats = self.vision_tower(pixel_values)
+        return self.mm_projector(feats.to(self.mm_projector[0].weight.dtype))
+
+    def encode_sam_images(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
+        """``Bx3xSxS`` SAM-frame inputs -> ``BxCxgxg`` SAM image embeddings."""
+        encoder = self.sam.image_encoder
+        if _trainable(encoder):
+            return encoder(sam_pixel_values)
+        with torch.no_grad():
+            return encoder(sam_pixel_values)
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        image_features: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Token embeddings with image tokens at ``<im_patch>`` positions and
+        ``loc_encoder(box)`` at ``<boxes>`` positions.
+
+        ``input_ids``: ``BxT``. ``image_features``: ``BxNxH`` (row b's patches in order).
+        ``boxes``: ``Mx4`` square-frame xyxy, one per ``<boxes>`` in row-major order.
+        Returns ``BxTxH``.
+        """
+        tk = self.config.tokens
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        patch = input_ids == tk.im_patch_id
+        n_patch = int(patch.sum())
+        if n_patch:
+            if image_features is None or image_features.shape[0] * image_features.shape[1] != n_patch:
+                got = None if image_features is None else tuple(image_features.shape)
+                raise ValueError(
+                    f"input_ids hold {n_patch} image tokens but image_features has shape {got}; "
+                    f"each <image> expands to {self.num_image_tokens} tokens"
+                )
+            embeds = embeds.masked_scatter(patch.unsqueeze(-1), image_features.to(embeds.dtype))
+        slots = input_ids == tk.boxes_id
+        n_slots = int(slots.sum())
+        n_boxes = 0 if boxes is None else boxes.shape[0]
+        if n_slots != n_boxes:
+            raise ValueError(
+                f"input_ids hold {n_slots} <boxes> placeholders but {n_boxes} boxes were given; "
+                "pass one square-frame xyxy box per '<at> <boxes>' pair"
+            )
+        if n_slots:
+            assert boxes is not None
+            box_embeds = self.loc_encoder(boxes.to(embeds.dtype))
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), box_embeds)
+        return embeds
+
+    def _llm(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        """Run the LLaMA trunk; returns the last layer's post-norm hidden states ``BxTxH``."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if "position_ids" in kwargs:
+            position_ids = kwargs.pop("position_ids")  # type: ignore[assignment]
+        out = self.language_model.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **kwargs,
+        )
+        return out.last_hidden_state
+
+    # --------------------------------------------------------------------- masks
+    def predict_masks(
+        self,
+        image_embedding: torch.Tensor,
+        at_hidden: torch.Tensor,
+        boxes: torch.Tensor,
+        *,
+        width: int,
+        height: int,
+    ) -> MaskOutput:
+        """SAM masks for k boxes of ONE image.
+
+        ``image_embedding``: ``1xCxgxg``; ``at_hidden``: ``kxH`` trigger hidden states;
+        ``boxes``: ``kx4`` square-frame xyxy; ``width``/``height``: the original image size
+        (for the square -> SAM frame conversion). Prompt = SAM's 2 box tokens followed by
+        ``seg_prompt_mlp``'s tokens; ``multimask_output=False`` as in NExT-Chat.
+        """
+        cfg = self.config.sam
+        k = at_hidden.shape[0]
+        sam_boxes = frames.square_to_sam(boxes.float(), width, height, cfg.image_size)
+        sparse, dense = self.sam.prompt_encoder(points=None, boxes=sam_boxes.to(image_embedding.dtype), masks=None)
+        prompt_tokens = self.seg_prompt_mlp(at_hidden).reshape(k, cfg.num_prompt_tokens, cfg.prompt_dim)
+        sparse = torch.cat([sparse, prompt_tokens.to(sparse.dtype)], dim=1)
+        low_res, iou = self.sam.mask_decoder(
+            image_embeddings=image_embedding,
+            image_pe=self.sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        logits = F.interpolate(
+            low_res.float(), size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False
+        )
+        return MaskOutput(logits=logits[:, 0], iou_predictions=iou[:, 0].float())
+
+    # ------------------------------------------------------------------- training
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        sam_pixel_values: torch.Tensor | None = None,
+        mask_targets: torch.Tensor | None = None,
+        mask_box_index: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        loss_weights: LossConfig | None = None,
+        return_logits: bool = False,
+    ) -> NextChatOutput:
+        """Teacher-forced forward with every NExT-Chat loss.
+
+        ``input_ids``/``attention_mask``/``labels``: ``BxT`` (labels aligned with inputs,
+        ``-100`` for no loss). ``pixel_values``: ``Bx3xVxV``. ``boxes``: ``Mx4`` square-frame
+        xyxy targets, one per ``<at> <boxes>`` pair in row-major order (they are also the
+        inputs at ``<boxes>``). Masks (optional): ``sam_pixel_values`` ``Bx3xSxS``,
+        ``mask_targets`` ``KxSxS`` in the SAM frame for boxes ``mask_box_index`` (``K``,
+        indices into ``boxes``), ``image_sizes`` ``Bx2`` original (width, height).
+        ``loss_weights`` overrides ``config.loss`` (stage 3 sets the text/box weights to 0).
+        """
+        w = loss_weights or self.config.loss
+        tk = self.config.tokens
+        image_features = self.encode_images(pixel_values) if pixel_values is not None else None
+        embeds = self.embed_inputs(input_ids, image_features, boxes)
+        hidden = self._llm(embeds, attention_mask)
+        zero = hidden.sum() * 0.0
+        out = NextChatOutput(loss=zero)
+        total = zero
+
+        lm_head = self.language_model.get_output_embeddings()
+        if return_logits:
+            out.logits = lm_head(hidden)
+        if labels is not None and w.lm:
+            # Logits only where a label is taken: the 32k-vocab projection of every
+            # position would dominate memory for long image prompts.
+            target = labels[:, 1:]
+            sel = target != IGNORE_INDEX
+            if sel.any():
+                logits = lm_head(hidden[:, :-1][sel])
+                out.lm_loss = F.cross_entropy(logits.float(), target[sel])
+                total = total + w.lm * out.lm_loss
+
+        at_mask = input_ids == tk.at_id
+        if boxes is not None and boxes.shape[0]:
+            h_at = hidden[at_mask]  # MxH, row-major like the <boxes> slots
+            pred = self.loc_decoder(h_at)
+            out.pred_boxes, out.at_hidden = pred, h_at
+            if w.l1 or w.giou:
+                out.l1_loss, out.giou_loss = losses.box_losses(pred, boxes)
+                total = total + w.l1 * out.l1_loss + w.giou * out.giou_loss
+            if w.cycle1:
+                out.cycle1_loss = F.mse_loss(self.loc_encoder(pred).float(), h_at.float())
+                total = total + w.cycle1 * out.cycle1_loss
+            if w.cycle2:
+                b = boxes.to(pred.dtype)
+                out.cycle2_loss = F.l1_loss(self.loc_decoder(self.loc_encoder(b)).float(), b.float())
+                total = total + w.cycle2 * out.cycle2_loss
+
+            if mask_targets is not None and mask_targets.shape[0]:
+                if sam_pixel_values is None or image_sizes is None or mask_box_index is None:
+                    raise ValueError(
+                        "mask_targets need sam_pixel_values, image_sizes and mask_box_index"
+                    )
+                image_of_box = at_mask.nonzero()[:, 0]  # M: which row each box belongs to
+                sam_embeds = self.encode_sam_images(sam_pixel_values)
+                all_logits, all_iou, order = [], [], []
+                for b in image_of_box[mask_box_index].unique().tolist():
+                    idx = mask_box_index[image_of_box[mask_box_index] == b]
+                    width, height = (int(s) for s in image_sizes[b].tolist())
+                    m = self.predict_masks(
+                        sam_embeds[b : b + 1], h_at[idx], pred[idx].detach(), width=width, height=height
+                    )
+                    all_logits.append(m.logits)
+                    all_iou.append(m.iou_predictions)
+                    order.append((mask_box_index.unsqueeze(1) == idx.unsqueeze(0)).nonzero()[:, 0])
+                perm = torch.cat(order).argsort()
+                mask_logits = torch.cat(all_logits)[perm]
+                iou_pred = torch.cat(all_iou)[perm]
+                out.mask_logits, out.iou_predictions = mask_logits, iou_pred
+                out.focal_loss, out.dice_loss, out.iou_loss = losses.mask_losses(
+                    mask_logits, mask_targets, iou_pred, alpha=w.focal_alpha, gamma=w.focal_gamma
+                )
+                total = total + w.focal * out.focal_loss + w.dice * out.dice_loss + w.iou * out.iou_loss
+        out.loss = total
+        return out
+
+    # ----------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_features: torch.Tensor | None,
+        *,
+        input_boxes: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> GenerationOutput:
+        """Decode with the KV cache; ``<at>`` becomes a box.
+
+        ``input_ids``/``attention_mask``: ``BxT`` LEFT-padded prompts. ``image_features``:
+        ``BxNxH`` from :meth:`encode_images`. ``input_boxes``: ``Mx4`` square-frame boxes for
+        the prompts' ``<boxes>`` slots (region inputs). When a row produces ``<at>``, the
+        next step's hidden state at that ``<at>`` goes through ``loc_decoder``; the token
+        written after it is ``<boxes>`` and its input embedding is
+        ``loc_encoder(loc_decoder(h_at))`` - the NExT-Chat decoding rule.
+        """
+        tk = self.config.tokens
+        bsz = input_ids.shape[0]
+        device = input_ids.device
+        embed = self.language_model.get_input_embeddings()
+        lm_head = self.language_model.get_output_embeddings()
+        embeds = self.embed_inputs(input_ids, image_features, input_boxes)
+        cache = DynamicCache(config=self.language_model.config)
+        mask = attention_mask.clone()
+        position = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        h_last = self._llm(embeds, mask, position_ids=position, use_cache=True, **{_CACHE_KWARG: cache})[:, -1]
+        position = position[:, -1:]
+
+        sequences: list[list[int]] = [[] for _ in range(bsz)]
+        boxes: list[list[torch.Tensor]] = [[] for _ in range(bsz)]
+        hiddens: list[list[torch.Tensor]] = [[] for _ in range(bsz)]
+        scores: list[list[torch.Tensor]] = [[] for _ in range(bsz)]
+        finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+        prev_at = torch.zeros(bsz, dtype=torch.bool, device=device)
+        at_prob = torch.zeros(bsz, device=device)
+        step = 0
+        # One extra step is allowed so an <at> emitted at the limit still gets its box.
+        while step < max_new_tokens or bool(prev_at.any()):
+            step += 1
+            logits = lm_head(h_last).float()
+            probs = logits.softmax(-1)
+            token = self._choose(logits, do_sample=do_sample, temperature=temperature,
+                                 top_p=top_p, generator=generator)
+            box = self.loc_decoder(h_last)
+            token = torch.where(prev_at, torch.full_like(token, tk.boxes_id), token)
+            if step > max_new_tokens:  # past the limit: only pending boxes, then stop
+                token = torch.where(prev_at, token, torch.full_like(token, tk.eos_id))
+            token = torch.where(finished, torch.full_like(token, tk.pad_id), token)
+            for row in (prev_at & ~finished).nonzero()[:, 0].tolist():
+                boxes[row].append(box[row].float())
+                hiddens[row].append(h_last[row])
+                scores[row].append(at_prob[row])
+            new_at = (token == tk.at_id) & ~finished
+            at_prob = torch.where(new_at, probs[:, tk.at_id], at_prob)
+            for row, t in enumerate(token.tolist()):
+                if not finished[row]:
+                    sequences[row].append(t)
+            finished = finished | (token == tk.eos_id)
+            prev_at = new_at
+            if bool(finished.all()):
+                break
+            next_embed = embed(token)
+            box_rows = token == tk.boxes_id
+            if box_rows.any():
+                located = self.loc_encoder(box).to(next_embed.dtype)
+                next_embed = torch.where(box_rows.unsqueeze(-1), located, next_embed)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            position = position + 1
+            h_last = self._llm(next_embed.unsqueeze(1), mask, position_ids=position, use_cache=True,
+                               **{_CACHE_KWARG: cache})[:, -1]
+
+        hdim = self.config.llm.hidden_size
+        return GenerationOutput(
+            sequences=sequences,
+            boxes=[torch.stack(b) if b else torch.zeros(0, 4, device=device) for b in boxes],
+            at_hidden=[torch.stack(h) if h else torch.zeros(0, hdim, device=device) for h in hiddens],
+            box_scores=[torch.stack(s) if s else torch.zeros(0, device=device) for s in scores],
+        )
+
+    @staticmethod
+    def _choose(
+        logits: torch.Tensor, *, do_sample: bool, temperature: float, top_p: float,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        if not do_sample:
+            return logits.argmax(-1)
+        probs = (logits / max(temperature, 1e-5)).softmax(-1)
+        if top_p < 1.0:
+            sorted_p, idx = probs.sort(-1, descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < top_p
+            sorted_p = sorted_p * keep
+            probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _trainable(module: nn.Module) -> bool:
+    return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())

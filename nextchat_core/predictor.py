@@ -1,0 +1,304 @@
+"""The stateful runtime API: image in, answers (text, boxes, masks, scores) out.
+
+    predictor = NextChatPredictor.from_pretrained("path/to/checkpoint")
+    predictor.set_image("street.jpg")            # CLIP + SAM embeddings, cached
+    answers = predictor.predict(["the red car", "all people"])
+    answers[0].detections[0].box                 # original-pixel xyxy
+    answers[0].detections[0].mask                # HxW bool at original resolution
+
+Scores (NExT-Chat has none; users need one to sort and threshold): a box's ``score`` is
+the probability the model gave the ``<at>`` token at the step that produced it; a mask's
+``mask_score`` is that probability times SAM's predicted IoU (clamped to [0, 1]). An
+answer's ``score`` is the mean of its boxes' scores (0 with no box).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from . import frames
+from .build import from_pretrained
+from .conversation import Turn, caption_turns, chat_turns, encode_conversation, grounding_turns
+from .frames import SamGeometry
+from .image_processing import ImageProcessor, ProcessedImage
+from .modeling import NextChatModel
+
+Task = Literal["ground", "chat", "caption"]
+MAX_PROMPT_CHARS = 2000
+
+
+@dataclass
+class Detection:
+    """One located object. ``box``: original-pixel xyxy (clipped to the image);
+    ``mask``: ``HxW`` bool at original resolution, or ``None`` (not asked for, or SAM's
+    predicted IoU below the threshold); scores as described in the module docstring."""
+
+    box: np.ndarray
+    score: float
+    mask: np.ndarray | None = None
+    mask_score: float | None = None
+
+
+@dataclass
+class Answer:
+    """The model's reply to one prompt about one image. ``text`` keeps the
+    ``<at> <boxes>`` pairs, one per detection, in order."""
+
+    prompt: str
+    text: str
+    detections: list[Detection] = field(default_factory=list)
+    score: float = 0.0
+
+
+@dataclass
+class Query:
+    """One prompt for one image of a batch. ``boxes``: original-pixel xyxy input regions
+    (``caption`` task: exactly one)."""
+
+    image_index: int
+    prompt: str
+    task: Task = "ground"
+    boxes: Sequence[Sequence[float]] | None = None
+
+
+@dataclass
+class _Encoded:
+    processed: ProcessedImage
+    features: torch.Tensor  # 1xNxH
+    sam_embedding: torch.Tensor | None = None  # 1xCxgxg
+
+
+class NextChatPredictor:
+    """Runs a :class:`NextChatModel` on images: embeddings once per image, many prompts."""
+
+    def __init__(
+        self,
+        model: NextChatModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        max_new_tokens: int = 48,
+        mask_iou_threshold: float | None = None,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use 'cpu'")
+        self.model = model.to(self.device).eval()
+        self.dtype = dtype
+        if dtype is not None:
+            self.model = self.model.to(dtype)
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.processor = ImageProcessor(self.config)
+        self.max_new_tokens = max_new_tokens
+        self.mask_iou_threshold = (
+            self.config.sam.mask_iou_threshold if mask_iou_threshold is None else mask_iou_threshold
+        )
+        self._num_image_tokens = model.num_image_tokens
+        self._image: _Encoded | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs: Any
+    ) -> NextChatPredictor:
+        ckpt = from_pretrained(path, device=device, dtype=dtype)
+        return cls(ckpt.model, ckpt.tokenizer, device=device, dtype=dtype, **kwargs)
+
+    # ---------------------------------------------------------------- one image
+    def set_image(self, image: Any, *, with_masks: bool = True) -> None:
+        """Compute and cache the image's vision-tower tokens (and SAM embedding)."""
+        self._image = self._encode([image], with_masks=with_masks)[0]
+
+    def predict(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        task: Task = "ground",
+        boxes: Sequence[Sequence[float]] | None = None,
+        with_masks: bool = True,
+        **generate_kwargs: Any,
+    ) -> list[Answer]:
+        """Answers for one or many prompts about the image given to :meth:`set_image`."""
+        if self._image is None:
+            raise RuntimeError("call set_image(image) before predict()")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if with_masks and self._image.sam_embedding is None:
+            self._image.sam_embedding = self._sam_embed(self._image.processed)
+        queries = [Query(0, p, task, boxes) for p in prompts]
+        return self._answer([self._image], queries, with_masks=with_masks, **generate_kwargs)
+
+    # -------------------------------------------------------------- many images
+    def predict_batch(
+        self,
+        images: Sequence[Any],
+        queries: Sequence[Query],
+        *,
+        with_masks: bool = True,
+        batch_size: int = 8,
+        **generate_kwargs: Any,
+    ) -> list[Answer]:
+        """Answers for ``queries`` over ``images`` (each image encoded once, however many
+        queries name it), generated ``batch_size`` queries at a time; same order as
+        ``queries``."""
+        for q in queries:
+            if not 0 <= q.image_index < len(images):
+                raise ValueError(f"query image_index {q.image_index} is outside the {len(images)} images")
+        encoded: list[_Encoded] = []
+        for start in range(0, len(images), batch_size):
+            encoded.extend(self._encode(images[start : start + batch_size], with_masks=with_masks))
+        answers: list[Answer] = []
+        for start in range(0, len(queries), batch_size):
+            answers.extend(
+                self._answer(encoded, list(queries[start : start + batch_size]), with_masks=with_masks,
+                             **generate_kwargs)
+            )
+        return answers
+
+    # ----------------------------------------------------------------- internals
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        with torch.inference_mode():
+            if self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
+                with torch.autocast("cuda", dtype=self.dtype):
+                    yield
+            else:
+                yield
+
+    def _encode(self, images: Sequence[Any], *, with_masks: bool) -> list[_Encoded]:
+        processed = [self.processor(img) for img in images]
+        with self._context():
+            pixels = torch.stack([p.pixel_values for p in processed]).to(self.device, self._input_dtype)
+            feats = self.model.encode_images(pixels)
+            sam = None
+            if with_masks:
+                sam_pixels = torch.stack([p.sam_pixel_values for p in processed]).to(self.device, self._input_dtype)
+                sam = self.model.encode_sam_images(sam_pixels)
+        return [
+            _Encoded(p, feats[i : i + 1], None if sam is None else sam[i : i + 1])
+            for i, p in enumerate(processed)
+        ]
+
+    def _sam_embed(self, processed: ProcessedImage) -> torch.Tensor:
+        with self._context():
+            x = processed.sam_pixel_values.unsqueeze(0).to(self.device, self._input_dtype)
+            return self.model.encode_sam_images(x)
+
+    @property
+    def _input_dtype(self) -> torch.dtype:
+        return self.dtype or torch.float32
+
+    def _turns(self, q: Query) -> tuple[list[Turn], list[list[float]]]:
+        prompt = q.prompt
+        if not isinstance(prompt, str):
+            raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
+        if not prompt.strip():
+            raise ValueError("the prompt is empty: type what to find, e.g. 'the red car'")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(
+                f"the prompt has {len(prompt)} characters, more than the {MAX_PROMPT_CHARS} "
+                "allowed; shorten it"
+            )
+        boxes = [list(map(float, b)) for b in (q.boxes or [])]
+        marker = self.config.tokens.image_placeholder
+        if q.task == "caption":
+            if len(boxes) != 1:
+                raise ValueError(f"a caption query needs exactly one input box, got {len(boxes)}")
+            return caption_turns(self.config), boxes
+        if q.task == "chat" or marker in prompt:
+            return chat_turns(prompt, self.config), boxes
+        if q.task != "ground":
+            raise ValueError(f"unknown task {q.task!r}; expected 'ground', 'chat' or 'caption'")
+        return grounding_turns(prompt, self.config), boxes
+
+    def _answer(
+        self, encoded: list[_Encoded], queries: list[Query], *, with_masks: bool, **generate_kwargs: Any
+    ) -> list[Answer]:
+        tk = self.config.tokens
+        rows, in_boxes = [], []
+        for q in queries:
+            turns, boxes = self._turns(q)
+            enc = encode_conversation(
+                turns, self.tokenizer, self.config, num_image_tokens=self._num_image_tokens,
+                add_generation_prompt=True,
+            )
+            if enc.num_boxes != len(boxes):
+                raise ValueError(
+                    f"the prompt has {enc.num_boxes} '<at> <boxes>' region slots but "
+                    f"{len(boxes)} input boxes were given"
+                )
+            limit = self.config.llm.max_position_embeddings - self.max_new_tokens - 2
+            if len(enc.input_ids) > limit:
+                raise ValueError(
+                    f"the prompt is {len(enc.input_ids)} tokens with the image; this model takes "
+                    f"at most {limit}: shorten the prompt"
+                )
+            p = encoded[q.image_index].processed
+            for b in boxes:
+                _check_box(b, p.width, p.height)
+                in_boxes.append(frames.pixel_to_square(np.asarray(b), p.width, p.height))
+            rows.append(enc.input_ids)
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), tk.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding: generation appends on the right
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        feats = torch.cat([encoded[q.image_index].features for q in queries])
+        box_tensor = (
+            torch.tensor(np.stack(in_boxes), dtype=torch.float32, device=self.device) if in_boxes else None
+        )
+        kwargs = {"max_new_tokens": self.max_new_tokens, **generate_kwargs}
+        with self._context():
+            gen = self.model.generate(
+                ids.to(self.device), mask.to(self.device), feats, input_boxes=box_tensor, **kwargs
+            )
+            answers = []
+            for i, q in enumerate(queries):
+                answers.append(self._to_answer(q, encoded[q.image_index], gen.sequences[i], gen.boxes[i],
+                                               gen.at_hidden[i], gen.box_scores[i], with_masks=with_masks))
+        return answers
+
+    def _to_answer(
+        self, q: Query, enc: _Encoded, sequence: list[int], boxes: torch.Tensor, hidden: torch.Tensor,
+        scores: torch.Tensor, *, with_masks: bool,
+    ) -> Answer:
+        tk = self.config.tokens
+        p = enc.processed
+        ids = [t for t in sequence if t not in (tk.eos_id, tk.pad_id)]
+        text = self.tokenizer.decode(ids, skip_special_tokens=False).strip()
+        text = text.replace(tk.at + tk.boxes, f"{tk.at} {tk.boxes}")
+        px = frames.square_to_pixel(boxes.float().cpu().numpy(), p.width, p.height, clip=True)
+        dets = [Detection(box=px[j], score=float(scores[j])) for j in range(len(px))]
+        if with_masks and len(dets):
+            if enc.sam_embedding is None:
+                enc.sam_embedding = self._sam_embed(p)
+            m = self.model.predict_masks(enc.sam_embedding, hidden, boxes, width=p.width, height=p.height)
+            geometry = SamGeometry(p.width, p.height, self.config.sam.image_size)
+            full = frames.sam_mask_to_original(m.logits, geometry) > 0
+            for j, det in enumerate(dets):
+                iou = float(m.iou_predictions[j].clamp(0, 1))
+                det.mask_score = det.score * iou
+                det.mask = full[j].cpu().numpy() if iou >= self.mask_iou_threshold else None
+        score = float(np.mean([d.score for d in dets])) if dets else 0.0
+        return Answer(prompt=q.prompt, text=text, detections=dets, score=score)
+
+
+def _check_box(box: Sequence[float], width: int, height: int) -> None:
+    if len(box) != 4:
+        raise ValueError(f"an input box must be [x1, y1, x2, y2] in pixels, got {list(box)}")
+    x1, y1, x2, y2 = box
+    if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
+        raise ValueError(
+            f"input box {list(box)} is not inside the {width}x{height} image (expected "
+            "0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height, original pixels)"
+        )
