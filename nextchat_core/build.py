@@ -108,13 +108,18 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     clip_path: str | Path | None = None,
     expected_preset: str | None = None,
+    config: NextChatConfig | None = None,
 ) -> LoadedCheckpoint:
-    """Load a checkpoint directory of either layout (detected from its files)."""
+    """Load a checkpoint directory of either layout (detected from its files).
+
+    ``config`` overrides the config derived from a released ``config.json`` (which names
+    only the LLM sizes; CLIP and SAM sizes are those of the 7B-336 release).
+    """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     if (path / RELEASED_INDEX).exists():
-        return _load_released(path, device=device, dtype=dtype, clip_path=clip_path)
+        return _load_released(path, device=device, dtype=dtype, clip_path=clip_path, config=config)
     if not (path / WEIGHTS_NAME).exists():
         raise FileNotFoundError(
             f"{path} is not a checkpoint: expected {WEIGHTS_NAME} + {CONFIG_NAME} (own format) "
@@ -264,9 +269,14 @@ def read_released_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_released(
-    path: Path, *, device: str | torch.device, dtype: torch.dtype | None, clip_path: str | Path | None
+    path: Path,
+    *,
+    device: str | torch.device,
+    dtype: torch.dtype | None,
+    clip_path: str | Path | None,
+    config: NextChatConfig | None,
 ) -> LoadedCheckpoint:
-    config = released_config(json.loads((path / CONFIG_NAME).read_text()))
+    config = config or released_config(json.loads((path / CONFIG_NAME).read_text()))
     model = build_model(config, device="meta")
     raw = read_released_state_dict(path)
     has_vision = any(k.startswith("model.vision_tower.") for k in raw)

@@ -15,6 +15,7 @@ import sys
 # (module, one-line summary shown by `nextchat --help`)
 _COMMAND_MODULES: list[str] = [
     "nextchat_core.commands",
+    "nextchat_core.coco.commands",
 ]
 
 

@@ -159,7 +159,9 @@ def sam_to_pixel(boxes: Any, width: Any, height: Any, sam_size: int) -> Any:
     new_h = _floor(height * scale + 0.5)
     pad_x = (sam_size - new_w) // 2
     pad_y = (sam_size - new_h) // 2
-    return _xyxy_affine(boxes, width / new_w, height / new_h, -pad_x * width / new_w, -pad_y * height / new_h)
+    return _xyxy_affine(
+        boxes, width / new_w, height / new_h, -pad_x * width / new_w, -pad_y * height / new_h
+    )
 
 
 def sam_mask_to_original(mask_logits: Any, geometry: SamGeometry) -> Any:
@@ -171,7 +173,9 @@ def sam_mask_to_original(mask_logits: Any, geometry: SamGeometry) -> Any:
     cropped = mask_logits[..., g.pad_y : g.pad_y + g.new_height, g.pad_x : g.pad_x + g.new_width]
     lead = cropped.shape[:-2]
     flat = cropped.reshape(-1, 1, g.new_height, g.new_width)
-    out = F.interpolate(flat.float(), size=(g.height, g.width), mode="bilinear", align_corners=False)
+    out = F.interpolate(
+        flat.float(), size=(g.height, g.width), mode="bilinear", align_corners=False
+    )
     return out.reshape(*lead, g.height, g.width)
 
 
@@ -190,9 +194,7 @@ def original_mask_to_sam(mask: np.ndarray, geometry: SamGeometry) -> np.ndarray:
         (g.new_width, g.new_height), Image.Resampling.NEAREST
     )
     out = np.zeros((g.size, g.size), dtype=np.float32)
-    out[g.pad_y : g.pad_y + g.new_height, g.pad_x : g.pad_x + g.new_width] = (
-        np.asarray(small) > 127
-    )
+    out[g.pad_y : g.pad_y + g.new_height, g.pad_x : g.pad_x + g.new_width] = np.asarray(small) > 127
     return out
 
 
@@ -266,6 +268,49 @@ def points_pixel_to_percent(points: Any, width: int, height: int) -> np.ndarray:
     return pts * np.array([100.0 / width, 100.0 / height])
 
 
+def corners_to_percent(corners: Any, width: int, height: int) -> PercentRect:
+    """Inverse of :func:`percent_to_corners`: the 4 corners of a (possibly rotated)
+    rectangle in original pixels (``4x2``, clockwise from the rectangle's own top-left
+    corner, as ``percent_to_corners`` returns them) -> Label Studio percent rectangle.
+
+    The rotation is the direction of the first edge (corner 0 -> corner 1), in degrees
+    clockwise in ``[0, 360)``; width and height are the lengths of the first two edges.
+    """
+    pts = np.asarray(corners, dtype=np.float64)
+    if pts.shape != (4, 2):
+        raise ValueError(f"corners must be 4x2 (x, y) in original pixels, got shape {pts.shape}")
+    x0, y0 = pts[0]
+    edge_w = pts[1] - pts[0]
+    edge_h = pts[3] - pts[0]
+    rotation = math.degrees(math.atan2(edge_w[1], edge_w[0])) % 360.0
+    if math.isclose(rotation, 360.0):
+        rotation = 0.0
+    return PercentRect(
+        x=100.0 * x0 / width,
+        y=100.0 * y0 / height,
+        width=100.0 * float(np.hypot(*edge_w)) / width,
+        height=100.0 * float(np.hypot(*edge_h)) / height,
+        rotation=rotation,
+    )
+
+
+# ------------------------------------------------------------------------- COCO boxes
+
+
+def xyxy_to_xywh(box_xyxy: Any) -> list[float]:
+    """Original-pixel ``[x1, y1, x2, y2]`` -> COCO ``bbox`` ``[x, y, width, height]``
+    (absolute original pixels, top-left corner)."""
+    x1, y1, x2, y2 = (float(v) for v in box_xyxy)
+    return [x1, y1, x2 - x1, y2 - y1]
+
+
+def xywh_to_xyxy(box_xywh: Any) -> np.ndarray:
+    """COCO ``bbox`` ``[x, y, width, height]`` (absolute original pixels) -> original-pixel
+    ``[x1, y1, x2, y2]``."""
+    x, y, w, h = (float(v) for v in box_xywh)
+    return np.array([x, y, x + w, y + h], dtype=np.float64)
+
+
 # --------------------------------------------------------------------------- masks
 
 
@@ -290,14 +335,30 @@ def mask_to_coco_rle(mask: np.ndarray) -> dict[str, Any]:
 def coco_segmentation_to_mask(segmentation: Any, width: int, height: int) -> np.ndarray:
     """COCO ``segmentation`` (polygon list, compressed or uncompressed RLE) -> binary ``HxW``.
 
-    Raises ``ValueError`` when an RLE's size disagrees with the image.
+    Polygons are flat ``[x1, y1, x2, y2, ...]`` lists in original pixels (pixel-edge
+    coordinates), at least 3 points each; several polygons are united. Raises
+    ``ValueError`` when an RLE's size disagrees with the image or a polygon is malformed.
     """
     from pycocotools import mask as mask_utils
 
     if isinstance(segmentation, list):
         if not segmentation:
             return np.zeros((height, width), dtype=bool)
-        rles = mask_utils.frPyObjects(segmentation, height, width)
+        polygons = []
+        for i, poly in enumerate(segmentation):
+            if (
+                not isinstance(poly, list | tuple | np.ndarray)
+                or len(poly) < 6
+                or len(poly) % 2
+                or not all(isinstance(v, int | float | np.number) for v in poly)
+            ):
+                # pycocotools would read a 4-number "polygon" as a bbox, so check here.
+                raise ValueError(
+                    f"polygon {i} of the segmentation must be a flat list of at least 6 numbers "
+                    f"[x1, y1, x2, y2, x3, y3, ...] in original pixels, got {str(poly)[:80]}"
+                )
+            polygons.append([float(v) for v in poly])
+        rles = mask_utils.frPyObjects(polygons, height, width)
         rle = mask_utils.merge(rles)
     elif isinstance(segmentation, dict):
         size = list(segmentation.get("size", []))
@@ -305,11 +366,24 @@ def coco_segmentation_to_mask(segmentation: Any, width: int, height: int) -> np.
             raise ValueError(
                 f"RLE size {size} does not match the image [height, width] = [{height}, {width}]"
             )
-        rle = segmentation
-        if isinstance(rle.get("counts"), list):
-            rle = mask_utils.frPyObjects(rle, height, width)
-        elif isinstance(rle.get("counts"), str):
-            rle = {"size": size, "counts": rle["counts"].encode("ascii")}
+        counts = segmentation.get("counts")
+        if isinstance(counts, list):
+            if sum(counts) != height * width:
+                raise ValueError(
+                    f"uncompressed RLE counts sum to {sum(counts)}, expected {height * width} "
+                    f"for its size [{height}, {width}]"
+                )
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        elif isinstance(counts, str | bytes):
+            rle = {
+                "size": size,
+                "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+            }
+        else:
+            raise ValueError(
+                "RLE 'counts' must be a string (compressed) or a list of ints (uncompressed), "
+                f"got {type(counts).__name__}"
+            )
     else:
         raise TypeError(
             f"segmentation must be a polygon list or an RLE dict, got {type(segmentation).__name__}"
@@ -325,14 +399,37 @@ def mask_to_ls_rle(mask: np.ndarray) -> list[int]:
 
 
 def ls_rle_to_mask(rle: list[int], width: int, height: int) -> np.ndarray:
-    """Label Studio brush RLE -> binary ``HxW`` mask. Raises ``ValueError`` when the RLE
-    does not hold exactly ``height x width`` RGBA pixels."""
+    """Label Studio brush RLE -> binary ``HxW`` mask (alpha > 127). Raises ``ValueError``
+    when the RLE is malformed or does not hold exactly ``height x width`` RGBA pixels.
+
+    The size is checked on the RLE header (its first 32 bits count the RGBA bytes) before
+    decoding, so an RLE from another image fails fast instead of decoding megabytes.
+    """
     from label_studio_sdk.converter.brush import decode_rle
 
-    flat = np.asarray(decode_rle(rle), dtype=np.uint8)
-    if flat.size != width * height * 4:
+    if (
+        not isinstance(rle, list | tuple | np.ndarray)
+        or len(rle) < 4
+        or not all(isinstance(v, int | np.integer) and 0 <= v <= 255 for v in rle)
+    ):
         raise ValueError(
-            f"brush RLE decodes to {flat.size} bytes, expected {width * height * 4} for a "
+            "a Label Studio brush RLE must be a list of byte values (ints 0-255) with a "
+            f"4-byte header, got {str(rle)[:80]}"
+        )
+    expected = width * height * 4
+    num = int.from_bytes(bytes(int(v) for v in rle[:4]), "big")
+    if num != expected:
+        raise ValueError(
+            f"brush RLE holds {num} bytes, expected {expected} for a {width}x{height} RGBA "
+            "image: the RLE belongs to an image of another size"
+        )
+    try:
+        flat = np.asarray(decode_rle(rle), dtype=np.uint8)
+    except (ValueError, IndexError) as exc:  # the SDK's bit reader on truncated data
+        raise ValueError(f"brush RLE is truncated or corrupt: {exc}") from exc
+    if flat.size != expected:
+        raise ValueError(
+            f"brush RLE decodes to {flat.size} bytes, expected {expected} for a "
             f"{width}x{height} RGBA image: the RLE belongs to an image of another size"
         )
     return flat.reshape(height, width, 4)[:, :, 3] > 127
@@ -345,27 +442,72 @@ def polygon_to_mask(points_px: Any, width: int, height: int) -> np.ndarray:
 
 
 def mask_to_polygons(mask: np.ndarray, *, min_points: int = 3) -> list[np.ndarray]:
-    """Binary ``HxW`` mask -> outer contours as original-pixel polygons (list of ``Nx2``),
-    traced with OpenCV (pixel-edge coordinates, so they re-rasterize to the same mask)."""
-    import cv2
+    """Binary ``HxW`` mask -> outer boundaries as original-pixel polygons (list of ``Nx2``).
 
-    m = (mask > 0).astype(np.uint8)
-    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    polys = []
-    for c in contours:
-        pts = c.reshape(-1, 2).astype(np.float64)
-        if len(pts) < min_points:
-            # A 1-2 pixel blob has a degenerate contour: use its pixel square instead.
-            x1, y1 = pts.min(0)
-            x2, y2 = pts.max(0) + 1
-            pts = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]])
-        else:
-            # OpenCV traces pixel centers; shift to pixel edges around the centroid so
-            # rasterizing the polygon covers the traced pixels.
-            center = pts.mean(0)
-            pts = pts + 0.5 + 0.5 * np.sign(pts - center)
-        polys.append(pts)
-    return polys
+    The boundary is traced exactly along pixel edges (a pixel ``(x, y)`` spans
+    ``[x, x+1] x [y, y+1]``), so each polygon re-rasterizes (``polygon_to_mask``) to its
+    4-connected component exactly, concave shapes and 1-pixel lines included. Only the
+    vertices where the boundary turns are kept. Holes cannot be expressed by COCO polygons
+    (pycocotools unites them) and are dropped: a mask with holes comes back filled.
+    Polygons are listed in the order of their top-left-most pixel; polygons with fewer
+    than ``min_points`` vertices are dropped (a traced polygon always has at least 4).
+    """
+    m = np.pad(np.asarray(mask) > 0, 1)
+    fg = m[1:-1, 1:-1]
+    # Directed boundary edges on the (H+1)x(W+1) vertex grid, oriented clockwise on screen
+    # (y down) around the foreground: top edges run +x, right +y, bottom -x, left -y.
+    starts, ends = [], []
+    for neighbor, (sx, sy), (ex, ey) in (
+        (m[:-2, 1:-1], (0, 0), (1, 0)),  # top
+        (m[1:-1, 2:], (1, 0), (1, 1)),  # right
+        (m[2:, 1:-1], (1, 1), (0, 1)),  # bottom
+        (m[1:-1, :-2], (0, 1), (0, 0)),  # left
+    ):
+        ys, xs = np.nonzero(fg & ~neighbor)
+        starts.append(np.stack([xs + sx, ys + sy], 1))
+        ends.append(np.stack([xs + ex, ys + ey], 1))
+    start = np.concatenate(starts)
+    end = np.concatenate(ends)
+    if len(start) == 0:
+        return []
+    direction = end - start
+    stride = mask.shape[1] + 1
+    start_key = start[:, 1] * stride + start[:, 0]
+    end_key = end[:, 1] * stride + end[:, 0]
+    # A vertex has one outgoing edge, or two at a saddle (diagonal pixels touching).
+    outgoing: dict[int, list[int]] = {}
+    for i, k in enumerate(start_key.tolist()):
+        outgoing.setdefault(k, []).append(i)
+    used = np.zeros(len(start), dtype=bool)
+    polygons = []
+    # Start each loop at its top-left-most edge so the output order is deterministic.
+    for first in np.lexsort((start[:, 0], start[:, 1])).tolist():
+        if used[first]:
+            continue
+        loop = []
+        edge = first
+        while not used[edge]:
+            used[edge] = True
+            loop.append(edge)
+            options = [e for e in outgoing[int(end_key[edge])] if not used[e]]
+            if not options:
+                break
+            if len(options) > 1:
+                # Saddle: turn right (toward the current pixel) so diagonal neighbours
+                # stay separate loops, matching 4-connectivity.
+                dx, dy = direction[edge]
+                right = (-dy, dx)
+                options = [e for e in options if tuple(direction[e]) == right] or options
+            edge = options[0]
+        pts = start[loop].astype(np.float64)
+        dirs = direction[loop]
+        turn = np.any(dirs != np.roll(dirs, 1, axis=0), axis=1)
+        pts = pts[turn]
+        x, y = pts[:, 0], pts[:, 1]
+        signed_area = 0.5 * float(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y))
+        if signed_area > 0 and len(pts) >= min_points:  # clockwise on screen: an outer boundary
+            polygons.append(pts)
+    return polygons
 
 
 def box_iou(a: Any, b: Any) -> float:
@@ -375,18 +517,30 @@ def box_iou(a: Any, b: Any) -> float:
     iw = max(0.0, min(ax2, bx2) - max(ax1, bx1))
     ih = max(0.0, min(ay2, by2) - max(ay1, by1))
     inter = iw * ih
-    union = max(0.0, ax2 - ax1) * max(0.0, ay2 - ay1) + max(0.0, bx2 - bx1) * max(0.0, by2 - by1) - inter
+    union = (
+        max(0.0, ax2 - ax1) * max(0.0, ay2 - ay1)
+        + max(0.0, bx2 - bx1) * max(0.0, by2 - by1)
+        - inter
+    )
     return inter / union if union > 0 else 0.0
+
+
+def mask_intersection_union(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
+    """Pixel counts ``(intersection, union)`` of two binary masks of the same shape (the
+    terms of cIoU, which sums them over a split before dividing)."""
+    if a.shape != b.shape:
+        raise ValueError(f"mask shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    a = a > 0
+    b = b > 0
+    return int(np.logical_and(a, b).sum()), int(np.logical_or(a, b).sum())
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     """IoU of two binary masks of the same shape (1.0 when both are empty)."""
-    a = a > 0
-    b = b > 0
-    union = np.logical_or(a, b).sum()
+    inter, union = mask_intersection_union(a, b)
     if union == 0:
         return 1.0
-    return float(np.logical_and(a, b).sum() / union)
+    return inter / union
 
 
 # ------------------------------------------------------------------------ helpers
@@ -414,5 +568,7 @@ def _clamp(a: Any, lo: Any, hi: Any) -> Any:
     if hasattr(a, "clamp"):
         import torch
 
-        return torch.minimum(torch.maximum(a, torch.as_tensor(lo, dtype=a.dtype)), torch.as_tensor(hi, dtype=a.dtype))
+        return torch.minimum(
+            torch.maximum(a, torch.as_tensor(lo, dtype=a.dtype)), torch.as_tensor(hi, dtype=a.dtype)
+        )
     return np.minimum(np.maximum(a, lo), hi)

@@ -1,0 +1,121 @@
+"""Training samples and their collation into the tensors of ``NextChatModel.forward``.
+
+A :class:`Sample` is one conversation about one image with its boxes (original pixels, one
+per ``<at> <boxes>`` pair in text order) and optional masks. Every data reader of the
+training pipeline produces these; :func:`collate` turns a list of them into a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from . import frames
+from .config import NextChatConfig
+from .conversation import IGNORE_INDEX, Turn, encode_conversation
+from .frames import SamGeometry
+from .image_processing import ImageProcessor
+
+
+@dataclass
+class Sample:
+    """One training conversation.
+
+    ``image``: a path, bytes, PIL image or ``HxWx3`` uint8 array (loaded when collated).
+    ``boxes``: original-pixel xyxy, one per ``<at> <boxes>`` pair, in text order.
+    ``masks``: ``None``, or one entry per box: an ``HxW`` bool mask or ``None``.
+    ``source``: names the record in error messages (file and line, task id, ...).
+    """
+
+    image: Any
+    turns: list[Turn]
+    boxes: list[Sequence[float]] = field(default_factory=list)
+    masks: list[np.ndarray | None] | None = None
+    source: str = "<sample>"
+
+
+def collate(
+    samples: Sequence[Sample],
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    config: NextChatConfig,
+    num_image_tokens: int,
+    processor: ImageProcessor | None = None,
+    with_masks: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Right-padded batch for ``NextChatModel.forward``: ``input_ids``, ``attention_mask``,
+    ``labels``, ``pixel_values``, ``boxes`` (square frame) and, when any sample has a mask
+    and ``with_masks``, ``sam_pixel_values``, ``mask_targets`` (SAM frame),
+    ``mask_box_index`` and ``image_sizes``.
+
+    Raises ``ValueError`` naming ``sample.source`` for a box outside its image or a box
+    count that does not match the text.
+    """
+    processor = processor or ImageProcessor(config)
+    ids, labels, pixels, sam_pixels, sizes = [], [], [], [], []
+    boxes: list[np.ndarray] = []
+    mask_targets: list[np.ndarray] = []
+    mask_index: list[int] = []
+    for s in samples:
+        try:
+            processed = processor(s.image)
+        except (ValueError, FileNotFoundError, TypeError) as exc:
+            raise type(exc)(f"{s.source}: {exc}") from exc
+        enc = encode_conversation(s.turns, tokenizer, config, num_image_tokens=num_image_tokens)
+        if enc.num_boxes != len(s.boxes):
+            raise ValueError(
+                f"{s.source}: the text has {enc.num_boxes} '<at> <boxes>' pairs but "
+                f"{len(s.boxes)} boxes were given"
+            )
+        if s.masks is not None and len(s.masks) != len(s.boxes):
+            raise ValueError(f"{s.source}: {len(s.masks)} masks for {len(s.boxes)} boxes")
+        w, h = processed.width, processed.height
+        for k, b in enumerate(s.boxes):
+            x1, y1, x2, y2 = (float(v) for v in b)
+            if not (-0.5 <= x1 < x2 <= w + 0.5 and -0.5 <= y1 < y2 <= h + 0.5):
+                raise ValueError(
+                    f"{s.source}: box {k} {[x1, y1, x2, y2]} lies outside the {w}x{h} image "
+                    "(expected original-pixel xyxy with x1 < x2 <= width, y1 < y2 <= height)"
+                )
+            boxes.append(frames.pixel_to_square(np.array([x1, y1, x2, y2]), w, h))
+            mask = None if s.masks is None else s.masks[k]
+            if with_masks and mask is not None:
+                mask_targets.append(frames.original_mask_to_sam(mask, SamGeometry(w, h, config.sam.image_size)))
+                mask_index.append(len(boxes) - 1)
+        ids.append(enc.input_ids)
+        labels.append(enc.labels)
+        pixels.append(processed.pixel_values)
+        sam_pixels.append(processed.sam_pixel_values)
+        sizes.append((w, h))
+
+    width = max(len(r) for r in ids)
+    pad = config.tokens.pad_id
+    batch = {
+        "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in ids]),
+        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids]),
+        "labels": torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in labels]),
+        "pixel_values": torch.stack(pixels),
+        "boxes": torch.tensor(np.array(boxes), dtype=torch.float32).reshape(-1, 4),
+    }
+    if mask_targets:
+        batch["sam_pixel_values"] = torch.stack(sam_pixels)
+        batch["mask_targets"] = torch.from_numpy(np.stack(mask_targets))
+        batch["mask_box_index"] = torch.tensor(mask_index)
+        batch["image_sizes"] = torch.tensor(sizes)
+    return batch
+
+
+def grounding_sample(
+    image: Any, expression: str, boxes: list[Sequence[float]], config: NextChatConfig, *,
+    masks: list[np.ndarray | None] | None = None, source: str = "<sample>",
+) -> Sample:
+    """A referring-expression sample: the REC question and one box pair per box."""
+    from .conversation import grounding_turns
+
+    return Sample(image, grounding_turns(expression, config, num_boxes=len(boxes)), list(boxes), masks, source)
+

@@ -1,0 +1,217 @@
+"""``nextchat export-coco``, ``nextchat import-coco`` and ``nextchat evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the COCO subcommands to the ``nextchat`` parser."""
+    p = sub.add_parser(
+        "export-coco",
+        help="Label Studio JSON export or project -> COCO instances (brush masks included)",
+        description=(
+            "Write a COCO instances file from a Label Studio JSON export (INPUT) or straight "
+            "from a project (--project ID with LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY). "
+            "Boxes are absolute xywh pixels; brush masks become RLE or polygons."
+        ),
+    )
+    p.add_argument("input", nargs="?", type=Path, help="Label Studio JSON export (a task list)")
+    p.add_argument("--project", type=int, help="export this Label Studio project instead")
+    p.add_argument("--url", help="Label Studio URL (default: $LABEL_STUDIO_URL)")
+    p.add_argument("--api-key", help="Label Studio API key (default: $LABEL_STUDIO_API_KEY)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="label config XML file: categories in its order (default: labels seen, sorted; "
+        "with --project, the project's config)",
+    )
+    p.add_argument("-o", "--out", type=Path, required=True, help="output COCO JSON file")
+    p.add_argument("--masks", choices=("rle", "polygon"), default="rle", help="brush mask format")
+    p.add_argument(
+        "--source",
+        choices=("annotations", "predictions", "both"),
+        default="annotations",
+        help="which results to export (predictions carry 'score')",
+    )
+    p.add_argument(
+        "--format",
+        choices=("instances", "results"),
+        default="instances",
+        help="'results' writes only the scored predictions as a COCO results list",
+    )
+    p.add_argument(
+        "--image-root", type=Path, help="folder of the images, to size tasks without results"
+    )
+    p.add_argument(
+        "--all-annotations",
+        action="store_true",
+        help="keep every annotator's annotation (default: the ground-truth or latest one per task)",
+    )
+    p.add_argument("--model-version", help="export predictions of this model version only")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out bad tasks/regions (listed on stderr) and write the rest",
+    )
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser(
+        "import-coco",
+        help="COCO instances (+ results) -> Label Studio tasks JSON with predictions",
+        description=(
+            "Write Label Studio tasks (import JSON) from COCO instances and an optional COCO "
+            "results file: boxes become rectangles, masks brushes, polygons polygons. With "
+            "--results, the instances become annotations and the results predictions."
+        ),
+    )
+    p.add_argument("instances", type=Path, help="COCO instances JSON")
+    p.add_argument("--results", type=Path, help="COCO results JSON (detections with scores)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output Label Studio tasks JSON")
+    p.add_argument(
+        "--image-prefix",
+        default="/data/local-files/?d=",
+        help="prepended to each file_name to form the task's image URL/path "
+        "(default: %(default)s, Label Studio local files)",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="label config XML: its control names and image key are used (checked against "
+        "the COCO categories)",
+    )
+    p.add_argument("--config-out", type=Path, help="also write a matching label config XML here")
+    p.add_argument(
+        "--instances-as",
+        choices=("auto", "annotations", "predictions"),
+        default="auto",
+        help="auto: annotations when --results is given, else predictions",
+    )
+    p.add_argument("--polygons-as", choices=("polygon", "brush"), default="polygon")
+    p.add_argument("--also-boxes", action="store_true", help="add boxes of masked instances too")
+    p.add_argument("--include-crowd", action="store_true", help="keep iscrowd=1 annotations")
+    p.add_argument("--min-score", type=float, default=0.0, help="drop detections below this score")
+    p.add_argument("--model-version", default="coco-import", help="predictions' model_version")
+    p.set_defaults(func=_import)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="COCO AP/AR (--gt/--dt) or referring-expression metrics (--refexp)",
+        description=(
+            "COCO mode: bbox and segm AP/AR of --dt (results list, or an export with "
+            "predictions) against --gt, with a per-category table. Referring-expression mode: "
+            "REC Acc@0.5, mean box IoU, multi-instance recall, mask mIoU and cIoU over a "
+            "JSONL of records {image, expression, boxes, mask?, pred_boxes, pred_mask?} "
+            "(see nextchat_core.coco.evaluate)."
+        ),
+    )
+    p.add_argument("--gt", type=Path, help="ground-truth COCO instances")
+    p.add_argument("--dt", type=Path, help="detections: COCO results list or instances export")
+    p.add_argument("--iou-types", nargs="+", choices=("bbox", "segm"), default=["bbox", "segm"])
+    p.add_argument("--refexp", type=Path, help="referring-expression records (.jsonl)")
+    p.add_argument("--iou-threshold", type=float, default=0.5, help="refexp IoU threshold")
+    p.add_argument("-o", "--out", type=Path, help="write the JSON report here")
+    p.set_defaults(func=_evaluate)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ..ls_format import parse_label_config
+    from .export import coco_results, export_coco, fetch_project, load_tasks, write_json
+
+    if (args.input is None) == (args.project is None):
+        raise ValueError("give either a Label Studio JSON export file or --project ID (not both)")
+    if args.format == "results" and args.source == "annotations":
+        raise ValueError("--format results needs predictions: add --source predictions")
+    config_xml = args.config.read_text(encoding="utf-8") if args.config else None
+    if args.project is not None:
+        tasks, project_config = fetch_project(args.project, base_url=args.url, api_key=args.api_key)
+        config_xml = config_xml or project_config or None
+    else:
+        tasks = load_tasks(args.input)
+    result = export_coco(
+        tasks,
+        label_config=parse_label_config(config_xml) if config_xml else None,
+        masks=args.masks,
+        source=args.source,
+        skip_bad=args.skip_bad,
+        image_root=args.image_root,
+        all_annotations=args.all_annotations,
+        model_version=args.model_version,
+    )
+    coco = result.coco
+    write_json(coco_results(coco) if args.format == "results" else coco, args.out)
+    for error in result.errors:
+        print(f"skipped: {error}", file=sys.stderr)
+    print(
+        f"wrote {args.out}: {len(coco['images'])} images, {len(coco['annotations'])} "
+        f"annotations, {len(coco['categories'])} categories"
+        + (f"; skipped {len(result.errors)} bad task(s)/region(s)" if result.errors else "")
+    )
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from .common import load_instances
+    from .export import write_json
+    from .importer import import_coco, label_config_for
+
+    config_xml = args.config.read_text(encoding="utf-8") if args.config else None
+    gt = load_instances(args.instances)
+    tasks = import_coco(
+        gt,
+        args.results,
+        image_prefix=args.image_prefix,
+        label_config=config_xml,
+        instances_as=args.instances_as,
+        polygons_as=args.polygons_as,
+        also_boxes=args.also_boxes,
+        include_crowd=args.include_crowd,
+        min_score=args.min_score,
+        model_version=args.model_version,
+    )
+    write_json(tasks, args.out)
+    if args.config_out:
+        names = [c["name"] for c in gt["categories"]]
+        args.config_out.parent.mkdir(parents=True, exist_ok=True)
+        args.config_out.write_text(label_config_for(names), encoding="utf-8")
+    n_pred = sum(len(p["result"]) for t in tasks for p in t.get("predictions", []))
+    n_ann = sum(len(a["result"]) for t in tasks for a in t.get("annotations", []))
+    print(
+        f"wrote {args.out}: {len(tasks)} tasks, {n_ann} annotation and {n_pred} prediction results"
+    )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import (
+        evaluate_coco,
+        evaluate_refexp,
+        format_coco_report,
+        format_refexp_report,
+        load_refexp_records,
+    )
+
+    coco_mode = args.gt is not None or args.dt is not None
+    if coco_mode == (args.refexp is not None):
+        raise ValueError("give either --gt and --dt (COCO mode) or --refexp RECORDS.jsonl")
+    if coco_mode:
+        if args.gt is None or args.dt is None:
+            raise ValueError("COCO mode needs both --gt (instances) and --dt (detections)")
+        report = evaluate_coco(args.gt, args.dt, iou_types=args.iou_types)
+        text = format_coco_report(report)
+    else:
+        records = load_refexp_records(args.refexp)
+        report = evaluate_refexp(records, iou_threshold=args.iou_threshold)
+        text = format_refexp_report(report)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+        print(f"wrote {args.out}")
+    return 0

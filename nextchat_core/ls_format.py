@@ -1,0 +1,836 @@
+"""Label Studio JSON <-> typed regions in original pixels: the one parser and builder.
+
+Two directions, one function each:
+
+* **parse**: a task (``{"data", "annotations", "predictions"}``) or one annotation's /
+  prediction's ``result`` list -> :class:`Region` objects whose geometry is in **original
+  pixels** (the EXIF-transposed image, as Label Studio shows it); label configs ->
+  :class:`LabelConfig` (categories in config order).
+* **build**: pixel-frame geometry -> Label Studio result dicts in **percent**
+  (``rectanglelabels``, ``polygonlabels``, ``brushlabels`` with Label Studio brush RLE,
+  ``textarea``), ready for ``{"result": [...], "score", "model_version"}``.
+
+Every coordinate conversion goes through :mod:`nextchat_core.frames`. Bad input raises
+:class:`LabelStudioFormatError` (a ``ValueError``) naming the task id, the region id and
+what was expected; callers that want to keep going pass an ``errors`` list instead.
+
+Result types: ``rectangle[labels]``, ``polygon[labels]`` and ``brush[labels]`` become
+regions (a ``labels`` result with the geometry in its value, as the generic ``<Labels>``
+tag writes it, too); a ``labels`` result without geometry adds its labels to the region
+with the same ``id``; ``textarea`` gives the prompt (per region when it shares the
+region's ``id``, else for the whole annotation). Classification-only types (choices,
+rating, relations, ...) carry no region and are skipped; other region types (ellipses,
+keypoints, video, text spans) and unknown types are errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeGuard
+from urllib.parse import parse_qs, unquote, urlparse
+
+import numpy as np
+
+from . import frames
+
+logger = logging.getLogger(__name__)
+
+RegionKind = Literal["rectangle", "polygon", "brush"]
+RegionSource = Literal["annotation", "prediction"]
+TaskSource = Literal["annotations", "predictions", "both"]
+
+# Result "type" -> region kind. "labels" is resolved from its value's keys.
+_KIND_OF_TYPE: dict[str, RegionKind] = {
+    "rectanglelabels": "rectangle",
+    "rectangle": "rectangle",
+    "polygonlabels": "polygon",
+    "polygon": "polygon",
+    "brushlabels": "brush",
+    "brush": "brush",
+}
+# Result types that describe no image region (whole-task classification, relations).
+_NON_REGION_TYPES = frozenset(
+    {"choices", "taxonomy", "rating", "number", "datetime", "pairwise", "ranker", "relation"}
+)
+# Region types Label Studio knows that cannot become a box / polygon / mask instance.
+_UNSUPPORTED_REGION_TYPES = frozenset(
+    {
+        "ellipselabels",
+        "ellipse",
+        "keypointlabels",
+        "keypoint",
+        "videorectangle",
+        "timelinelabels",
+        "hypertextlabels",
+        "paragraphlabels",
+        "timeserieslabels",
+        "bitmasklabels",
+        "bitmask",
+        "magicwand",
+        "vector",
+        "vectorlabels",
+    }
+)
+_REGION_CONTROL_TAGS = frozenset(
+    {
+        "rectanglelabels",
+        "polygonlabels",
+        "brushlabels",
+        "labels",
+        "rectangle",
+        "polygon",
+        "brush",
+    }
+)
+_SUPPORTED = "rectangle[labels], polygon[labels], brush[labels], labels, textarea"
+
+
+class LabelStudioFormatError(ValueError):
+    """Bad Label Studio JSON, located by task id and region id (``None`` when unknown)."""
+
+    def __init__(self, message: str, *, task_id: Any = None, region_id: Any = None) -> None:
+        self.task_id = task_id
+        self.region_id = region_id
+        self.detail = message
+        where = f"task {task_id}" if task_id is not None else "task (no id)"
+        if region_id is not None:
+            where += f", region {region_id}"
+        super().__init__(f"{where}: {message}")
+
+
+# ---------------------------------------------------------------------------- regions
+
+
+@dataclass
+class Region:
+    """One labeled image region, geometry in original pixels.
+
+    ``box_xyxy`` is the tight extent: for rectangles their (rotated) corners, for polygons
+    their points, for brushes the mask's pixel-edge box. ``polygon`` holds polygon points,
+    or the 4 corners of a rotated rectangle (clockwise from its own top-left corner);
+    ``mask`` the brush pixels. ``width``/``height`` are the original (EXIF-transposed)
+    image size the geometry refers to.
+    """
+
+    task_id: Any  # the task's "id" (None in files without ids)
+    region_id: str  # the result's "id" ("result[i]" when the result has none)
+    from_name: str  # control tag name, e.g. "label"
+    to_name: str  # object tag name, e.g. "image"
+    labels: list[str]  # in the order Label Studio stored them; usually one
+    kind: RegionKind
+    box_xyxy: np.ndarray  # (4,) float64, original pixels
+    width: int  # original image width, pixels
+    height: int  # original image height, pixels
+    mask: np.ndarray | None = None  # HxW bool, brush regions only
+    polygon: np.ndarray | None = None  # Nx2 float64 original pixels (polygons, rotated rects)
+    rotation: float = 0.0  # rectangles: degrees clockwise about the top-left corner
+    score: float | None = None  # predictions: the result's score, else the prediction's
+    prompt: str | None = None  # TextArea text of this region, else of its annotation
+    source: RegionSource = "annotation"
+    result_set_id: Any = None  # id of the annotation / prediction holding the result
+    model_version: str | None = None  # predictions only
+
+    @property
+    def label(self) -> str | None:
+        """The first label (the category for single-label configs), ``None`` if unlabeled."""
+        return self.labels[0] if self.labels else None
+
+    def to_mask(self) -> np.ndarray:
+        """The region as a binary ``HxW`` mask at original resolution (rectangles and
+        polygons rasterized by pycocotools; brushes as stored)."""
+        if self.mask is not None:
+            return self.mask
+        if self.polygon is not None:
+            return frames.polygon_to_mask(self.polygon, self.width, self.height)
+        x1, y1, x2, y2 = self.box_xyxy
+        corners = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]])
+        return frames.polygon_to_mask(corners, self.width, self.height)
+
+
+# ----------------------------------------------------------------------- label config
+
+
+@dataclass(frozen=True)
+class ControlInfo:
+    """A control tag of the label config that matters here (region tools and TextArea)."""
+
+    name: str
+    tag: str  # lower-case tag, e.g. "rectanglelabels", "labels", "textarea"
+    to_name: tuple[str, ...]
+    labels: tuple[str, ...]  # as results store them (alias if the Label has one)
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """What a Label Studio label config says about image regions.
+
+    ``controls`` are in config order: region controls (``RectangleLabels``,
+    ``PolygonLabels``, ``BrushLabels``, ``Labels``, ``Rectangle``, ``Polygon``, ``Brush``)
+    whose ``toName`` is an ``Image``, and ``TextArea`` controls. ``images`` maps each
+    ``Image`` tag name to the task data key its ``value="$key"`` reads.
+    """
+
+    xml: str
+    controls: tuple[ControlInfo, ...]
+    images: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def categories(self) -> list[str]:
+        """Distinct labels of the region controls, in config order (first occurrence)."""
+        seen: dict[str, None] = {}
+        for c in self.controls:
+            if c.tag in _REGION_CONTROL_TAGS:
+                for label in c.labels:
+                    seen.setdefault(label, None)
+        return list(seen)
+
+    def control_for(self, kind: RegionKind | Literal["textarea"]) -> ControlInfo | None:
+        """The first control that writes ``kind`` results (``<kind>labels`` first, then the
+        generic ``Labels``), or ``None``."""
+        wanted = [f"{kind}labels", "labels"] if kind != "textarea" else ["textarea"]
+        for tag in wanted:
+            for c in self.controls:
+                if c.tag == tag:
+                    return c
+        return None
+
+    def image_key(self, to_name: str | None = None) -> str | None:
+        """Task data key of the image ``to_name`` (the first ``Image`` when ``None``)."""
+        if to_name is not None and to_name in self.images:
+            return self.images[to_name]
+        return next(iter(self.images.values()), None)
+
+
+def parse_label_config(xml: str) -> LabelConfig:
+    """Parse a Label Studio label config (XML) into a :class:`LabelConfig`.
+
+    Uses ``label_studio_sdk.label_interface.LabelInterface``; raises ``ValueError`` for
+    text that is not XML or has no ``Image`` tag.
+    """
+    from label_studio_sdk.label_interface import LabelInterface
+
+    if not isinstance(xml, str) or not xml.strip():
+        raise ValueError("label config must be a non-empty XML string, like '<View>...</View>'")
+    try:
+        ET.fromstring(xml)  # the SDK raises a bare Exception subclass; check syntax first
+    except ET.ParseError as exc:
+        raise ValueError(f"label config is not valid XML: {exc}") from exc
+    li = LabelInterface(xml)
+    images = {
+        o.name: (o.value_name or "image")
+        for o in (li.objects or [])
+        if str(o.tag).lower() == "image"
+    }
+    if not images:
+        raise ValueError(
+            'label config has no <Image name=... value="$key"/> tag: '
+            "COCO export and import need an image labeling config"
+        )
+    controls = []
+    for c in li.controls or []:
+        tag = str(c.tag).lower()
+        to_name = tuple(c.to_name or ())
+        if tag == "textarea" or (tag in _REGION_CONTROL_TAGS and any(n in images for n in to_name)):
+            controls.append(
+                ControlInfo(name=c.name, tag=tag, to_name=to_name, labels=tuple(c.labels or ()))
+            )
+    return LabelConfig(xml=xml, controls=tuple(controls), images=images)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_results(
+    results: Sequence[dict[str, Any]],
+    *,
+    task_id: Any = None,
+    image_size: tuple[int, int] | None = None,
+    source: RegionSource = "annotation",
+    result_set_id: Any = None,
+    default_score: float | None = None,
+    model_version: str | None = None,
+    errors: list[LabelStudioFormatError] | None = None,
+) -> list[Region]:
+    """One annotation's or prediction's ``result`` list -> regions in original pixels.
+
+    ``image_size`` (``(width, height)``, EXIF-transposed original pixels) is used for
+    results without ``original_width``/``original_height``. ``default_score`` (the
+    prediction's score) fills results without their own ``score``. With ``errors`` given,
+    a bad result is appended there and skipped; otherwise it raises.
+    """
+    if not isinstance(results, list):
+        raise LabelStudioFormatError(
+            f"'result' must be a list of result objects, got {type(results).__name__}",
+            task_id=task_id,
+        )
+
+    def fail(exc: LabelStudioFormatError) -> None:
+        if errors is None:
+            raise exc
+        errors.append(exc)
+
+    # Group by region id: a region may be split over a geometry result, a "labels"
+    # result and a per-region "textarea" that share one id.
+    region_results: list[tuple[str, dict[str, Any]]] = []
+    extra_labels: dict[str, list[str]] = {}
+    texts: list[tuple[str, str]] = []  # (region id, text) of textarea results
+    for i, r in enumerate(results):
+        rid = _region_id(r, i)
+        try:
+            if not isinstance(r, dict):
+                raise ValueError(f"a result must be an object, got {type(r).__name__}")
+            rtype = r.get("type")
+            value = r.get("value")
+            if not isinstance(rtype, str):
+                raise ValueError(f"result has no 'type' string (expected one of {_SUPPORTED})")
+            rtype = rtype.lower()
+            if rtype in _NON_REGION_TYPES:
+                logger.debug("task %s, region %s: skipping %s result", task_id, rid, rtype)
+                continue
+            if rtype in _UNSUPPORTED_REGION_TYPES:
+                raise ValueError(
+                    f"result type '{rtype}' cannot become a box, polygon or mask; supported "
+                    f"region types are {_SUPPORTED} (convert it, or drop it with --skip-bad)"
+                )
+            if not isinstance(value, dict):
+                raise ValueError(f"'value' must be an object, got {type(value).__name__}")
+            if rtype == "textarea":
+                texts.append((rid, _text_of(value)))
+            elif rtype in _KIND_OF_TYPE or (rtype == "labels" and _geometry_kind(value)):
+                region_results.append((rid, r))
+            elif rtype == "labels":
+                extra_labels.setdefault(rid, []).extend(_labels_of(value, "labels"))
+            else:
+                raise ValueError(f"unknown result type '{rtype}'; expected one of {_SUPPORTED}")
+        except ValueError as exc:
+            fail(LabelStudioFormatError(str(exc), task_id=task_id, region_id=rid))
+
+    region_ids = {rid for rid, _ in region_results}
+    region_text = {rid: t for rid, t in texts if rid in region_ids}
+    prompt = "\n".join(t for rid, t in texts if rid not in region_ids and t) or None
+    regions = []
+    for rid, r in region_results:
+        try:
+            region = _parse_region(r, rid, task_id=task_id, image_size=image_size)
+        except ValueError as exc:
+            fail(LabelStudioFormatError(str(exc), task_id=task_id, region_id=rid))
+            continue
+        for label in extra_labels.get(rid, []):
+            if label not in region.labels:
+                region.labels.append(label)
+        region.prompt = region_text.get(rid, prompt)
+        region.source = source
+        region.result_set_id = result_set_id
+        region.model_version = model_version
+        if region.score is None:
+            region.score = default_score
+        regions.append(region)
+    return regions
+
+
+def parse_task(
+    task: dict[str, Any],
+    *,
+    source: TaskSource = "annotations",
+    image_size: tuple[int, int] | None = None,
+    all_annotations: bool = False,
+    model_version: str | None = None,
+    errors: list[LabelStudioFormatError] | None = None,
+) -> list[Region]:
+    """A Label Studio task (export or import format) -> its regions in original pixels.
+
+    ``source`` picks annotations, predictions or both. Cancelled (skipped) annotations are
+    ignored; of the rest, the ``ground_truth`` one wins, else the latest (by
+    ``updated_at``/``created_at``/``id``), unless ``all_annotations``. Predictions: those
+    of ``model_version`` when given, else the latest prediction. ``image_size`` is
+    ``(width, height)`` in EXIF-transposed original pixels, for results without
+    ``original_width``/``original_height``.
+    """
+    task_id = task_id_of(task)
+    if source not in ("annotations", "predictions", "both"):
+        raise ValueError(f"source must be 'annotations', 'predictions' or 'both', got {source!r}")
+    regions: list[Region] = []
+    if source in ("annotations", "both"):
+        anns = _result_sets(task, "annotations", task_id)
+        anns = [a for a in anns if not a.get("was_cancelled")]
+        if not all_annotations and len(anns) > 1:
+            gt = [a for a in anns if a.get("ground_truth")]
+            anns = [gt[0] if gt else max(anns, key=_recency)]
+        for a in anns:
+            regions += parse_results(
+                a.get("result", []),
+                task_id=task_id,
+                image_size=image_size,
+                source="annotation",
+                result_set_id=a.get("id"),
+                errors=errors,
+            )
+    if source in ("predictions", "both"):
+        preds = _result_sets(task, "predictions", task_id)
+        if model_version is not None:
+            preds = [p for p in preds if p.get("model_version") == model_version]
+        elif len(preds) > 1:
+            preds = [max(preds, key=_recency)]
+        for p in preds:
+            score = p.get("score")
+            regions += parse_results(
+                p.get("result", []),
+                task_id=task_id,
+                image_size=image_size,
+                source="prediction",
+                result_set_id=p.get("id"),
+                default_score=float(score) if _is_number(score) else None,
+                model_version=p.get("model_version"),
+                errors=errors,
+            )
+    return regions
+
+
+def task_id_of(task: Any) -> Any:
+    """The task's ``id`` (``None`` when absent); ``LabelStudioFormatError`` if ``task`` is
+    not a task object."""
+    if not isinstance(task, dict):
+        raise LabelStudioFormatError(
+            f"a task must be an object with 'data', got {type(task).__name__}"
+        )
+    task_id = task.get("id")
+    if not isinstance(task.get("data"), dict):
+        raise LabelStudioFormatError(
+            "task has no 'data' object (expected {'data': {'image': ...}, 'annotations': [...]}, "
+            "as in Label Studio's JSON export; JSON_MIN exports are not accepted)",
+            task_id=task_id,
+        )
+    return task_id
+
+
+def result_image_size(results: Iterable[Any], *, task_id: Any = None) -> tuple[int, int] | None:
+    """The ``(width, height)`` that a task's results agree on (``original_width`` /
+    ``original_height``, EXIF-transposed original pixels), ``None`` when no result has
+    one. Raises ``LabelStudioFormatError`` when results disagree."""
+    size = None
+    for i, r in enumerate(results):
+        if not isinstance(r, dict) or "original_width" not in r:
+            continue
+        try:
+            s = _size_of(r)
+        except ValueError as exc:
+            raise LabelStudioFormatError(
+                str(exc), task_id=task_id, region_id=_region_id(r, i)
+            ) from exc
+        if s is None:
+            continue
+        if size is not None and s != size:
+            raise LabelStudioFormatError(
+                f"results disagree on the image size: {size[0]}x{size[1]} and {s[0]}x{s[1]} "
+                "(original_width x original_height); re-save the task in Label Studio",
+                task_id=task_id,
+                region_id=_region_id(r, i),
+            )
+        size = s
+    return size
+
+
+def task_results(task: dict[str, Any]) -> list[Any]:
+    """Every result of a task (annotations and predictions), for size look-ups."""
+    out: list[Any] = []
+    for key in ("annotations", "completions", "predictions"):
+        for item in task.get(key) or []:
+            if isinstance(item, dict) and isinstance(item.get("result"), list):
+                out.extend(item["result"])
+    return out
+
+
+def image_reference(task: dict[str, Any], config: LabelConfig | None = None) -> str:
+    """The task's image reference (URL or path) from ``data``: the key of the config's
+    ``Image`` tag, else ``data["image"]``, else the only string value."""
+    data = task.get("data") or {}
+    key = config.image_key() if config is not None else None
+    if key is None:
+        if "image" in data:
+            key = "image"
+        else:
+            strings = [k for k, v in data.items() if isinstance(v, str)]
+            key = strings[0] if len(strings) == 1 else None
+    ref = data.get(key) if key is not None else None
+    if not isinstance(ref, str) or not ref:
+        raise LabelStudioFormatError(
+            f"task data has no image reference under {key or 'image'!r} (data keys: "
+            f'{sorted(data)}); pass the label config so the <Image value="$key"> is known',
+            task_id=task.get("id"),
+        )
+    return ref
+
+
+def image_file_name(ref: str) -> str:
+    """COCO ``file_name`` for a Label Studio image reference: the ``d`` path of a
+    ``/data/local-files/?d=...`` URL, the last path component of a URL or upload, a plain
+    path as given."""
+    parsed = urlparse(ref)
+    if "local-files" in parsed.path and "d" in parse_qs(parsed.query):
+        return unquote(parse_qs(parsed.query)["d"][0])
+    if parsed.scheme in ("", "file") and not ref.startswith("/data/"):
+        return unquote(parsed.path) if parsed.scheme == "file" else ref
+    return unquote(Path(parsed.path).name)
+
+
+def resolve_local_image(ref: str, image_root: str | os.PathLike[str] | None = None) -> Path | None:
+    """A readable local file for an image reference, or ``None``.
+
+    Tries, in order: the reference as a path (``file://`` URLs too); for
+    ``/data/local-files/?d=rel`` the ``rel`` path under ``image_root`` or under
+    ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``; ``image_root / file_name`` and
+    ``image_root / basename``.
+    """
+    candidates: list[Path] = []
+    parsed = urlparse(ref)
+    if parsed.scheme == "file":
+        candidates.append(Path(unquote(parsed.path)))
+    elif parsed.scheme == "" and not ref.startswith("/data/"):
+        candidates.append(Path(ref))
+    name = image_file_name(ref)
+    roots = [Path(image_root)] if image_root is not None else []
+    doc_root = os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
+    if doc_root and "local-files" in parsed.path:
+        roots.append(Path(doc_root))
+    for root in roots:
+        candidates += [root / name, root / Path(name).name]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def read_image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(width, height)`` of an image file after EXIF orientation (what Label Studio and
+    ``PIL.ImageOps.exif_transpose`` show): orientations 5-8 swap the stored sides. Reads
+    only the header. Raises ``ValueError`` for a file PIL cannot read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"cannot read image size from {path}: {exc}") from exc
+    if orientation in (5, 6, 7, 8):  # transposed / rotated by 90 or 270 degrees
+        width, height = height, width
+    return width, height
+
+
+# -------------------------------------------------------------------------- building
+
+
+def rectangle_result(
+    box_xyxy: Any,
+    labels: Sequence[str],
+    *,
+    width: int,
+    height: int,
+    from_name: str = "label",
+    to_name: str = "image",
+    region_id: str | None = None,
+    score: float | None = None,
+    corners: Any = None,
+) -> dict[str, Any]:
+    """A ``rectanglelabels`` result from an original-pixel xyxy box (or, for a rotated
+    rectangle, its 4 corners ``4x2`` clockwise from its own top-left corner)."""
+    if corners is not None:
+        rect = frames.corners_to_percent(corners, width, height)
+    else:
+        rect = frames.pixel_to_percent(box_xyxy, width, height)
+    value = {
+        "x": rect.x,
+        "y": rect.y,
+        "width": rect.width,
+        "height": rect.height,
+        "rotation": rect.rotation,
+        "rectanglelabels": list(labels),
+    }
+    return _result("rectanglelabels", value, width, height, from_name, to_name, region_id, score)
+
+
+def polygon_result(
+    points_px: Any,
+    labels: Sequence[str],
+    *,
+    width: int,
+    height: int,
+    from_name: str = "polygon",
+    to_name: str = "image",
+    region_id: str | None = None,
+    score: float | None = None,
+) -> dict[str, Any]:
+    """A ``polygonlabels`` result from polygon points in original pixels (``Nx2``)."""
+    pts = frames.points_pixel_to_percent(points_px, width, height)
+    value = {"points": pts.tolist(), "closed": True, "polygonlabels": list(labels)}
+    return _result("polygonlabels", value, width, height, from_name, to_name, region_id, score)
+
+
+def brush_result(
+    mask: np.ndarray,
+    labels: Sequence[str],
+    *,
+    from_name: str = "brush",
+    to_name: str = "image",
+    region_id: str | None = None,
+    score: float | None = None,
+) -> dict[str, Any]:
+    """A ``brushlabels`` result from a binary ``HxW`` mask at original resolution."""
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be HxW, got shape {tuple(mask.shape)}")
+    height, width = mask.shape
+    value = {"format": "rle", "rle": frames.mask_to_ls_rle(mask), "brushlabels": list(labels)}
+    return _result("brushlabels", value, width, height, from_name, to_name, region_id, score)
+
+
+def textarea_result(
+    text: str | Sequence[str],
+    *,
+    from_name: str = "prompt",
+    to_name: str = "image",
+    region_id: str | None = None,
+) -> dict[str, Any]:
+    """A ``textarea`` result; give it a region's id to attach the text to that region."""
+    texts = [text] if isinstance(text, str) else list(text)
+    out: dict[str, Any] = {
+        "from_name": from_name,
+        "to_name": to_name,
+        "type": "textarea",
+        "value": {"text": texts},
+    }
+    if region_id is not None:
+        out["id"] = region_id
+    return out
+
+
+def region_to_result(
+    region: Region,
+    *,
+    from_name: str | None = None,
+    to_name: str | None = None,
+    region_id: str | None = None,
+) -> dict[str, Any]:
+    """The inverse of :func:`parse_results` for one region: a Label Studio result of the
+    region's kind (rotated rectangles keep their rotation)."""
+    common: dict[str, Any] = {
+        "from_name": from_name or region.from_name,
+        "to_name": to_name or region.to_name,
+        "region_id": region_id or region.region_id,
+        "score": region.score,
+    }
+    if region.kind == "brush":
+        return brush_result(region.to_mask(), region.labels, **common)
+    if region.kind == "polygon":
+        if region.polygon is None:
+            raise ValueError(f"region {region.region_id}: polygon region without points")
+        return polygon_result(
+            region.polygon, region.labels, width=region.width, height=region.height, **common
+        )
+    corners = region.polygon if region.rotation else None
+    return rectangle_result(
+        region.box_xyxy,
+        region.labels,
+        width=region.width,
+        height=region.height,
+        corners=corners,
+        **common,
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _result(
+    rtype: str,
+    value: dict[str, Any],
+    width: int,
+    height: int,
+    from_name: str,
+    to_name: str,
+    region_id: str | None,
+    score: float | None,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "from_name": from_name,
+        "to_name": to_name,
+        "type": rtype,
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "value": value,
+    }
+    if region_id is not None:
+        out["id"] = region_id
+    if score is not None:
+        out["score"] = float(score)
+    return out
+
+
+def _parse_region(
+    r: dict[str, Any], rid: str, *, task_id: Any, image_size: tuple[int, int] | None
+) -> Region:
+    rtype = r["type"].lower()
+    value = r["value"]
+    kind = _KIND_OF_TYPE.get(rtype) or _geometry_kind(value)
+    assert kind is not None  # the caller only passes region results
+    size = _size_of(r) or image_size
+    if size is None:
+        raise ValueError(
+            "missing image size: the result has no original_width/original_height and the "
+            "image size is unknown (give a readable local image, e.g. with --image-root)"
+        )
+    width, height = size
+    label_key = rtype if rtype.endswith("labels") else "labels"
+    labels = _labels_of(value, label_key) if label_key in value else []
+    score = r.get("score")
+    common: dict[str, Any] = {
+        "task_id": task_id,
+        "region_id": rid,
+        "from_name": str(r.get("from_name", "")),
+        "to_name": str(r.get("to_name", "")),
+        "labels": labels,
+        "width": width,
+        "height": height,
+        "score": float(score) if _is_number(score) else None,
+    }
+    if kind == "rectangle":
+        nums = {k: value.get(k) for k in ("x", "y", "width", "height")}
+        bad = [k for k, v in nums.items() if not _is_number(v) or not math.isfinite(v)]
+        if bad:
+            raise ValueError(
+                f"rectangle value needs numbers x, y, width, height in percent (0-100); "
+                f"missing or not a finite number: {bad}"
+            )
+        rotation = value.get("rotation", 0) or 0
+        if not _is_number(rotation):
+            raise ValueError(f"rectangle rotation must be a number of degrees, got {rotation!r}")
+        if nums["width"] <= 0 or nums["height"] <= 0:
+            raise ValueError(
+                f"rectangle has zero or negative size (width={nums['width']}%, "
+                f"height={nums['height']}%); delete it in Label Studio"
+            )
+        rect = frames.PercentRect(
+            x=float(nums["x"]),
+            y=float(nums["y"]),
+            width=float(nums["width"]),
+            height=float(nums["height"]),
+            rotation=float(rotation) % 360.0,
+        )
+        box = frames.clip_boxes(frames.percent_to_pixel(rect, width, height), width, height)
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise ValueError(
+                f"rectangle lies outside the image (x={rect.x}%, y={rect.y}%, "
+                f"width={rect.width}%, height={rect.height}%)"
+            )
+        corners = frames.percent_to_corners(rect, width, height) if rect.rotation else None
+        return Region(
+            kind="rectangle", box_xyxy=box, polygon=corners, rotation=rect.rotation, **common
+        )
+    if kind == "polygon":
+        points = value.get("points")
+        try:
+            pts_pct = np.asarray(points, dtype=np.float64)
+        except (TypeError, ValueError):
+            pts_pct = np.zeros((0,))
+        if pts_pct.ndim != 2 or pts_pct.shape[1] != 2 or len(pts_pct) < 3:
+            raise ValueError(
+                "polygon value needs 'points': a list of at least 3 [x%, y%] pairs, got "
+                f"{str(points)[:80]}"
+            )
+        if not np.isfinite(pts_pct).all():
+            raise ValueError("polygon points must be finite numbers (percent)")
+        pts = frames.points_percent_to_pixel(pts_pct, width, height)
+        box = np.array([*pts.min(0), *pts.max(0)])
+        box = frames.clip_boxes(box, width, height)
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise ValueError("polygon has zero area inside the image")
+        return Region(kind="polygon", box_xyxy=box, polygon=pts, **common)
+    # brush
+    fmt = value.get("format", "rle")
+    if fmt != "rle" or "rle" not in value:
+        raise ValueError(
+            f"brush value needs format 'rle' and an 'rle' list (Label Studio brush RLE), got "
+            f"format={fmt!r} and keys {sorted(value)}"
+        )
+    mask = frames.ls_rle_to_mask(value["rle"], width, height)
+    mbox = frames.mask_to_box(mask)
+    if mbox is None:
+        raise ValueError("brush mask is empty (no pixel with alpha > 127)")
+    return Region(kind="brush", box_xyxy=mbox, mask=mask, **common)
+
+
+def _geometry_kind(value: dict[str, Any]) -> RegionKind | None:
+    if "rle" in value:
+        return "brush"
+    if "points" in value:
+        return "polygon"
+    if {"x", "y", "width", "height"} <= value.keys():
+        return "rectangle"
+    return None
+
+
+def _labels_of(value: dict[str, Any], key: str) -> list[str]:
+    labels = value.get(key)
+    if isinstance(labels, str):
+        return [labels]
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise ValueError(f"value['{key}'] must be a list of label strings, got {labels!r}")
+    return list(labels)
+
+
+def _text_of(value: dict[str, Any]) -> str:
+    text = value.get("text")
+    if isinstance(text, str):
+        return text
+    if isinstance(text, list) and all(isinstance(t, str) for t in text):
+        return "\n".join(text)
+    raise ValueError(f"textarea value['text'] must be a list of strings, got {text!r}")
+
+
+def _size_of(r: dict[str, Any]) -> tuple[int, int] | None:
+    w, h = r.get("original_width"), r.get("original_height")
+    if w is None and h is None:
+        return None
+    if not (_is_number(w) and _is_number(h)) or w <= 0 or h <= 0 or w != int(w) or h != int(h):
+        raise ValueError(
+            f"original_width/original_height must be positive integers (pixels), got {w!r}, {h!r}"
+        )
+    return int(w), int(h)
+
+
+def _region_id(r: Any, index: int) -> str:
+    rid = r.get("id") if isinstance(r, dict) else None
+    return str(rid) if rid not in (None, "") else f"result[{index}]"
+
+
+def _result_sets(task: dict[str, Any], key: str, task_id: Any) -> list[dict[str, Any]]:
+    items = task.get(key)
+    if items is None and key == "annotations":
+        items = task.get("completions")  # Label Studio < 1.0 exports
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise LabelStudioFormatError(
+            f"'{key}' must be a list, got {type(items).__name__}", task_id=task_id
+        )
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("result", []), list):
+            raise LabelStudioFormatError(
+                f"each of '{key}' must be an object with a 'result' list, got {str(item)[:60]} "
+                "(export with full annotation and prediction objects, e.g. exportType=JSON)",
+                task_id=task_id,
+            )
+    return items
+
+
+def _recency(item: dict[str, Any]) -> tuple[str, float]:
+    stamp = item.get("updated_at") or item.get("created_at") or ""
+    ident = item.get("id")
+    return str(stamp), float(ident) if _is_number(ident) else 0.0
+
+
+def _is_number(v: Any) -> TypeGuard[int | float]:
+    return isinstance(v, int | float) and not isinstance(v, bool)

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny real models built from configs (nothing mocked)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nextchat_core.build import build_model
+from nextchat_core.config import NextChatConfig, get_preset
+from nextchat_core.tokenizer import train_bpe_tokenizer
+
+TINY_CORPUS = [
+    "the red circle", "a blue square", "the green triangle on the left", "all yellow shapes",
+    "Is there a purple star?", "Yes, there is.", "No.", "a small white hexagon",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> NextChatConfig:
+    return get_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_config):
+    return train_bpe_tokenizer(TINY_CORPUS * 4, config=tiny_config)
+
+
+@pytest.fixture()
+def tiny_model(tiny_config):
+    torch.manual_seed(0)
+    return build_model(tiny_config)
+
+
+def make_scene(width: int = 96, height: int = 64, box=(20, 10, 60, 50)) -> tuple[np.ndarray, np.ndarray]:
+    """A gray image with one red disc inscribed in ``box`` (original pixels) and its mask."""
+    img = np.full((height, width, 3), 90, dtype=np.uint8)
+    yy, xx = np.mgrid[0:height, 0:width]
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    rx, ry = (box[2] - box[0]) / 2, (box[3] - box[1]) / 2
+    mask = ((xx + 0.5 - cx) / rx) ** 2 + ((yy + 0.5 - cy) / ry) ** 2 <= 1.0
+    img[mask] = (220, 30, 30)
+    return img, mask
