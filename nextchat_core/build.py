@@ -52,8 +52,16 @@ def build_model(
     only shapes (no memory), e.g. to check the 7B layout."""
     if isinstance(config, str):
         config = get_preset(config)
-    with torch.device(device or "cpu"):
-        model = NextChatModel(config)
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        # Build directly in the target dtype: a 7B model built in float32 first would need
+        # twice the memory for a moment.
+        torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device or "cpu"):
+            model = NextChatModel(config)
+    finally:
+        torch.set_default_dtype(previous)
     if dtype is not None:
         model = model.to(dtype)
     return model

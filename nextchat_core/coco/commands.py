@@ -145,6 +145,14 @@ def _export(args: argparse.Namespace) -> int:
         model_version=args.model_version,
     )
     coco = result.coco
+    if args.format == "results" and config_xml is None:
+        # A results list carries category ids but not names: they must match the ground
+        # truth's, which only a shared label config guarantees.
+        logger.warning(
+            "results without a label config number categories by sorted label name "
+            "(%s); pass the same --config as for the ground truth so the ids match",
+            ", ".join(f"{c['id']}={c['name']}" for c in coco["categories"]),
+        )
     write_json(coco_results(coco) if args.format == "results" else coco, args.out)
     for error in result.errors:
         print(f"skipped: {error}", file=sys.stderr)

@@ -172,7 +172,7 @@ def _coco_eval(
         name = next(c["name"] for c in categories if c["id"] == cat_id)
         rows.append(
             {
-                "id": cat_id,
+                "id": cat_id.item() if isinstance(cat_id, np.generic) else cat_id,
                 "name": name,
                 "n_gt": n_gt.get(cat_id, 0),
                 "n_dt": n_dt.get(cat_id, 0),

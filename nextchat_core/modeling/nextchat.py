@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -328,6 +329,7 @@ class NextChatModel(nn.Module):
         temperature: float = 1.0,
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
+        logits_processor: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> GenerationOutput:
         """Decode with the KV cache; ``<at>`` becomes a box.
 
@@ -337,6 +339,8 @@ class NextChatModel(nn.Module):
         next step's hidden state at that ``<at>`` goes through ``loc_decoder``; the token
         written after it is ``<boxes>`` and its input embedding is
         ``loc_encoder(loc_decoder(h_at))`` - the NExT-Chat decoding rule.
+        ``logits_processor(step, logits) -> logits`` (``BxV``) may constrain each step's
+        choice (e.g. forced answers for benchmarks, vocabulary restrictions).
         """
         tk = self.config.tokens
         bsz = input_ids.shape[0]
@@ -362,6 +366,8 @@ class NextChatModel(nn.Module):
         while step < max_new_tokens or bool(prev_at.any()):
             step += 1
             logits = lm_head(h_last).float()
+            if logits_processor is not None:
+                logits = logits_processor(step - 1, logits)
             probs = logits.softmax(-1)
             token = self._choose(logits, do_sample=do_sample, temperature=temperature,
                                  top_p=top_p, generator=generator)

@@ -1,0 +1,92 @@
+"""The optimization step, on ``accelerate`` (one CPU process, one GPU, or several GPUs with
+FSDP through ``accelerate launch``): precision, freezing, LoRA, gradient checkpointing.
+
+The trainer, the benchmarks and the retraining workers all step the model through
+:func:`prepare` and :func:`training_step`; nothing else calls ``backward``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from nextchat_core.config import LossConfig
+from nextchat_core.modeling import NextChatModel, NextChatOutput
+
+from .lora import LoraSettings, apply_lora
+from .stages import StageSpec, apply_stage
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How to run a stage. ``precision``: ``"fp32"`` or ``"bf16"`` (autocast; the frozen
+    base weights may be stored in bf16, trainable ones are kept in float32)."""
+
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    lora: LoraSettings | None = None
+    clip_norm: float = 1.0
+    accumulate: int = 1
+    compile: bool = False
+
+
+def make_accelerator(settings: EngineSettings, *, cpu: bool = False) -> Accelerator:
+    if settings.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {settings.precision!r}")
+    return Accelerator(
+        mixed_precision="bf16" if settings.precision == "bf16" else "no",
+        gradient_accumulation_steps=settings.accumulate,
+        cpu=cpu,
+    )
+
+
+def prepare(model: NextChatModel, spec: StageSpec, settings: EngineSettings) -> list[dict]:
+    """Freeze ``model`` to ``spec``, add LoRA and gradient checkpointing if asked, upcast
+    trainable weights to float32, and return the optimizer's parameter groups."""
+    if settings.lora is not None:
+        apply_lora(model, settings.lora)
+    groups = apply_stage(model, spec, lr=settings.lr, weight_decay=settings.weight_decay,
+                         lora=settings.lora is not None)
+    for group in groups:
+        for p in group["params"]:
+            if p.dtype != torch.float32:
+                p.data = p.data.float()  # master weights in fp32; autocast computes in bf16
+    if settings.gradient_checkpointing:
+        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    # Frozen towers keep their eval behavior (no dropout in CLIP/SAM anyway; explicit).
+    for name in ("vision_tower", "sam"):
+        module: nn.Module = getattr(model, name)
+        if not any(p.requires_grad for p in module.parameters()):
+            module.eval()
+    return groups
+
+
+def training_step(
+    accelerator: Accelerator,
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    *,
+    loss_weights: LossConfig,
+    clip_norm: float | None,
+) -> NextChatOutput:
+    """One forward/backward (one micro-batch); the optimizer steps when accelerate's
+    gradient accumulation says so."""
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            out: NextChatOutput = model(**batch, loss_weights=loss_weights)
+        accelerator.backward(out.loss)
+        if accelerator.sync_gradients and clip_norm:
+            accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_norm)
+        optimizer.step()
+        if scheduler is not None and accelerator.sync_gradients:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return out
