@@ -12,10 +12,11 @@ import importlib
 import logging
 import sys
 
-# (module, one-line summary shown by `nextchat --help`)
+# Modules with a register(subparsers) function, in `nextchat --help` order.
 _COMMAND_MODULES: list[str] = [
     "nextchat_core.commands",
     "nextchat_core.coco.commands",
+    "training.commands",
 ]
 
 

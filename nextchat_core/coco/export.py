@@ -5,17 +5,14 @@ everything written here is in **original pixels** of that image (``bbox`` absolu
 ``[x, y, width, height]``, polygons ``[x1, y1, x2, y2, ...]`` on pixel edges, RLE at the
 image's ``[height, width]``).
 
-What one annotation holds, per region kind:
+What one annotation holds, per region kind (``segmentation``; ``area``):
 
-========================  =======================================  =====================
-region                    ``segmentation``                         ``area``
-========================  =======================================  =====================
-rectangle                 ``[]``                                   box width x height
-rotated rectangle         its 4 corners as one polygon             pixels of that polygon
-polygon                   the polygon                              pixels of the polygon
-brush, ``masks="rle"``    COCO compressed RLE, counts as text      mask pixels
-brush, ``masks="polygon"`` exact pixel-edge outlines (holes filled) pixels of the outlines
-========================  =======================================  =====================
+* rectangle: ``[]``; box width x height.
+* rotated rectangle: its 4 corners as one polygon; pixels inside that polygon.
+* polygon: the polygon; pixels inside it.
+* brush, ``masks="rle"``: COCO compressed RLE, counts as text; mask pixels.
+* brush, ``masks="polygon"``: exact pixel-edge outlines, one per 4-connected part (holes
+  cannot be expressed and are filled, with a warning); pixels inside the outlines.
 
 Every annotation has ``iscrowd: 0`` and ``ls_region_id``; predictions carry ``score``
 (so the annotation list is a COCO results list); with ``source="both"`` each annotation

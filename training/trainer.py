@@ -1,0 +1,416 @@
+"""The training loop: a stage of NExT-Chat on data sources, resumable, logged, evaluated.
+
+    nextchat train --stage 2 --config train.yaml          # the CLI
+    training.trainer.train(TrainConfig(...))             # what workers and tests call
+
+Resumable checkpoints (``output_dir/checkpoints/step-N``: the trainable tensors, optimizer,
+scheduler, every RNG and the data position) are written atomically; a rerun of the same
+config resumes from the newest one and ends bit-identical to an uninterrupted run. The
+final model is written in the core's own format (``output_dir/final``), with LoRA merged.
+Metrics go to ``output_dir/metrics.jsonl`` (one JSON object per log step / evaluation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from nextchat_core.batch import collate
+from nextchat_core.build import build_model, from_pretrained, save_pretrained
+from nextchat_core.config import PRESETS, get_preset
+from nextchat_core.image_processing import ImageProcessor
+from nextchat_core.predictor import NextChatPredictor
+from nextchat_core.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+from .data import SampleSet, corpus, read_coco, read_label_studio, read_refexp_jsonl
+from .engine import EngineSettings, make_accelerator, prepare, training_step
+from .evaluation import evaluate_predictor
+from .lora import LoraSettings, has_lora, merge_lora
+from .stages import get_stage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataSource:
+    """One data source. ``kind``: ``refexp`` (jsonl), ``coco`` (instances json, optional
+    ``refs``), ``label_studio`` (JSON export). Paths relative to the config file."""
+
+    kind: str
+    path: str
+    image_root: str | None = None
+    refs: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs (a JSON or YAML file, or built in code)."""
+
+    stage: int = 2
+    init: str = "tiny"  # a preset name (random init) or a checkpoint directory
+    tokenizer: str | None = None  # for a preset start: a tokenizer dir; default: train one
+    data: list[DataSource] = field(default_factory=list)
+    eval_data: list[DataSource] = field(default_factory=list)
+    eval_max: int = 200  # records evaluated per evaluation
+    steps: int = 100  # optimizer steps
+    batch_size: int = 8  # samples per micro-batch (per process)
+    accumulate: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-5  # NExT-Chat: 2e-5 cosine, warmup 0.03, no weight decay
+    lr_scale: dict[str, float] = field(default_factory=dict)  # per-module lr multipliers
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16 (bf16 autocast on CUDA)
+    gradient_checkpointing: bool = False
+    lora: dict[str, Any] | None = None  # {"r": 16, "alpha": 32, "dropout": 0.05}
+    device: str = "auto"  # auto | cpu | cuda
+    output_dir: str = "runs/train"
+    save_every: int = 0  # steps between resumable checkpoints (0: at the end only)
+    eval_every: int = 0  # steps between evaluations (0: at the end only, if eval_data)
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+    def validate(self) -> None:
+        get_stage(self.stage)
+        for name in ("steps", "batch_size", "accumulate", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train config: {name} must be >= 1, got {getattr(self, name)}")
+        if not self.data:
+            raise ValueError("train config: 'data' needs at least one source, e.g. "
+                             "[{'kind': 'refexp', 'path': 'train.jsonl'}]")
+        for src in self.data + self.eval_data:
+            if src.kind not in _READERS:
+                raise ValueError(f"train config: unknown data kind {src.kind!r}; expected one of {sorted(_READERS)}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"train config: precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"train config: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, base_dir: Path | None = None) -> TrainConfig:
+        if not isinstance(raw, dict):
+            raise ValueError(f"a train config is a mapping, got {type(raw).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"train config: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+        kwargs = dict(raw)
+        for key in ("data", "eval_data"):
+            sources = []
+            for i, s in enumerate(kwargs.get(key, []) or []):
+                try:
+                    src = DataSource(**s)
+                except TypeError as exc:
+                    raise ValueError(f"train config: {key}[{i}]: {exc}") from exc
+                if base_dir is not None:
+                    src.path = str(_relative(base_dir, src.path))
+                    src.image_root = src.image_root and str(_relative(base_dir, src.image_root))
+                    src.refs = src.refs and str(_relative(base_dir, src.refs))
+                sources.append(src)
+            kwargs[key] = sources
+        if base_dir is not None:
+            for key in ("output_dir", "tokenizer"):
+                if kwargs.get(key):
+                    kwargs[key] = str(_relative(base_dir, kwargs[key]))
+            if kwargs.get("init") and kwargs["init"] not in PRESETS:
+                kwargs["init"] = str(_relative(base_dir, kwargs["init"]))
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"train config not found: {path}")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        return cls.from_dict(raw, base_dir=path.parent)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _relative(base: Path, p: str) -> Path:
+    q = Path(p)
+    return q if q.is_absolute() else base / q
+
+
+_READERS: dict[str, Callable[..., SampleSet]] = {
+    "refexp": lambda src, cfg: read_refexp_jsonl(src.path, cfg),
+    "coco": lambda src, cfg: read_coco(src.path, cfg, image_root=src.image_root, refs=src.refs),
+    "label_studio": lambda src, cfg: read_label_studio(src.path, cfg, image_root=src.image_root),
+}
+
+
+def load_sources(sources: list[DataSource], model_config) -> SampleSet:
+    sets = [_READERS[s.kind](s, model_config) for s in sources]
+    out = sets[0]
+    for s in sets[1:]:
+        out = out + s
+    return out
+
+
+@dataclass
+class TrainResult:
+    final_dir: Path
+    steps: int
+    metrics: dict[str, Any]
+    log_path: Path
+
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def train(config: TrainConfig, *, progress: Progress | None = None, stop_after: int | None = None,
+          samples: SampleSet | None = None, eval_samples: SampleSet | None = None) -> TrainResult:
+    """Run (or resume) one stage. ``progress`` gets ``{"stage", "step", "steps", "loss",
+    "eta_s", ...}`` after each optimizer step; ``stop_after`` ends this call after that many
+    total steps with a resumable checkpoint (what an interruption leaves). ``samples`` /
+    ``eval_samples`` replace the config's sources (in-memory data)."""
+    if samples is None:
+        config.validate()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = get_stage(config.stage)
+    device = _device(config.device)
+    _seed_everything(config.seed)
+
+    model, tokenizer = _init_model(config, samples)
+    mcfg = model.config
+    train_set = samples if samples is not None else load_sources(config.data, mcfg)
+    if len(train_set) == 0:
+        raise ValueError("the training data holds no samples")
+    eval_set = eval_samples if eval_samples is not None else (
+        load_sources(config.eval_data, mcfg) if config.eval_data else None)
+
+    settings = EngineSettings(
+        lr=config.lr, weight_decay=config.weight_decay, precision=config.precision,
+        gradient_checkpointing=config.gradient_checkpointing,
+        lora=LoraSettings(**config.lora) if config.lora else None,
+        clip_norm=config.clip_norm, accumulate=config.accumulate,
+    )
+    spec = dataclasses.replace(spec, lr_scale={**spec.lr_scale, **config.lr_scale})
+    model.to(device)
+    groups = prepare(model, spec, settings)
+    accelerator = make_accelerator(settings, cpu=device.type == "cpu")
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * config.steps), num_training_steps=config.steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+    weights = spec.loss_weights(mcfg.loss)
+
+    state = {"step": 0, "micro_step": 0}
+    resumed = _latest_checkpoint(out)
+    if resumed is not None:
+        state = _load_checkpoint(resumed, raw_model, optimizer, scheduler)
+        log.info("resumed from %s at step %d", resumed, state["step"])
+
+    processor = ImageProcessor(mcfg)
+    num_image_tokens = raw_model.num_image_tokens
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    def batch_at(micro: int) -> dict[str, torch.Tensor]:
+        base = (micro * world + rank) * config.batch_size
+        picks = [_position(base + k, len(train_set), config.seed) for k in range(config.batch_size)]
+        batch = collate([train_set[i] for i in picks], tokenizer=tokenizer, config=mcfg,
+                        num_image_tokens=num_image_tokens, processor=processor, with_masks=spec.masks)
+        return {k: v.to(accelerator.device) for k, v in batch.items()}
+
+    log_path = out / "metrics.jsonl"
+    end = config.steps if stop_after is None else min(config.steps, stop_after)
+    bar = tqdm(total=config.steps, initial=state["step"], desc=f"stage {config.stage}",
+               disable=not accelerator.is_main_process or not _tty())
+    started, first_step = time.perf_counter(), state["step"]
+    last_metrics: dict[str, Any] = {}
+    running: dict[str, list[float]] = {}
+    with log_path.open("a") as log_file:
+        while state["step"] < end:
+            for _ in range(config.accumulate):
+                out_step = training_step(accelerator, model, batch_at(state["micro_step"]), optimizer, scheduler,
+                                         loss_weights=weights, clip_norm=config.clip_norm)
+                state["micro_step"] += 1
+                for k, v in out_step.parts().items():
+                    running.setdefault(k, []).append(v)
+            state["step"] += 1
+            bar.update(1)
+            elapsed = time.perf_counter() - started
+            done = state["step"] - first_step
+            eta = elapsed / done * (config.steps - state["step"])
+            loss = float(np.mean(running.get("loss", [float("nan")])))
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if progress is not None:
+                progress({"stage": config.stage, "step": state["step"], "steps": config.steps, "loss": loss,
+                          "eta_s": round(eta, 1)})
+            if state["step"] % config.log_every == 0 or state["step"] == end:
+                record = {"step": state["step"], "stage": config.stage, "lr": scheduler.get_last_lr()[0],
+                          "samples_per_s": done * config.batch_size * config.accumulate * world / max(elapsed, 1e-9),
+                          **{k: float(np.mean(v)) for k, v in running.items()}}
+                running = {}
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                last_metrics = record
+            evaluate_now = eval_set is not None and config.eval_every and state["step"] % config.eval_every == 0
+            if evaluate_now and state["step"] < config.steps:
+                last_metrics = _evaluate(raw_model, tokenizer, eval_set, config, log_file, state["step"])
+                raw_model.train()
+            if accelerator.is_main_process and (
+                (config.save_every and state["step"] % config.save_every == 0) or state["step"] == end
+            ) and state["step"] < config.steps:
+                _save_checkpoint(out, raw_model, optimizer, scheduler, state, config.keep_checkpoints)
+        bar.close()
+        if state["step"] < config.steps:  # interrupted on purpose (stop_after)
+            return TrainResult(out / "final", state["step"], last_metrics, log_path)
+        if eval_set is not None:
+            last_metrics = {**last_metrics, **_evaluate(raw_model, tokenizer, eval_set, config, log_file, state["step"])}
+    if has_lora(raw_model):
+        merge_lora(raw_model)
+    raw_model.eval()
+    final = save_pretrained(raw_model, out / "final", tokenizer) if accelerator.is_main_process else out / "final"
+    _write_json(out / "final" / "train_metrics.json", {"config": config.to_dict(), "metrics": last_metrics})
+    return TrainResult(final, state["step"], last_metrics, log_path)
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def _tty() -> bool:
+    return os.isatty(2)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("train config asks for device 'cuda' but torch sees no CUDA device; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _position(global_index: int, n: int, seed: int) -> int:
+    """Dataset index of the ``global_index``-th sample drawn: a fresh permutation per epoch,
+    a pure function of (seed, epoch), so the data position is just a counter."""
+    epoch, offset = divmod(global_index, n)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return int(perm[offset])
+
+
+def _init_model(config: TrainConfig, samples: SampleSet | None):
+    init = config.init
+    if init in PRESETS:
+        torch.manual_seed(config.seed)
+        mcfg = get_preset(init)
+        model = build_model(mcfg)
+        if config.tokenizer:
+            tokenizer = load_tokenizer(config.tokenizer, mcfg)
+        else:
+            data = samples if samples is not None else load_sources(config.data, mcfg)
+            tokenizer = train_bpe_tokenizer(corpus(data), config=mcfg)
+        return model, tokenizer
+    ckpt = from_pretrained(init)
+    return ckpt.model, ckpt.tokenizer
+
+
+def _evaluate(model, tokenizer, eval_set: SampleSet, config: TrainConfig, log_file, step: int) -> dict[str, Any]:
+    model.eval()
+    predictor = NextChatPredictor(model, tokenizer)
+    report = evaluate_predictor(predictor, eval_set, max_records=config.eval_max,
+                                with_masks=get_stage(config.stage).masks)
+    record = {"step": step, "stage": config.stage, "eval": True, **report}
+    log_file.write(json.dumps(record) + "\n")
+    log_file.flush()
+    return record
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    root = out / "checkpoints"
+    final = root / f"step-{state['step']:08d}"
+    tmp = root / f".step-{state['step']:08d}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    # Only the trainable tensors: frozen ones equal the init (a 7B LoRA run saves MBs).
+    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    _write_json(tmp / "trainer_state.json", state)
+    tmp.rename(final)  # atomic: a checkpoint directory is complete or absent
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / "checkpoints").glob("step-*"))
+    return found[-1] if found else None
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    tensors = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+    unknown = [n for n in tensors if n not in params]
+    if missing or unknown:
+        raise ValueError(
+            f"checkpoint {path} does not match this run's trainable parameters (missing {missing[:3]}, "
+            f"unexpected {unknown[:3]}): was it written by another stage or LoRA setting? "
+            "Use another output_dir or delete the checkpoints folder."
+        )
+    with torch.no_grad():
+        for n, t in tensors.items():
+            params[n].copy_(t)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=False)  # our own file: numpy/python states
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
