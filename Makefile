@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test install lint demo-model bench clean
+.PHONY: serve test install lint demo-model clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -29,3 +29,7 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+
+## Train the bundled demo checkpoint (resumable; ~2 h on 2 CPU cores) and ship it to models/demo.
+demo-model: $(STAMP)
+	$(BIN)/python -m training.demo --out runs/demo --ship models/demo

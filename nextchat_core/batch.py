@@ -30,6 +30,8 @@ class Sample:
     ``boxes``: original-pixel xyxy, one per ``<at> <boxes>`` pair, in text order.
     ``masks``: ``None``, or one entry per box: an ``HxW`` bool mask or ``None``.
     ``source``: names the record in error messages (file and line, task id, ...).
+    ``extras``: optional per-sample arrays for auxiliary objectives; collated as
+    ``aux_<name>`` tensors when every sample of a batch has them.
     """
 
     image: Any
@@ -37,6 +39,7 @@ class Sample:
     boxes: list[Sequence[float]] = field(default_factory=list)
     masks: list[np.ndarray | None] | None = None
     source: str = "<sample>"
+    extras: dict[str, np.ndarray] | None = None
 
 
 def collate(
@@ -102,6 +105,9 @@ def collate(
         "pixel_values": torch.stack(pixels),
         "boxes": torch.tensor(np.array(boxes), dtype=torch.float32).reshape(-1, 4),
     }
+    if all(s.extras for s in samples):
+        for key in samples[0].extras or {}:
+            batch[f"aux_{key}"] = torch.from_numpy(np.stack([s.extras[key] for s in samples]))  # type: ignore[index]
     if mask_targets:
         batch["sam_pixel_values"] = torch.stack(sam_pixels)
         batch["mask_targets"] = torch.from_numpy(np.stack(mask_targets))

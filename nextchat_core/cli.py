@@ -17,6 +17,8 @@ _COMMAND_MODULES: list[str] = [
     "nextchat_core.commands",
     "nextchat_core.coco.commands",
     "training.commands",
+    "backend.commands",
+    "training.synth_commands",
 ]
 
 

@@ -209,7 +209,9 @@ class TemplateConfig:
     rec_question: str = "<image> Where is {expr} in the image?"
     rec_answer: str = "Answer: {boxes} ."
     caption_question: str = "<image> What is in the region {region}?"
-    # Region references in questions: one `<at> <boxes>` pair per input box.
+    # A free question; {question} is the user's text. Small models put the image AFTER the
+    # text so that (causal) image tokens can attend to the question.
+    chat_question: str = "<image> {question}"
 
     def validate(self) -> None:
         if "{expr}" not in self.rec_question:
@@ -218,6 +220,8 @@ class TemplateConfig:
             raise ValueError("template.rec_answer must contain '{boxes}'")
         if "{region}" not in self.caption_question:
             raise ValueError("template.caption_question must contain '{region}'")
+        if "{question}" not in self.chat_question:
+            raise ValueError("template.chat_question must contain '{question}'")
 
 
 @dataclass
@@ -348,15 +352,22 @@ def _tiny() -> NextChatConfig:
 
 
 def _demo() -> NextChatConfig:
+    # The shipped demo model (trained by `make demo-model` on the synthetic shapes domain,
+    # see training/demo.py). It has no pretrained CLIP to start from, so its vision tower
+    # is a small ConvNeXt (transformers) whose stride-32 map gives 8x8 = 64 image tokens at
+    # 256 px: convolutions see whole shapes, which a 4-layer ViT from scratch did not.
+    convnext = {"num_channels": 3, "hidden_sizes": [32, 64, 128, 256], "depths": [2, 2, 2, 2],
+                "image_size": 256}
     return NextChatConfig(
         preset="demo",
         vision=VisionConfig(
-            image_size=128, patch_size=16, hidden_size=128, num_layers=4, num_heads=4,
-            intermediate_size=512, frozen=False,
+            backbone="hf", hf_model_type="convnext", image_size=256, patch_size=32,
+            hidden_size=256, num_layers=4, select_layer=-1, drop_cls=False, frozen=False,
+            extra=convnext,
         ),
         llm=LLMConfig(
             hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=688,
-            vocab_size=2048, max_position_embeddings=512,
+            vocab_size=1024, max_position_embeddings=512,
         ),
         location=LocationConfig(hidden_size=256),
         sam=SamConfig(
@@ -365,8 +376,13 @@ def _demo() -> NextChatConfig:
             prompt_dim=64, decoder_depth=2, decoder_mlp_dim=256, decoder_num_heads=4,
             iou_head_hidden_dim=64, mask_in_chans=8, prompt_mlp_hidden=256,
         ),
-        tokens=_small_tokens(2048),
-        template=TemplateConfig(system="", rec_question="<image> Where is {expr}?"),
+        tokens=_small_tokens(1024),
+        template=TemplateConfig(
+            system="",
+            rec_question="Where is {expr}? <image>",
+            caption_question="What is in the region {region}? <image>",
+            chat_question="{question} <image>",
+        ),
     )
 
 

@@ -72,9 +72,10 @@ def caption_turns(config: NextChatConfig, *, caption: str | None = None) -> list
 
 
 def chat_turns(question: str, config: NextChatConfig, *, answer: str | None = None) -> list[Turn]:
-    """A free question about the image (``<image>`` is prepended when missing)."""
+    """A free question about the image, placed by the template's ``chat_question`` unless
+    it already holds ``<image>``."""
     marker = config.tokens.image_placeholder
-    text = question if marker in question else f"{marker} {question.strip()}"
+    text = question if marker in question else config.template.chat_question.format(question=question.strip())
     turns = [Turn("user", text)]
     if answer is not None:
         turns.append(Turn("assistant", answer))

@@ -510,6 +510,49 @@ def mask_to_polygons(mask: np.ndarray, *, min_points: int = 3) -> list[np.ndarra
     return polygons
 
 
+def simplify_polygon(points_px: Any, tolerance: float = 1.0) -> np.ndarray:
+    """Fewer vertices for a closed polygon in original pixels (``Nx2`` -> ``Mx2``,
+    ``M <= N``, at least 3 when ``N >= 3``): Ramer-Douglas-Peucker with ``tolerance``
+    pixels of maximum deviation. Pixel-edge traces from :func:`mask_to_polygons` have a
+    vertex at every step of a staircase; Label Studio's editor gets slow with thousands.
+    """
+    pts = np.asarray(points_px, dtype=np.float64).reshape(-1, 2)
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
+    if len(pts) <= 3 or tolerance == 0:
+        return pts.copy()
+    # Split the closed ring at its two mutually farthest-apart vertices (vertex 0 and the
+    # one farthest from it) and simplify each open chain.
+    far = int(np.argmax(np.hypot(*(pts - pts[0]).T)))
+    if far == 0:
+        return pts[:1].repeat(3, axis=0)  # all points coincide
+    ring = np.concatenate([pts, pts[:1]])
+    keep = np.zeros(len(ring), dtype=bool)
+    keep[[0, far, len(ring) - 1]] = True
+    stack = [(0, far), (far, len(ring) - 1)]
+    while stack:
+        i, j = stack.pop()
+        if j - i < 2:
+            continue
+        a, b = ring[i], ring[j]
+        seg = ring[i + 1 : j]
+        ab = b - a
+        norm = float(np.hypot(*ab))
+        if norm == 0.0:
+            dist = np.hypot(*(seg - a).T)
+        else:
+            dist = np.abs(ab[0] * (seg[:, 1] - a[1]) - ab[1] * (seg[:, 0] - a[0])) / norm
+        k = int(np.argmax(dist))
+        if dist[k] > tolerance:
+            keep[i + 1 + k] = True
+            stack += [(i, i + 1 + k), (i + 1 + k, j)]
+    out = ring[:-1][keep[:-1]]
+    if len(out) < 3:  # a sliver thinner than the tolerance: keep its extreme points
+        order = np.argsort(np.hypot(*(pts - pts[0]).T))
+        out = pts[np.sort(np.concatenate([[0], order[-2:]]))]
+    return out
+
+
 def box_iou(a: Any, b: Any) -> float:
     """IoU of two original-pixel (or any common frame) xyxy boxes."""
     ax1, ay1, ax2, ay2 = (float(v) for v in a)

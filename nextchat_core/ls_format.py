@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeGuard
@@ -164,6 +164,25 @@ class ControlInfo:
     tag: str  # lower-case tag, e.g. "rectanglelabels", "labels", "textarea"
     to_name: tuple[str, ...]
     labels: tuple[str, ...]  # as results store them (alias if the Label has one)
+    # The tag's own XML attributes (e.g. TextArea ``value="$prompt"``, ``perRegion``).
+    attrs: Mapping[str, str] = field(default_factory=dict)
+    # Each label (as results store it) -> its <Label> attributes (value, alias, hint, ...).
+    label_attrs: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    def label_prompts(self, label: str) -> list[str]:
+        """Text prompts that find ``label``: its ``hint`` attribute, else its
+        comma-separated ``predicted_values``, else the label's shown ``value``.
+
+        ``<Label value="Car" hint="all cars"/>`` -> ``["all cars"]``;
+        ``<Label value="Person" predicted_values="man,woman"/>`` -> ``["man", "woman"]``.
+        """
+        attrs = self.label_attrs.get(label, {})
+        hint = (attrs.get("hint") or "").strip()
+        if hint:
+            return [hint]
+        values = [v.strip() for v in (attrs.get("predicted_values") or "").split(",")]
+        values = [v for v in values if v]
+        return values or [(attrs.get("value") or label).strip()]
 
 
 @dataclass(frozen=True)
@@ -237,8 +256,19 @@ def parse_label_config(xml: str) -> LabelConfig:
         tag = str(c.tag).lower()
         to_name = tuple(c.to_name or ())
         if tag == "textarea" or (tag in _REGION_CONTROL_TAGS and any(n in images for n in to_name)):
+            label_attrs = {
+                label: {str(k): str(v) for k, v in (tag_.attr or {}).items()}
+                for label, tag_ in (c.labels_attrs or {}).items()
+            }
             controls.append(
-                ControlInfo(name=c.name, tag=tag, to_name=to_name, labels=tuple(c.labels or ()))
+                ControlInfo(
+                    name=c.name,
+                    tag=tag,
+                    to_name=to_name,
+                    labels=tuple(c.labels or ()),
+                    attrs={str(k): str(v) for k, v in (c.attr or {}).items()},
+                    label_attrs=label_attrs,
+                )
             )
     return LabelConfig(xml=xml, controls=tuple(controls), images=images)
 

@@ -67,6 +67,7 @@ class SampleSet:
     def __init__(self, records: Sequence[Record], config: NextChatConfig) -> None:
         self.records = list(records)
         self.config = config
+        self.shuffle = True  # the trainer draws a fresh permutation per epoch
 
     def __len__(self) -> int:
         return len(self.records)

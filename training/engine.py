@@ -7,6 +7,7 @@ The trainer, the benchmarks and the retraining workers all step the model throug
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,10 @@ def prepare(model: NextChatModel, spec: StageSpec, settings: EngineSettings) -> 
     return groups
 
 
+# An auxiliary objective: (model output, the ``aux_*`` batch tensors) -> weighted losses.
+AuxObjective = Callable[[NextChatOutput, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
 def training_step(
     accelerator: Accelerator,
     model: nn.Module,
@@ -76,12 +81,19 @@ def training_step(
     *,
     loss_weights: LossConfig,
     clip_norm: float | None,
+    aux: AuxObjective | None = None,
 ) -> NextChatOutput:
     """One forward/backward (one micro-batch); the optimizer steps when accelerate's
-    gradient accumulation says so."""
+    gradient accumulation says so. ``aux`` (small-model pre-training only) gets the output
+    with hidden states and the ``aux_*`` tensors of the batch, and its losses are added."""
+    aux_batch = {k: batch[k] for k in batch if k.startswith("aux_")}
+    inputs = {k: v for k, v in batch.items() if not k.startswith("aux_")}
     with accelerator.accumulate(model):
         with accelerator.autocast():
-            out: NextChatOutput = model(**batch, loss_weights=loss_weights)
+            out: NextChatOutput = model(**inputs, loss_weights=loss_weights, return_hidden=aux is not None)
+            if aux is not None:
+                out.extra_losses = aux(out, inputs, aux_batch)
+                out.loss = out.loss + sum(out.extra_losses.values())
         accelerator.backward(out.loss)
         if accelerator.sync_gradients and clip_norm:
             accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_norm)

@@ -73,6 +73,7 @@ class TrainConfig:
     accumulate: int = 1  # micro-batches per optimizer step
     lr: float = 2e-5  # NExT-Chat: 2e-5 cosine, warmup 0.03, no weight decay
     lr_scale: dict[str, float] = field(default_factory=dict)  # per-module lr multipliers
+    trainable: list[str] | None = None  # override the stage's trainable module prefixes
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     clip_norm: float = 1.0
@@ -188,11 +189,14 @@ Progress = Callable[[dict[str, Any]], None]
 
 
 def train(config: TrainConfig, *, progress: Progress | None = None, stop_after: int | None = None,
-          samples: SampleSet | None = None, eval_samples: SampleSet | None = None) -> TrainResult:
+          samples: SampleSet | None = None, eval_samples: SampleSet | None = None,
+          aux: torch.nn.Module | None = None) -> TrainResult:
     """Run (or resume) one stage. ``progress`` gets ``{"stage", "step", "steps", "loss",
     "eta_s", ...}`` after each optimizer step; ``stop_after`` ends this call after that many
     total steps with a resumable checkpoint (what an interruption leaves). ``samples`` /
-    ``eval_samples`` replace the config's sources (in-memory data)."""
+    ``eval_samples`` replace the config's sources (in-memory data). ``aux`` is an auxiliary
+    objective module (see :data:`training.engine.AuxObjective`); it trains with the model
+    and is saved in the resumable checkpoints (not in the final model)."""
     if samples is None:
         config.validate()
     out = Path(config.output_dir)
@@ -216,8 +220,14 @@ def train(config: TrainConfig, *, progress: Progress | None = None, stop_after: 
         clip_norm=config.clip_norm, accumulate=config.accumulate,
     )
     spec = dataclasses.replace(spec, lr_scale={**spec.lr_scale, **config.lr_scale})
+    if config.trainable is not None:
+        spec = dataclasses.replace(spec, trainable=tuple(config.trainable))
     model.to(device)
     groups = prepare(model, spec, settings)
+    if aux is not None:
+        aux.to(device).train()
+        groups.append({"name": "aux", "params": list(aux.parameters()), "lr": config.lr,
+                       "weight_decay": config.weight_decay})
     accelerator = make_accelerator(settings, cpu=device.type == "cpu")
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(
@@ -226,10 +236,10 @@ def train(config: TrainConfig, *, progress: Progress | None = None, stop_after: 
     raw_model = accelerator.unwrap_model(model)
     weights = spec.loss_weights(mcfg.loss)
 
-    state = {"step": 0, "micro_step": 0}
+    state: dict[str, Any] = {"step": 0, "micro_step": 0, "elapsed_s": 0.0}
     resumed = _latest_checkpoint(out)
     if resumed is not None:
-        state = _load_checkpoint(resumed, raw_model, optimizer, scheduler)
+        state = _load_checkpoint(resumed, raw_model, optimizer, scheduler, aux)
         log.info("resumed from %s at step %d", resumed, state["step"])
 
     processor = ImageProcessor(mcfg)
@@ -238,7 +248,9 @@ def train(config: TrainConfig, *, progress: Progress | None = None, stop_after: 
 
     def batch_at(micro: int) -> dict[str, torch.Tensor]:
         base = (micro * world + rank) * config.batch_size
-        picks = [_position(base + k, len(train_set), config.seed) for k in range(config.batch_size)]
+        n = len(train_set)
+        picks = [_position(base + k, n, config.seed) if train_set.shuffle else (base + k) % n
+                 for k in range(config.batch_size)]
         batch = collate([train_set[i] for i in picks], tokenizer=tokenizer, config=mcfg,
                         num_image_tokens=num_image_tokens, processor=processor, with_masks=spec.masks)
         return {k: v.to(accelerator.device) for k, v in batch.items()}
@@ -248,19 +260,23 @@ def train(config: TrainConfig, *, progress: Progress | None = None, stop_after: 
     bar = tqdm(total=config.steps, initial=state["step"], desc=f"stage {config.stage}",
                disable=not accelerator.is_main_process or not _tty())
     started, first_step = time.perf_counter(), state["step"]
+    last_tick = started
     last_metrics: dict[str, Any] = {}
     running: dict[str, list[float]] = {}
     with log_path.open("a") as log_file:
         while state["step"] < end:
             for _ in range(config.accumulate):
                 out_step = training_step(accelerator, model, batch_at(state["micro_step"]), optimizer, scheduler,
-                                         loss_weights=weights, clip_norm=config.clip_norm)
+                                         loss_weights=weights, clip_norm=config.clip_norm, aux=aux)
                 state["micro_step"] += 1
                 for k, v in out_step.parts().items():
                     running.setdefault(k, []).append(v)
             state["step"] += 1
             bar.update(1)
-            elapsed = time.perf_counter() - started
+            now = time.perf_counter()
+            state["elapsed_s"] = state.get("elapsed_s", 0.0) + (now - last_tick)
+            last_tick = now
+            elapsed = now - started
             done = state["step"] - first_step
             eta = elapsed / done * (config.steps - state["step"])
             loss = float(np.mean(running.get("loss", [float("nan")])))
@@ -269,7 +285,8 @@ def train(config: TrainConfig, *, progress: Progress | None = None, stop_after: 
                 progress({"stage": config.stage, "step": state["step"], "steps": config.steps, "loss": loss,
                           "eta_s": round(eta, 1)})
             if state["step"] % config.log_every == 0 or state["step"] == end:
-                record = {"step": state["step"], "stage": config.stage, "lr": scheduler.get_last_lr()[0],
+                record = {"step": state["step"], "stage": config.stage, "elapsed_s": round(state["elapsed_s"], 1),
+                          "lr": scheduler.get_last_lr()[0],
                           "samples_per_s": done * config.batch_size * config.accumulate * world / max(elapsed, 1e-9),
                           **{k: float(np.mean(v)) for k, v in running.items()}}
                 running = {}
@@ -278,17 +295,18 @@ def train(config: TrainConfig, *, progress: Progress | None = None, stop_after: 
                 last_metrics = record
             evaluate_now = eval_set is not None and config.eval_every and state["step"] % config.eval_every == 0
             if evaluate_now and state["step"] < config.steps:
-                last_metrics = _evaluate(raw_model, tokenizer, eval_set, config, log_file, state["step"])
+                last_metrics = _evaluate(raw_model, tokenizer, eval_set, config, log_file, state)
                 raw_model.train()
+                last_tick = time.perf_counter()  # evaluation time is not training time
             if accelerator.is_main_process and (
                 (config.save_every and state["step"] % config.save_every == 0) or state["step"] == end
             ) and state["step"] < config.steps:
-                _save_checkpoint(out, raw_model, optimizer, scheduler, state, config.keep_checkpoints)
+                _save_checkpoint(out, raw_model, optimizer, scheduler, state, config.keep_checkpoints, aux)
         bar.close()
         if state["step"] < config.steps:  # interrupted on purpose (stop_after)
             return TrainResult(out / "final", state["step"], last_metrics, log_path)
         if eval_set is not None:
-            last_metrics = {**last_metrics, **_evaluate(raw_model, tokenizer, eval_set, config, log_file, state["step"])}
+            last_metrics = {**last_metrics, **_evaluate(raw_model, tokenizer, eval_set, config, log_file, state)}
     if has_lora(raw_model):
         merge_lora(raw_model)
     raw_model.eval()
@@ -342,12 +360,12 @@ def _init_model(config: TrainConfig, samples: SampleSet | None):
     return ckpt.model, ckpt.tokenizer
 
 
-def _evaluate(model, tokenizer, eval_set: SampleSet, config: TrainConfig, log_file, step: int) -> dict[str, Any]:
+def _evaluate(model, tokenizer, eval_set: SampleSet, config: TrainConfig, log_file, state: dict) -> dict[str, Any]:
     model.eval()
     predictor = NextChatPredictor(model, tokenizer)
-    report = evaluate_predictor(predictor, eval_set, max_records=config.eval_max,
-                                with_masks=get_stage(config.stage).masks)
-    record = {"step": step, "stage": config.stage, "eval": True, **report}
+    report = evaluate_predictor(predictor, eval_set, max_records=config.eval_max)
+    record = {"step": state["step"], "stage": config.stage, "elapsed_s": round(state.get("elapsed_s", 0.0), 1),
+              "eval": True, **report}
     log_file.write(json.dumps(record) + "\n")
     log_file.flush()
     return record
@@ -357,7 +375,8 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+def _save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, keep: int,
+                     aux: torch.nn.Module | None = None) -> Path:
     root = out / "checkpoints"
     final = root / f"step-{state['step']:08d}"
     tmp = root / f".step-{state['step']:08d}.partial"
@@ -366,6 +385,8 @@ def _save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, keep: 
     tmp.mkdir(parents=True)
     # Only the trainable tensors: frozen ones equal the init (a 7B LoRA run saves MBs).
     save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+    if aux is not None:
+        save_file({k: v.contiguous().cpu() for k, v in aux.state_dict().items()}, str(tmp / "aux.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -384,7 +405,7 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def _load_checkpoint(path: Path, model, optimizer, scheduler, aux: torch.nn.Module | None = None) -> dict:
     tensors = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
@@ -398,6 +419,8 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     with torch.no_grad():
         for n, t in tensors.items():
             params[n].copy_(t)
+    if aux is not None:
+        aux.load_state_dict(load_file(str(path / "aux.safetensors"), device=str(next(aux.parameters()).device)))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=False)  # our own file: numpy/python states

@@ -238,6 +238,7 @@ class NextChatModel(nn.Module):
         image_sizes: torch.Tensor | None = None,
         loss_weights: LossConfig | None = None,
         return_logits: bool = False,
+        return_hidden: bool = False,
     ) -> NextChatOutput:
         """Teacher-forced forward with every NExT-Chat loss.
 
@@ -248,14 +249,25 @@ class NextChatModel(nn.Module):
         ``mask_targets`` ``KxSxS`` in the SAM frame for boxes ``mask_box_index`` (``K``,
         indices into ``boxes``), ``image_sizes`` ``Bx2`` original (width, height).
         ``loss_weights`` overrides ``config.loss`` (stage 3 sets the text/box weights to 0).
+        ``return_hidden`` keeps the LLM's last hidden states and the vision tower's features
+        in the output (for auxiliary objectives of small-model pre-training).
         """
         w = loss_weights or self.config.loss
         tk = self.config.tokens
-        image_features = self.encode_images(pixel_values) if pixel_values is not None else None
+        vision_features = None
+        image_features = None
+        if pixel_values is not None:
+            if return_hidden:
+                vision_features = self.vision_tower(pixel_values)
+                image_features = self.mm_projector(vision_features)
+            else:
+                image_features = self.encode_images(pixel_values)
         embeds = self.embed_inputs(input_ids, image_features, boxes)
         hidden = self._llm(embeds, attention_mask)
         zero = hidden.sum() * 0.0
         out = NextChatOutput(loss=zero)
+        if return_hidden:
+            out.hidden_states, out.vision_features = hidden, vision_features
         total = zero
 
         lm_head = self.language_model.get_output_embeddings()

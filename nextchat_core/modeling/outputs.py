@@ -17,6 +17,8 @@ class NextChatOutput:
     matching the ``<boxes>`` placeholders). ``at_hidden``: ``MxH`` the trigger hidden states.
     ``mask_logits``: ``KxSxS`` SAM-frame logits for the boxes that had mask targets;
     ``iou_predictions``: ``K``. ``logits``: ``BxTxV`` only when asked for.
+    ``hidden_states`` (``BxTxH``, last layer, post-norm) and ``vision_features`` (``BxNxC``,
+    the tower's selected layer) only with ``return_hidden``.
     """
 
     loss: torch.Tensor
@@ -33,12 +35,18 @@ class NextChatOutput:
     mask_logits: torch.Tensor | None = None
     iou_predictions: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+    vision_features: torch.Tensor | None = None
+    # Weighted losses added by objectives outside the model (already included in ``loss``).
+    extra_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def parts(self) -> dict[str, float]:
         """Loss parts as floats (for logs), skipping absent ones."""
         names = ["loss", "lm_loss", "l1_loss", "giou_loss", "cycle1_loss", "cycle2_loss",
                  "focal_loss", "dice_loss", "iou_loss"]
-        return {n: float(getattr(self, n).detach()) for n in names if getattr(self, n) is not None}
+        out = {n: float(getattr(self, n).detach()) for n in names if getattr(self, n) is not None}
+        out.update({n: float(v.detach()) for n, v in self.extra_losses.items()})
+        return out
 
 
 @dataclass

@@ -1,0 +1,152 @@
+"""The Flask app: Label Studio's ML backend protocol (2.x) on NExT-Chat.
+
+Routes (request / reply shapes as Label Studio 1.23 sends and expects them):
+
+* ``GET /health``, ``GET /`` -> ``{"status": "UP", "model_class", "model_version"}``
+* ``POST /setup`` -> ``{"model_version"}``
+* ``POST /predict`` -> ``{"results": [one per task, in order]}``
+* ``POST /webhook`` -> 200 ``{"status": "Unknown event"}``, or 201 for training events
+* ``GET /metrics`` -> ``{}``
+* ``GET /versions`` -> ``{"versions": [names], "current", "details"}``
+
+Errors are JSON ``{"status": "error", "detail": ...}`` with a 4xx status for a bad
+request and 5xx for a server-side failure. With ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS``
+set every route needs them, except ``/webhook`` when ``WEBHOOK_ALLOW_UNAUTHENTICATED``
+(Label Studio's auto-created webhook sends no credentials).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .model import BackendError, NextChatBackend
+from .model_cache import ModelStore
+from .projects import ProjectStore
+from .settings import Settings
+from .webhook import TRAINING_EVENTS, handle_training_event, validate_webhook_payload
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings | None = None, *, store: ModelStore | None = None, preload: bool | None = None
+) -> Flask:
+    """The WSGI app. ``settings`` default to the environment; ``store`` lets tests share
+    one model cache between apps; ``preload`` (default ``settings.preload_model``) starts
+    loading the weights in the background right away."""
+    settings = settings or Settings.from_env()
+    store = store or ModelStore(settings)
+    backend = NextChatBackend(settings, store, ProjectStore(settings.model_dir))
+    app = Flask("nextchat_backend")
+    app.config["JSON_SORT_KEYS"] = False
+    app.extensions["nextchat"] = backend
+    if settings.preload_model if preload is None else preload:
+        store.warm_up_in_background()
+
+    @app.before_request
+    def _authenticate() -> Response | None:
+        if not settings.basic_auth_enabled:
+            return None
+        if request.path.rstrip("/") == "/webhook" and settings.webhook_allow_unauthenticated:
+            return None
+        auth = request.authorization
+        ok = (
+            auth is not None
+            and auth.type == "basic"
+            and hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())  # type: ignore[union-attr]
+            and hmac.compare_digest((auth.password or "").encode(), settings.basic_auth_pass.encode())  # type: ignore[union-attr]
+        )
+        if ok:
+            return None
+        logger.warning("rejected %s %s: missing or wrong basic auth", request.method, request.path)
+        reply = _error(401, "basic auth required: configure the ML backend's user and password in Label Studio")
+        reply.headers["WWW-Authenticate"] = 'Basic realm="nextchat-backend"'
+        return reply
+
+    @app.get("/")
+    @app.get("/health")
+    def health() -> Response:
+        body: dict[str, Any] = {"status": "UP", "model_class": NextChatBackend.model_class}
+        try:
+            body["model_version"] = store.current_version().name
+        except (FileNotFoundError, ValueError) as exc:
+            body["model_version"] = None
+            body["detail"] = str(exc)
+        body["loaded"] = store.loaded_versions()
+        return jsonify(body)
+
+    @app.post("/setup")
+    def setup() -> Response:
+        return jsonify(backend.setup(_json_object()))
+
+    @app.post("/predict")
+    def predict() -> Response:
+        return jsonify(backend.predict(_json_object()))
+
+    @app.post("/webhook")
+    def webhook() -> tuple[Response, int]:
+        payload = _json_object()
+        try:
+            action = validate_webhook_payload(payload)
+        except ValueError as exc:
+            raise BackendError(400, str(exc)) from None
+        if action not in TRAINING_EVENTS:
+            return jsonify({"status": "Unknown event"}), 200
+        return jsonify(handle_training_event(payload, model_dir=settings.model_dir)), 201
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return jsonify({})
+
+    @app.get("/versions")
+    def versions() -> Response:
+        return jsonify(store.versions())
+
+    @app.errorhandler(BackendError)
+    def _backend_error(exc: BackendError) -> Response:
+        return _error(exc.status, exc.detail, **exc.extra)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        return _error(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(FileNotFoundError)
+    def _missing(exc: FileNotFoundError) -> Response:
+        # The model checkpoint or version pointer is missing: a server-side setup problem.
+        logger.error("%s", exc)
+        return _error(503, str(exc))
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        # The last resort for a bug or a device failure (e.g. CUDA out of memory): logged
+        # with its traceback and answered as Label Studio expects errors (500 + JSON).
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    return app
+
+
+def _json_object() -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 naming what is wrong."""
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        raise BackendError(400, "the request body is empty: send a JSON object")
+    try:
+        payload = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BackendError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise BackendError(400, f"the request body must be a JSON object, got {type(payload).__name__}")
+    return payload
+
+
+def _error(status: int, detail: str, **extra: Any) -> Response:
+    response = jsonify({"status": "error", "detail": detail, **extra})
+    response.status_code = status
+    return response

@@ -1,0 +1,258 @@
+"""Fetch and decode the images of a batch of tasks, concurrently and task by task.
+
+References a task's ``<Image value="$key">`` may hold, and how each is read:
+
+* ``http(s)://...`` - downloaded (Label Studio auth only when the host is Label Studio's);
+* ``/data/upload/...``, ``/data/local-files/?d=...``, ``s3://`` / ``gs://`` /
+  ``azure-blob://`` - through ``label_studio_sdk``'s ``get_local_path`` with the hostname
+  and access token that ``/setup`` sent (else ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY``);
+  cloud URIs are presigned by Label Studio with the task id;
+* a local path or ``file://`` URL - only under ``LOCAL_FILES_DOCUMENT_ROOT`` (a task must
+  not make the backend read arbitrary files);
+* ``data:image/...;base64,...`` - decoded in place.
+
+Each image is decoded by ``nextchat_core.image_processing.load_image`` (EXIF transpose,
+16-bit / CMYK / palette to RGB, decompression-bomb guard), so sizes are the
+EXIF-transposed original pixels Label Studio shows. One task's failure (404, 401,
+timeout, corrupt file, no image) becomes that task's :class:`ImageError`; the others are
+unaffected.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+import requests
+import requests.auth
+from PIL import Image
+
+from nextchat_core.image_processing import load_image
+from nextchat_core.ls_format import LabelConfig, LabelStudioFormatError, image_reference
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FetchedImage:
+    """A task's image as 8-bit RGB, EXIF-transposed; ``width``/``height`` in original
+    pixels (the frame of every result built for the task)."""
+
+    image: Image.Image
+    ref: str
+
+    @property
+    def width(self) -> int:
+        return self.image.width
+
+    @property
+    def height(self) -> int:
+        return self.image.height
+
+
+@dataclass
+class ImageError:
+    """Why a task's image could not be used: ``kind`` is ``"no_image"`` (the task has no
+    image reference), ``"fetch"`` (download failed: 401, 404, timeout, refused path) or
+    ``"decode"`` (corrupt, truncated, oversized, not an image)."""
+
+    kind: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """Where and how to fetch. ``access_token`` is a secret: never logged, not in repr."""
+
+    hostname: str | None = None
+    access_token: str | None = None
+    timeout: float = 20.0
+    max_bytes: int = 200 * 2**20
+    workers: int = 8
+    local_files_root: Path | None = None
+    # The project's "task data login/password" (Label Studio sends them as params.login /
+    # params.password): HTTP basic auth for image hosts other than Label Studio itself.
+    task_data_login: str | None = None
+    task_data_password: str | None = None
+
+    def __repr__(self) -> str:
+        token = "set" if self.access_token else "none"
+        return f"FetchOptions(hostname={self.hostname!r}, access_token=<{token}>, timeout={self.timeout})"
+
+
+def fetch_images(
+    tasks: Sequence[dict[str, Any]], config: LabelConfig, options: FetchOptions
+) -> list[FetchedImage | ImageError]:
+    """The image of every task, in task order: a :class:`FetchedImage` or, for a task whose
+    image cannot be used, an :class:`ImageError` (logged with the task id)."""
+    if not tasks:
+        return []
+    with tempfile.TemporaryDirectory(prefix="nextchat-fetch-") as cache_dir:
+
+        def one(task: dict[str, Any]) -> FetchedImage | ImageError:
+            # Per-task isolation: any failure to fetch or decode this task's image becomes
+            # its ImageError (logged with the task id); the other tasks go on.
+            task_id = task.get("id")
+            try:
+                ref = image_reference(task, config)
+            except LabelStudioFormatError as exc:
+                return _failed(task_id, "no_image", exc.detail)
+            try:
+                source = _fetch(ref, task_id, options, cache_dir)
+            except (OSError, ValueError, requests.RequestException) as exc:
+                return _failed(task_id, "fetch", f"cannot fetch image {_short(ref)}: {_why(exc)}")
+            try:
+                return FetchedImage(image=load_image(source), ref=ref)
+            except (ValueError, TypeError, OSError) as exc:
+                return _failed(task_id, "decode", f"image {_short(ref)}: {exc}")
+
+        if len(tasks) == 1:
+            return [one(tasks[0])]
+        with ThreadPoolExecutor(max_workers=min(options.workers, len(tasks))) as pool:
+            return list(pool.map(one, tasks))
+
+
+def _failed(task_id: Any, kind: str, detail: str) -> ImageError:
+    logger.error("task %s: %s", task_id, detail)
+    return ImageError(kind=kind, detail=detail)
+
+
+def _fetch(ref: str, task_id: Any, options: FetchOptions, cache_dir: str) -> str | bytes:
+    """A local file path or the raw bytes of the image ``ref``."""
+    if ref.startswith("data:"):
+        return _data_uri(ref)
+    parsed = urlparse(ref)
+    if parsed.scheme == "file" or (parsed.scheme == "" and not ref.startswith("/data/")
+                                   and not ref.startswith(("upload/", "/upload/", "storage-data/", "/storage-data/"))):
+        return str(_local_file(unquote(parsed.path) if parsed.scheme == "file" else ref, options))
+    if parsed.scheme not in ("", "http", "https", "s3", "gs", "azure-blob"):
+        raise ValueError(
+            f"unsupported image reference scheme {parsed.scheme!r}: expected http(s), "
+            "a Label Studio upload or local-files URL, s3/gs/azure-blob, file or data:"
+        )
+    if parsed.scheme in ("s3", "gs", "azure-blob") and task_id is None:
+        raise ValueError("a cloud storage image needs the task's id (Label Studio presigns it per task)")
+    if ref.startswith("/data/") and "?d=" in ref and options.local_files_root is not None:
+        # Label Studio Local Storage: read the file from the shared folder when it is
+        # mounted here, else download it through Label Studio (the SDK's fallback).
+        relative = parse_qs(parsed.query).get("d", [""])[-1]
+        candidate = (options.local_files_root / relative.lstrip("/")).resolve()
+        if candidate.is_relative_to(options.local_files_root.resolve()) and candidate.is_file():
+            return str(candidate)
+    from label_studio_sdk._extensions.label_studio_tools.core.utils.io import (
+        get_local_path,
+        http_session,
+    )
+
+    # The SDK reads the session from a context variable, which is per thread: set it here,
+    # in the worker thread that downloads.
+    with http_session(_session(options)):
+        return get_local_path(
+            ref,
+            cache_dir=cache_dir,
+            hostname=options.hostname or "",
+            access_token=options.access_token or "",
+            task_id=task_id,
+        )
+
+
+def _local_file(path: str, options: FetchOptions) -> Path:
+    root = options.local_files_root
+    if root is None:
+        raise ValueError(
+            "local image paths are refused unless LOCAL_FILES_DOCUMENT_ROOT is set to the "
+            "folder that holds them (use an http(s) URL or a Label Studio upload instead)"
+        )
+    resolved = (root / path).resolve() if not os.path.isabs(path) else Path(path).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise ValueError(f"local path is outside LOCAL_FILES_DOCUMENT_ROOT ({root})")
+    if not resolved.is_file():
+        raise FileNotFoundError(f"no such file under LOCAL_FILES_DOCUMENT_ROOT: {path}")
+    return resolved
+
+
+class _LimitedSession(requests.Session):
+    """A session with a default timeout and a download size limit (the SDK passes none)."""
+
+    def __init__(self, timeout: float, max_bytes: int) -> None:
+        super().__init__()
+        self._timeout = timeout
+        self._max_bytes = max_bytes
+        self.hooks["response"].append(self._check_size)
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        kwargs.setdefault("timeout", self._timeout)
+        return super().request(method, url, *args, **kwargs)
+
+    def _check_size(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        length = response.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) > self._max_bytes:
+            response.close()
+            raise ValueError(
+                f"image is {int(length) / 2**20:.1f} MiB, above MAX_DOWNLOAD_MB "
+                f"({self._max_bytes / 2**20:.1f} MiB)"
+            )
+
+
+class _TaskDataAuth(requests.auth.AuthBase):
+    """Basic auth for task-data hosts; requests to Label Studio keep the SDK's token."""
+
+    def __init__(self, login: str, password: str, ls_hostname: str | None) -> None:
+        self._basic = requests.auth.HTTPBasicAuth(login, password)
+        self._ls_netloc = urlparse(ls_hostname).netloc if ls_hostname else None
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        if "Authorization" in request.headers or urlparse(request.url or "").netloc == self._ls_netloc:
+            return request
+        return self._basic(request)
+
+
+def _session(options: FetchOptions) -> requests.Session:
+    session = _LimitedSession(options.timeout, options.max_bytes)
+    if options.task_data_login and options.task_data_password:
+        session.auth = _TaskDataAuth(options.task_data_login, options.task_data_password, options.hostname)
+    return session
+
+
+def _data_uri(ref: str) -> bytes:
+    header, _, payload = ref.partition(",")
+    if not header.startswith("data:image/") or ";base64" not in header:
+        raise ValueError("a data: URI image must be 'data:image/<type>;base64,<data>'")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"data: URI is not valid base64: {exc}") from exc
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        code = exc.response.status_code
+        hint = {
+            401: " (unauthorized: check the Label Studio access token / LABEL_STUDIO_API_KEY)",
+            403: " (forbidden: check the token's permissions)",
+            404: " (not found: check the task's image URL)",
+        }.get(code, "")
+        return f"HTTP {code}{hint}"
+    if isinstance(exc, requests.Timeout):
+        return "timed out (raise FETCH_TIMEOUT for slow storage)"
+    if isinstance(exc, requests.ConnectionError):
+        return "connection failed (is the host reachable from the backend?)"
+    # The SDK's messages and ours carry no secrets (tokens travel in headers only).
+    return str(exc)
+
+
+def _short(ref: str, limit: int = 120) -> str:
+    if ref.startswith("data:"):
+        return ref[:30] + "..."
+    # Drop query strings: presigned URLs carry credentials there.
+    base = ref.split("?", 1)[0] if "?d=" not in ref else ref
+    return base if len(base) <= limit else base[: limit - 3] + "..."

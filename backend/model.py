@@ -1,0 +1,463 @@
+"""The Label Studio ML backend model: ``/setup`` and ``/predict`` on NExT-Chat.
+
+Thin by design: read the label config's roles (:mod:`backend.label_config`), pick each
+task's prompts, fetch images (:mod:`backend.images`), run the core predictor in batches
+on the weights cached per process (:mod:`backend.model_cache`), and build results with
+``nextchat_core.ls_format`` (:mod:`backend.results`).
+
+Prompts of a task, first match wins:
+
+1. the interactive context: the TextArea the annotator just typed
+   (``params.context.result``); remembered as the project's last prompt;
+2. the task data field that pre-fills the prompt TextArea (``value="$key"``), else
+   ``data["prompt"]``;
+3. per-label prompts: labels with a ``hint``/``predicted_values`` attribute; in a config
+   without a prompt TextArea, every label (its ``hint``, ``predicted_values`` or value);
+4. the project's last typed prompt ("next, approve": the next task gets the same prompt);
+5. every label's own value (a prompt-TextArea config with nothing typed yet).
+
+A config with an answer TextArea turns prompts of levels 1, 2 and 4 into chat questions;
+a config with a caption TextArea captions the rectangle of the interactive context (or,
+in batch, every detected box).
+
+Response per task: ``{"result": [...], "score", "model_version"}`` with ``score`` the mean
+``<at>`` probability of the task's boxes (0 with none: Label Studio sorts by it). A task
+whose image or prompt cannot be used gets ``[]`` (Label Studio: "no prediction for this
+task"; it stores nothing, so a later "Retrieve predictions" tries the task again, where
+``{"result": []}`` would be stored as a prediction of this version and never retried) and
+an entry in the response's ``errors``. When every task of a request fails, the request
+fails: HTTP 422 (bad task data), or 502 when all failures are image downloads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from nextchat_core.ls_format import LabelStudioFormatError, parse_results, textarea_result
+from nextchat_core.predictor import MAX_PROMPT_CHARS, Answer, NextChatPredictor, Query
+
+from .images import FetchedImage, FetchOptions, ImageError, fetch_images
+from .label_config import LabeledPrompt, LabelPlan, plan_for
+from .model_cache import ModelStore, ModelVersion
+from .projects import ProjectState, ProjectStore, project_key
+from .results import LabeledDetection, answer_text, deduplicate, detection_results, new_region_id
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class BackendError(Exception):
+    """A request the backend cannot serve: HTTP ``status`` and a ``detail`` saying what to
+    fix; ``extra`` goes into the JSON reply beside them."""
+
+    def __init__(self, status: int, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.extra = extra
+
+
+@dataclass
+class InteractiveContext:
+    """``params.context`` of an interactive request: the typed prompt (``None`` when no
+    TextArea was typed) and the other results the annotator made (e.g. a rectangle)."""
+
+    prompt: str | None = None
+    regions: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Job:
+    """One model query for one task. ``region``: the context result a caption is for."""
+
+    query_task: str  # "ground" | "chat" | "caption"
+    prompt: str
+    label: str | None = None
+    box: list[float] | None = None  # caption input, original pixels xyxy
+    region: dict[str, Any] | None = None
+
+
+@dataclass
+class _TaskWork:
+    index: int
+    task: dict[str, Any]
+    image: FetchedImage | None = None
+    jobs: list[_Job] = field(default_factory=list)
+    answers: list[Answer] = field(default_factory=list)
+    detections: list[LabeledDetection] = field(default_factory=list)
+    captions: list[Answer | None] = field(default_factory=list)  # one per detection
+    error: ImageError | None = None
+
+
+class NextChatBackend:
+    """Serves one process's ``/setup`` and ``/predict`` (state lives in the store and
+    under ``MODEL_DIR``, so instances are cheap)."""
+
+    model_class = "NextChatBackend"
+
+    def __init__(self, settings: Settings, store: ModelStore, projects: ProjectStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.projects = projects
+
+    # --------------------------------------------------------------------- setup
+    def setup(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """``POST /setup``: check the label config, remember the project's config and the
+        hostname/token to fetch its uploads with; reply with the served model version."""
+        project = _project(payload)
+        schema = payload.get("schema")
+        if schema is not None:
+            _plan(schema)
+        hostname = payload.get("hostname")
+        if hostname is not None and (not isinstance(hostname, str) or not hostname.startswith(("http://", "https://"))):
+            raise BackendError(400, f"'hostname' must be an http(s) URL, got {str(hostname)[:60]!r}")
+        token = payload.get("access_token")
+        if token is not None and not isinstance(token, str):
+            raise BackendError(400, "'access_token' must be a string")
+        if project is not None:
+            changes: dict[str, Any] = {}
+            if schema is not None:
+                changes["label_config"] = schema
+            if hostname:
+                changes["hostname"] = hostname.rstrip("/")
+            if token:
+                changes["access_token"] = token
+            if changes:
+                self.projects.update(project, **changes)
+        version = self.store.current_version()
+        logger.info(
+            "setup: project %s, hostname %s, access token %s, model version %s",
+            project, hostname, "received" if token else "not sent", version.name,
+        )
+        return {"model_version": version.name}
+
+    # ------------------------------------------------------------------- predict
+    def predict(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """``POST /predict``: one prediction per task, in task order."""
+        t0 = time.perf_counter()
+        tasks = _tasks(payload)
+        project = _project(payload)
+        state = self.projects.get(project)
+        xml = payload.get("label_config") or (state.label_config if state else None)
+        if not xml:
+            raise BackendError(
+                400, "no label config: send 'label_config' with /predict or call /setup first"
+            )
+        plan = _plan(xml)
+        params = payload.get("params") or {}
+        if not isinstance(params, dict):
+            raise BackendError(400, f"'params' must be an object, got {type(params).__name__}")
+        context = parse_context(params.get("context"), plan)
+        if context.prompt is not None and project is not None:
+            self.projects.remember_prompt(project, context.prompt)
+        version = self.store.current_version()
+        if not tasks:
+            return {"results": [], "model_version": version.name}
+
+        options = self._fetch_options(state, params)
+        works = [_TaskWork(i, t) for i, t in enumerate(tasks)]
+        for work, fetched in zip(works, fetch_images(tasks, plan.config, options), strict=True):
+            if isinstance(fetched, ImageError):
+                work.error = fetched
+            else:
+                work.image = fetched
+                self._plan_jobs(work, plan, context, state)
+
+        ready = [w for w in works if w.error is None and w.jobs]
+        box_token = "<at> <boxes>"
+        if ready:
+            with self.store.use(version) as (version, predictor):
+                tk = predictor.config.tokens
+                box_token = f"{tk.at} {tk.boxes}"
+                self._run(predictor, ready, plan)
+                for w in ready:
+                    if w.error is None:
+                        w.detections = self._detections(w, plan)
+                self._caption_detections(predictor, ready, plan)
+        results = [self._task_result(w, plan, version, box_token) for w in works]
+        errors = [
+            {"task": w.task.get("id"), "index": w.index, "kind": w.error.kind, "detail": w.error.detail}
+            for w in works if w.error is not None
+        ]
+        logger.info(
+            "predict: project %s, %d task(s), %d failed, %d region(s), version %s, %.2f s",
+            project, len(tasks), len(errors),
+            sum(len(r["result"]) for r in results if isinstance(r, dict)), version.name,
+            time.perf_counter() - t0,
+        )
+        if errors and len(errors) == len(works):
+            status = 502 if all(e["kind"] == "fetch" for e in errors) else 422
+            detail = errors[0]["detail"] if len(errors) == 1 else (
+                f"none of the {len(errors)} tasks could be predicted; first: {errors[0]['detail']}"
+            )
+            raise BackendError(status, detail, errors=errors)
+        out: dict[str, Any] = {"results": results, "model_version": version.name}
+        if errors:
+            out["errors"] = errors
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _fetch_options(self, state: ProjectState | None, params: dict[str, Any]) -> FetchOptions:
+        s = self.settings
+        login, password = params.get("login"), params.get("password")
+        return FetchOptions(
+            hostname=(state.hostname if state and state.hostname else s.label_studio_url),
+            access_token=(state.access_token if state and state.access_token else s.label_studio_api_key),
+            timeout=s.fetch_timeout,
+            max_bytes=int(s.max_download_mb * 2**20),
+            workers=s.fetch_workers,
+            local_files_root=s.local_files_root,
+            task_data_login=login if isinstance(login, str) and login else None,
+            task_data_password=password if isinstance(password, str) and password else None,
+        )
+
+    def _plan_jobs(
+        self, work: _TaskWork, plan: LabelPlan, context: InteractiveContext, state: ProjectState | None
+    ) -> None:
+        """The queries of one task (module docstring), or ``work.error`` for a task whose
+        prompt cannot be used."""
+        assert work.image is not None
+        task_id = work.task.get("id")
+        if plan.caption_area is not None and context.regions:
+            size = (work.image.width, work.image.height)
+            errors: list[LabelStudioFormatError] = []
+            regions = parse_results(context.regions, task_id=task_id, image_size=size, errors=errors)
+            for exc in errors:
+                logger.warning("task %s: ignoring a context region: %s", task_id, exc)
+            raw = {_rid(r): r for r in context.regions}
+            for region in regions:
+                work.jobs.append(_Job("caption", "caption", box=[float(v) for v in region.box_xyxy],
+                                      region=raw.get(region.region_id)))
+            if work.jobs:
+                return
+        prompts, source = resolve_prompts(plan, work.task, context, state)
+        if not prompts:
+            logger.info("task %s: no prompt (no typed prompt, task field or label)", task_id)
+            return
+        chat = plan.answer_area is not None and source in ("context", "task", "last")
+        for lp in prompts:
+            problem = prompt_problem(lp.prompt)
+            if problem:
+                work.error = ImageError(kind="prompt", detail=f"{source} prompt: {problem}")
+                logger.error("task %s: %s", task_id, work.error.detail)
+                work.jobs = []
+                return
+            work.jobs.append(_Job("chat" if chat else "ground", lp.prompt, label=lp.label))
+
+    def _run(self, predictor: NextChatPredictor, works: Sequence[_TaskWork], plan: LabelPlan) -> None:
+        """Run every job, ``batch_size`` tasks' images at a time, into ``work.answers``."""
+        size = self.settings.batch_size
+        for start in range(0, len(works), size):
+            chunk = works[start : start + size]
+            images = [w.image.image for w in chunk if w.image is not None]
+            queries = [
+                Query(i, job.prompt, job.query_task, [job.box] if job.box else None)  # type: ignore[arg-type]
+                for i, w in enumerate(chunk) for job in w.jobs
+            ]
+            try:
+                answers = predictor.predict_batch(images, queries, with_masks=plan.needs_masks, batch_size=size)
+            except ValueError as exc:
+                # One task's query is bad (e.g. its prompt is too many tokens): re-run the
+                # chunk task by task so only that task fails.
+                logger.warning("batch of %d task(s) failed (%s); retrying task by task", len(chunk), exc)
+                for w in chunk:
+                    self._run_one(predictor, w, plan)
+                continue
+            it = iter(answers)
+            for w in chunk:
+                w.answers = [next(it) for _ in w.jobs]
+
+    def _run_one(self, predictor: NextChatPredictor, work: _TaskWork, plan: LabelPlan) -> None:
+        assert work.image is not None
+        queries = [Query(0, j.prompt, j.query_task, [j.box] if j.box else None) for j in work.jobs]  # type: ignore[arg-type]
+        try:
+            work.answers = predictor.predict_batch([work.image.image], queries, with_masks=plan.needs_masks)
+        except ValueError as exc:
+            # Per-task isolation: this task's query is invalid for the model; the task gets
+            # an empty prediction and the error is logged with its id.
+            work.error = ImageError(kind="prompt", detail=str(exc))
+            logger.error("task %s: %s", work.task.get("id"), exc)
+
+    def _caption_detections(
+        self, predictor: NextChatPredictor, works: Sequence[_TaskWork], plan: LabelPlan
+    ) -> None:
+        """Batch mode with a caption TextArea: caption every detected box (NExT-Chat's
+        box-in path) into ``work.captions``; a failure leaves the boxes uncaptioned."""
+        if plan.caption_area is None:
+            return
+        for w in works:
+            if w.error is not None or not w.detections or w.image is None:
+                continue
+            if any(j.query_task == "caption" for j in w.jobs):
+                continue  # the interactive context's region was captioned instead
+            queries = [
+                Query(0, "caption", "caption", [[float(v) for v in item.detection.box]])
+                for item in w.detections
+            ]
+            try:
+                answers = predictor.predict_batch(
+                    [w.image.image], queries, with_masks=False, batch_size=self.settings.batch_size
+                )
+            except ValueError as exc:
+                # A box the model cannot take (e.g. degenerate after clipping): keep the
+                # task's regions, log, and leave them without captions.
+                logger.error("task %s: captioning detected boxes failed: %s", w.task.get("id"), exc)
+                continue
+            w.captions = list(answers)
+
+    def _detections(self, work: _TaskWork, plan: LabelPlan) -> list[LabeledDetection]:
+        items = [
+            LabeledDetection(det, job.prompt, job.label)
+            for job, answer in zip(work.jobs, work.answers, strict=True)
+            if job.query_task != "caption"
+            for det in answer.detections
+            if det.score >= self.settings.score_threshold
+        ]
+        return deduplicate(items, plan, iou=self.settings.dedup_iou)
+
+    def _task_result(
+        self, work: _TaskWork, plan: LabelPlan, version: ModelVersion, box_token: str
+    ) -> dict[str, Any] | list[Any]:
+        if work.error is not None or work.image is None:
+            return []  # "no prediction for this task": see the module docstring
+        w, h = work.image.width, work.image.height
+        result: list[dict[str, Any]] = []
+        for job, answer in zip(work.jobs, work.answers, strict=True):
+            if job.query_task == "caption" and job.region is not None and plan.caption_area:
+                # Interactive caption: the annotator's region, echoed, with its caption.
+                region = dict(job.region)
+                region.setdefault("id", new_region_id())
+                result.append(region)
+                result.append(_text(answer.text, box_token, plan.caption_area.name, plan.image, region["id"]))
+        captions = work.captions or [None] * len(work.detections)
+        for item, caption in zip(work.detections, captions, strict=True):
+            regions = detection_results(
+                item, plan, width=w, height=h, polygon_tolerance=self.settings.polygon_tolerance
+            )
+            result.extend(regions)
+            if caption is not None and plan.caption_area is not None and regions:
+                result.append(_text(caption.text, box_token, plan.caption_area.name, plan.image, regions[0]["id"]))
+        if plan.answer_area is not None:
+            for job, answer in zip(work.jobs, work.answers, strict=True):
+                if job.query_task == "chat":
+                    result.append(_text(answer.text, box_token, plan.answer_area.name, plan.image))
+        scores = [item.detection.score for item in work.detections]
+        return {
+            "result": result,
+            "score": float(sum(scores) / len(scores)) if scores else 0.0,
+            "model_version": version.name,
+        }
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def resolve_prompts(
+    plan: LabelPlan, task: dict[str, Any], context: InteractiveContext, state: ProjectState | None
+) -> tuple[list[LabeledPrompt], str]:
+    """The task's prompts and where they came from (``context``, ``task``, ``labels``,
+    ``last``, ``label_values``; ``none``), in the order of the module docstring."""
+    if context.prompt is not None:
+        return [LabeledPrompt(context.prompt)], "context"
+    data = task.get("data") if isinstance(task.get("data"), dict) else {}
+    key = plan.task_prompt_key() or "prompt"
+    value = data.get(key) if key != plan.image_key else None
+    if isinstance(value, str) and value.strip():
+        return [LabeledPrompt(value.strip())], "task"
+    chat = plan.answer_area is not None
+    if not chat and plan.region_controls:
+        labeled = plan.label_prompts(explicit_only=plan.prompt_area is not None)
+        if labeled:
+            return labeled, "labels"
+    if state is not None and state.last_prompt:
+        return [LabeledPrompt(state.last_prompt)], "last"
+    if plan.region_controls:
+        return plan.label_prompts(), "label_values"
+    return [], "none"
+
+
+def prompt_problem(prompt: str) -> str | None:
+    """Why ``prompt`` cannot be sent to the model, or ``None`` when it can."""
+    if not prompt.strip():
+        return "the prompt is empty: type what to find, e.g. 'all cars'"
+    if len(prompt) > MAX_PROMPT_CHARS:
+        return (f"the prompt has {len(prompt)} characters, more than the {MAX_PROMPT_CHARS} "
+                "allowed: shorten it")
+    return None
+
+
+def parse_context(context: Any, plan: LabelPlan) -> InteractiveContext:
+    """``params.context`` -> :class:`InteractiveContext`. TextArea results give the prompt
+    (joined lines); other results are kept as regions. ``BackendError(400)`` for a
+    malformed context or an empty / too long typed prompt."""
+    if context is None:
+        return InteractiveContext()
+    if not isinstance(context, dict):
+        raise BackendError(400, f"'params.context' must be an object, got {type(context).__name__}")
+    results = context.get("result", [])
+    if results is None:
+        results = []
+    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+        raise BackendError(400, "'params.context.result' must be a list of Label Studio result objects")
+    texts: list[str] = []
+    typed = False
+    regions = []
+    skip = {c.name for c in (plan.caption_area, plan.answer_area) if c is not None}
+    for r in results:
+        if str(r.get("type", "")).lower() == "textarea":
+            if r.get("from_name") in skip:
+                continue
+            value = r.get("value") if isinstance(r.get("value"), dict) else {}
+            text = value.get("text")
+            if isinstance(text, str):
+                text = [text]
+            if not isinstance(text, list) or not all(isinstance(t, str) for t in text):
+                raise BackendError(400, "a TextArea context result needs value.text: a list of strings")
+            typed = True
+            texts.extend(text)
+        else:
+            regions.append(r)
+    prompt = None
+    if typed:
+        prompt = "\n".join(t.strip() for t in texts if t.strip())
+        problem = prompt_problem(prompt)
+        if problem:
+            raise BackendError(400, problem)
+    return InteractiveContext(prompt=prompt, regions=regions)
+
+
+def _tasks(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    tasks = payload.get("tasks")
+    if not isinstance(tasks, list):
+        raise BackendError(400, "'tasks' must be a list of Label Studio tasks ({'id', 'data': {...}})")
+    for i, t in enumerate(tasks):
+        if not isinstance(t, dict):
+            raise BackendError(400, f"tasks[{i}] must be an object with 'data', got {type(t).__name__}")
+    return tasks
+
+
+def _project(payload: dict[str, Any]) -> str | None:
+    try:
+        return project_key(payload.get("project"))
+    except ValueError as exc:
+        raise BackendError(400, str(exc)) from None
+
+
+def _plan(xml: Any) -> LabelPlan:
+    try:
+        return plan_for(xml)
+    except ValueError as exc:
+        raise BackendError(400, f"label config: {exc}") from None
+
+
+def _rid(result: dict[str, Any]) -> str:
+    rid = result.get("id")
+    return str(rid) if rid not in (None, "") else ""
+
+
+def _text(text: str, box_token: str, from_name: str, to_name: str, region_id: str | None = None) -> dict[str, Any]:
+    return textarea_result(answer_text(text, box_token), from_name=from_name, to_name=to_name, region_id=region_id)

@@ -1,0 +1,289 @@
+"""Model versions under ``MODEL_DIR`` and the once-per-process weights cache.
+
+Layout of ``MODEL_DIR`` (the active-learning worker writes versions here; the backend
+reads them)::
+
+    MODEL_DIR/
+      versions/<name>/      a checkpoint directory (config.json, model.safetensors,
+                            tokenizer files), plus an optional version.json of metadata
+      current               one line: the <name> to serve; written atomically
+                            (temp file + rename) AFTER versions/<name>/ is complete
+
+Without ``current`` the backend serves the base checkpoint (``--checkpoint``,
+``NEXTCHAT_CHECKPOINT`` or the bundled demo), named ``<dir name>-<fingerprint>``.
+
+Weights are loaded once per process and kept in a cache keyed by (checkpoint path,
+version). Every request reads the ``current`` pointer (one ``stat`` when unchanged), so a
+new version is served from the next request on, without a restart; the version it
+replaces is dropped from the cache once no request uses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nextchat_core.checkpoints import resolve_checkpoint, resolve_device
+from nextchat_core.predictor import NextChatPredictor
+
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+VERSIONS_DIR = "versions"
+CURRENT_FILE = "current"
+VERSION_META = "version.json"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A servable model: its Label Studio ``model_version`` name and checkpoint dir."""
+
+    name: str
+    path: Path
+    source: str  # "base" (the configured checkpoint) or "model_dir" (MODEL_DIR/versions)
+
+
+def check_version_name(name: str) -> str:
+    """``name`` if it is a safe version name (a directory name, no path tricks)."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(
+            f"version name {name!r} must be 1-128 characters of letters, digits, '.', '_' "
+            "or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def version_dir(model_dir: str | os.PathLike[str], name: str) -> Path:
+    """``MODEL_DIR/versions/<name>``: where a trainer writes the checkpoint of ``name``."""
+    return Path(model_dir) / VERSIONS_DIR / check_version_name(name)
+
+
+def set_current_version(model_dir: str | os.PathLike[str], name: str) -> None:
+    """Point ``MODEL_DIR/current`` at ``versions/<name>`` atomically (temp file + rename,
+    so a reader sees the old name or the new one, never a partial write). Raises
+    ``FileNotFoundError`` when that version has no checkpoint yet."""
+    target = version_dir(model_dir, name)
+    if not (target / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{target} holds no checkpoint (config.json missing): write the version first"
+        )
+    pointer = Path(model_dir) / CURRENT_FILE
+    tmp = pointer.with_name(f".{CURRENT_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(name + "\n")
+    os.replace(tmp, pointer)
+
+
+def read_current_version(model_dir: str | os.PathLike[str]) -> str | None:
+    """The version name ``MODEL_DIR/current`` points at, or ``None`` without a pointer."""
+    pointer = Path(model_dir) / CURRENT_FILE
+    try:
+        text = pointer.read_text().strip()
+    except FileNotFoundError:
+        return None
+    if not text:
+        return None
+    try:
+        return check_version_name(text)
+    except ValueError as exc:
+        raise ValueError(f"{pointer}: {exc}; write a version name there") from None
+
+
+def list_versions(model_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The checkpoints under ``MODEL_DIR/versions``, oldest first, each as
+    ``{"name", "path", "created_at", **version.json}``."""
+    root = Path(model_dir) / VERSIONS_DIR
+    out = []
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir() and _NAME.match(d.name) and (d / "config.json").is_file():
+                meta: dict[str, Any] = {}
+                if (d / VERSION_META).is_file():
+                    try:
+                        meta = json.loads((d / VERSION_META).read_text())
+                    except (json.JSONDecodeError, OSError) as exc:
+                        logger.warning("ignoring unreadable %s: %s", d / VERSION_META, exc)
+                created = d.stat().st_mtime
+                out.append({**meta, "name": d.name, "path": str(d), "created_at": created})
+    out.sort(key=lambda v: (v["created_at"], v["name"]))
+    return out
+
+
+def checkpoint_fingerprint(path: Path) -> str:
+    """8 hex digits that change when the checkpoint's files change (names, sizes,
+    modification times): part of the base version name, so a retrained base checkpoint
+    gets re-predicted by Label Studio."""
+    h = hashlib.sha1()
+    for f in sorted(path.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:8]
+
+
+class ModelStore:
+    """Resolves the version to serve and holds its predictor, loaded once per process.
+
+    ``loads`` counts checkpoint loads (tests assert weights are not loaded per request).
+    Model calls go through :meth:`use`, which serializes them per predictor: one model
+    call at a time makes the best use of one device, and gunicorn threads stay free to
+    answer ``/health`` and ``/webhook`` meanwhile.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.loads = 0
+        self._lock = threading.Lock()  # guards _cache and loading
+        self._cache: dict[tuple[str, str], _Entry] = {}
+        self._newest: tuple[str, str] | None = None
+        self._base: ModelVersion | None = None
+        self._pointer_stamp: tuple[int, int] | None = None
+        self._pointer_name: str | None = None
+
+    # ------------------------------------------------------------------ versions
+    def base_version(self) -> ModelVersion:
+        """The configured checkpoint (``--checkpoint`` / ``NEXTCHAT_CHECKPOINT`` / demo)."""
+        if self._base is None:
+            path = resolve_checkpoint(self.settings.checkpoint).resolve()
+            name = f"{path.name}-{checkpoint_fingerprint(path)}"
+            self._base = ModelVersion(name=name, path=path, source="base")
+        return self._base
+
+    def current_version(self) -> ModelVersion:
+        """The version to serve now: ``MODEL_DIR/current`` when set, else the base."""
+        name = self._current_name()
+        if name is None:
+            return self.base_version()
+        path = version_dir(self.settings.model_dir, name)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{self.settings.model_dir / CURRENT_FILE} names version {name!r} but {path} "
+                "holds no checkpoint: fix the pointer or delete it to serve the base model"
+            )
+        return ModelVersion(name=name, path=path.resolve(), source="model_dir")
+
+    def versions(self) -> dict[str, Any]:
+        """``GET /versions``: every version name (base first), the current one, details."""
+        details = [{"name": v["name"], "path": v["path"], "source": "model_dir", **v}
+                   for v in list_versions(self.settings.model_dir)]
+        try:
+            base = self.base_version()
+            details.insert(0, {"name": base.name, "path": str(base.path), "source": "base"})
+        except FileNotFoundError as exc:
+            logger.warning("no base checkpoint: %s", exc)
+        current = self.current_version().name
+        for d in details:
+            d["current"] = d["name"] == current
+        return {"versions": [d["name"] for d in details], "current": current, "details": details}
+
+    def _current_name(self) -> str | None:
+        pointer = self.settings.model_dir / CURRENT_FILE
+        try:
+            st = pointer.stat()
+        except FileNotFoundError:
+            self._pointer_stamp = self._pointer_name = None
+            return None
+        stamp = (st.st_mtime_ns, st.st_ino)
+        if stamp != self._pointer_stamp:
+            self._pointer_name = read_current_version(self.settings.model_dir)
+            self._pointer_stamp = stamp
+        return self._pointer_name
+
+    # ------------------------------------------------------------------- weights
+    def get(self, version: ModelVersion | None = None) -> tuple[ModelVersion, NextChatPredictor]:
+        """The predictor of ``version`` (default: the current one), loaded on first use."""
+        with self.use(version, exclusive=False) as got:
+            return got
+
+    @contextmanager
+    def use(
+        self, version: ModelVersion | None = None, *, exclusive: bool = True
+    ) -> Iterator[tuple[ModelVersion, NextChatPredictor]]:
+        """``with store.use() as (version, predictor):`` the current version's predictor,
+        loaded on first use, kept in the cache while the block runs and (``exclusive``)
+        used by this block alone. Versions other than the newest loaded one leave the
+        cache when their last user is done."""
+        version = version or self.current_version()
+        key = (str(version.path), version.name)
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is None:
+                entry = _Entry(self._load(version))
+                self._cache[key] = entry
+                self._newest = key
+                self._evict_unused()
+            entry.users += 1
+        try:
+            if exclusive:
+                with entry.call_lock:
+                    yield version, entry.predictor
+            else:
+                yield version, entry.predictor
+        finally:
+            with self._lock:
+                entry.users -= 1
+                self._evict_unused()
+
+    def _evict_unused(self) -> None:
+        for key in [k for k, e in self._cache.items() if e.users == 0 and k != self._newest]:
+            logger.info("dropping model version %s from the cache", key[1])
+            del self._cache[key]
+
+    def loaded_versions(self) -> list[str]:
+        with self._lock:
+            return [name for _, name in self._cache]
+
+    def warm_up_in_background(self) -> threading.Thread:
+        """Load the current version in a daemon thread (worker start), so the first
+        ``/predict`` does not pay for it and ``/health`` answers meanwhile."""
+
+        def run() -> None:
+            try:
+                self.get()
+            except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
+                # Not fatal: the first /predict raises the same error as a JSON reply.
+                logger.error("could not preload the model: %s", exc)
+
+        thread = threading.Thread(target=run, name="nextchat-model-preload", daemon=True)
+        thread.start()
+        return thread
+
+    def _load(self, version: ModelVersion) -> NextChatPredictor:
+        s = self.settings
+        device = resolve_device(s.device)
+        dtype = _DTYPES[s.dtype] if s.dtype and device != "cpu" else None
+        t0 = time.perf_counter()
+        predictor = NextChatPredictor.from_pretrained(
+            version.path,
+            device=device,
+            dtype=dtype,
+            max_new_tokens=s.max_new_tokens,
+            mask_iou_threshold=s.mask_threshold,
+        )
+        self.loads += 1
+        logger.info(
+            "loaded model version %s from %s on %s in %.1f s",
+            version.name, version.path, device, time.perf_counter() - t0,
+        )
+        return predictor
+
+
+class _Entry:
+    def __init__(self, predictor: NextChatPredictor) -> None:
+        self.predictor = predictor
+        self.users = 0
+        self.call_lock = threading.Lock()

@@ -1,0 +1,114 @@
+"""What the backend remembers per Label Studio project, under ``MODEL_DIR/projects/``.
+
+One JSON file per project (``MODEL_DIR/projects/<id>.json``, mode 0600, written
+atomically): the label config and the Label Studio hostname/access token that ``/setup``
+sent (so uploaded images can be fetched after a restart and by every gunicorn worker), and
+the last prompt an annotator typed (so the next task is pre-labeled with it: "next,
+approve"). The token is stored, never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_PROJECT_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+
+
+def project_key(project: Any) -> str | None:
+    """The project id of a ``project`` field: ``"12.1700000000"`` (``<id>.<created ts>``,
+    as /setup and /predict send it), ``12``, or ``{"id": 12}`` (webhooks) -> ``"12"``;
+    ``None`` when absent. ``ValueError`` for anything else."""
+    if project is None or project == "":
+        return None
+    if isinstance(project, dict):
+        project = project.get("id")
+        if project is None:
+            return None
+    if isinstance(project, bool) or not isinstance(project, int | str):
+        raise ValueError(
+            f"'project' must be the Label Studio project id like \"12.1700000000\", got "
+            f"{type(project).__name__}"
+        )
+    key = str(project).split(".", 1)[0].strip()
+    if not _PROJECT_ID.match(key):
+        raise ValueError(
+            f"'project' must be the Label Studio project id like \"12.1700000000\", got "
+            f"{str(project)[:40]!r}"
+        )
+    return key
+
+
+@dataclass
+class ProjectState:
+    """One project's memory. ``access_token`` is a secret: excluded from ``repr``."""
+
+    project: str
+    label_config: str | None = None
+    hostname: str | None = None
+    access_token: str | None = None
+    last_prompt: str | None = None
+    last_prompt_at: float | None = None
+
+    def __repr__(self) -> str:
+        token = "set" if self.access_token else "none"
+        return (
+            f"ProjectState(project={self.project!r}, hostname={self.hostname!r}, "
+            f"access_token=<{token}>, last_prompt={self.last_prompt!r})"
+        )
+
+
+class ProjectStore:
+    """Reads and writes :class:`ProjectState` files; safe across threads and processes
+    (each write replaces the whole file atomically; last writer wins per field set)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.root = Path(model_dir) / "projects"
+        self._lock = threading.Lock()
+
+    def get(self, project: str | None) -> ProjectState | None:
+        if project is None:
+            return None
+        path = self.root / f"{project}.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError) as exc:
+            logger.warning("ignoring unreadable project state %s: %s", path, exc)
+            return None
+        fields = ProjectState.__dataclass_fields__
+        return ProjectState(**{k: v for k, v in data.items() if k in fields})
+
+    def update(self, project: str, **changes: Any) -> ProjectState:
+        """Merge ``changes`` into the project's state and write it."""
+        with self._lock:
+            state = self.get(project) or ProjectState(project=project)
+            for key, value in changes.items():
+                if key not in ProjectState.__dataclass_fields__ or key == "project":
+                    raise TypeError(f"unknown project state field {key!r}")
+                setattr(state, key, value)
+            self._write(state)
+        return state
+
+    def remember_prompt(self, project: str, prompt: str) -> None:
+        self.update(project, last_prompt=prompt, last_prompt_at=time.time())
+
+    def _write(self, state: ProjectState) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / f"{state.project}.json"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        # 0600: the file holds the Label Studio access token.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(state), f)
+        os.replace(tmp, path)

@@ -1,0 +1,125 @@
+"""Model answers -> Label Studio results, through ``nextchat_core.ls_format`` builders.
+
+Frames: detections arrive in original pixels of the EXIF-transposed image (the
+predictor's frame); the builders convert to Label Studio percent via
+``nextchat_core.frames``. Nothing here does coordinate arithmetic.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from nextchat_core import frames
+from nextchat_core.ls_format import (
+    brush_result,
+    polygon_result,
+    rectangle_result,
+)
+from nextchat_core.predictor import Detection
+
+from .label_config import LabelPlan
+
+
+@dataclass
+class LabeledDetection:
+    """A detection with the prompt that produced it and the label it was asked for
+    (``None`` for a free-typed prompt: matched per control by ``LabelPlan.label_for``)."""
+
+    detection: Detection
+    prompt: str
+    label: str | None = None
+
+
+def new_region_id() -> str:
+    """A fresh Label Studio region id (10 URL-safe characters, like the editor's)."""
+    return uuid.uuid4().hex[:10]
+
+
+def deduplicate(
+    items: list[LabeledDetection], plan: LabelPlan, *, iou: float
+) -> list[LabeledDetection]:
+    """Drop a detection whose box overlaps a higher-scored one of the same label by more
+    than ``iou`` (several prompts of one label, e.g. ``predicted_values="car,auto"``,
+    find the same object). Order of the kept ones: by descending score."""
+    if iou >= 1.0 or not plan.region_controls:
+        return items
+    control = plan.region_controls[0]
+    kept: list[tuple[str, LabeledDetection]] = []
+    for item in sorted(items, key=lambda d: -d.detection.score):
+        label = plan.label_for(item.prompt, control, item.label)
+        if any(
+            lab == label and frames.box_iou(item.detection.box, other.detection.box) > iou
+            for lab, other in kept
+        ):
+            continue
+        kept.append((label, item))
+    return [item for _, item in kept]
+
+
+def detection_results(
+    item: LabeledDetection,
+    plan: LabelPlan,
+    *,
+    width: int,
+    height: int,
+    polygon_tolerance: float,
+) -> list[dict[str, Any]]:
+    """One region per region control of the config for one detection: a rectangle (score:
+    the box's ``<at>`` probability), a brush mask and polygons (score: the mask score).
+    Without a mask (SAM's IoU below the threshold) the brush is left out and the polygon
+    is the box outline."""
+    det = item.detection
+    out: list[dict[str, Any]] = []
+    mask_score = det.mask_score if det.mask_score is not None else det.score
+    if plan.rectangles is not None:
+        label = plan.label_for(item.prompt, plan.rectangles, item.label)
+        out.append(
+            rectangle_result(
+                det.box, [label], width=width, height=height, from_name=plan.rectangles.name,
+                to_name=plan.image, region_id=new_region_id(), score=det.score,
+            )
+        )
+    has_mask = det.mask is not None and bool(det.mask.any())
+    if plan.brushes is not None and has_mask:
+        assert det.mask is not None
+        label = plan.label_for(item.prompt, plan.brushes, item.label)
+        out.append(
+            brush_result(
+                det.mask, [label], from_name=plan.brushes.name, to_name=plan.image,
+                region_id=new_region_id(), score=mask_score,
+            )
+        )
+    if plan.polygons is not None:
+        label = plan.label_for(item.prompt, plan.polygons, item.label)
+        if has_mask:
+            assert det.mask is not None
+            polygons = [
+                frames.simplify_polygon(p, polygon_tolerance) for p in frames.mask_to_polygons(det.mask)
+            ]
+            score = mask_score
+        else:
+            x1, y1, x2, y2 = (float(v) for v in det.box)
+            polygons = [np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]])]
+            score = det.score
+        for points in polygons:
+            out.append(
+                polygon_result(
+                    points, [label], width=width, height=height, from_name=plan.polygons.name,
+                    to_name=plan.image, region_id=new_region_id(), score=score,
+                )
+            )
+    return out
+
+
+def answer_text(text: str, box_token: str) -> str:
+    """The model's answer for a TextArea: each ``<at> <boxes>`` pair becomes ``[k]``
+    (k = 1, 2, ... in the order of the answer's detections); spacing tidied."""
+    counter = iter(range(1, 10_000))
+    out = re.sub(re.escape(box_token), lambda _: f"[{next(counter)}]", text)
+    out = re.sub(r"\s+([.,;:!?])", r"\1", out)
+    return re.sub(r"\s{2,}", " ", out).strip()
