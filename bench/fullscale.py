@@ -117,8 +117,7 @@ def bench_inference(args, device, dtype, rows: list[tuple[str, str]], results: d
 
     imgs = images(32)
     processed = predictor.processor(imgs[0])
-    pix = processed.pixel_values[None].to(device, dtype)
-    sam_pix = processed.sam_pixel_values[None].to(device, dtype)
+    pix, sam_pix = predictor.processor.tensors([processed], device=device, dtype=dtype)
     ac = predictor._context  # inference_mode + autocast exactly as the predictor runs
 
     def run(fn):
@@ -133,7 +132,9 @@ def bench_inference(args, device, dtype, rows: list[tuple[str, str]], results: d
     ids = torch.tensor([enc.input_ids], device=device)
     mask = torch.ones_like(ids)
     phase = {}
-    phase["preprocess (PIL resize + normalize, CPU)"] = timed(lambda: predictor.processor(imgs[1]), device, args.iters)
+    phase["preprocess: PIL resize (CPU)"] = timed(lambda: predictor.processor(imgs[1]), device, args.iters)
+    phase["preprocess: normalize + pad (on device)"] = timed(
+        lambda: predictor.processor.tensors([processed], device=device, dtype=dtype), device, args.iters)
     phase["vision tower + projector"] = timed(run(lambda: model.encode_images(pix)), device, args.iters)
     phase["SAM image encoder"] = timed(run(lambda: model.encode_sam_images(sam_pix)), device, args.iters)
     with ac():
@@ -181,6 +182,35 @@ def bench_inference(args, device, dtype, rows: list[tuple[str, str]], results: d
     results["phases_ms"] = {k: v * 1e3 for k, v in phase.items()}
     results["prompt_tokens"] = int(ids.shape[1])
 
+    # decode through generate (forced non-eos tokens), eager vs static cache vs CUDA graphs
+    filler = tokenizer(" the", add_special_tokens=False)["input_ids"][0]
+
+    def keep_going(step: int, logits: torch.Tensor) -> torch.Tensor:
+        forced = torch.full_like(logits, -1e4)
+        forced[:, filler] = 0.0
+        return forced
+
+    def gen(n: int, **kw):
+        def go():
+            model.generate(ids, mask, feats, max_new_tokens=n, logits_processor=keep_going, **kw)
+        return go
+
+    variants = {"eager (dynamic KV cache)": {}, "static cache": {"static_cache": True}}
+    if device.type == "cuda" and not args.no_compile:
+        variants["CUDA graphs (torch.compile reduce-overhead)"] = {"compile_decoder": True}
+    results["decode_ms_per_token"] = {}
+    for name, kw in variants.items():
+        try:
+            t_start = time.perf_counter()
+            run(gen(17, **kw))()  # compiles / captures when asked
+            first = time.perf_counter() - t_start
+            per = (timed(run(gen(33, **kw)), device, args.iters) - timed(run(gen(1, **kw)), device, args.iters)) / 32
+            rows.append((f"decode per token via generate, {name}", f"{per * 1e3:.2f} ms (first call {first:.1f} s)"))
+            results["decode_ms_per_token"][name] = per * 1e3
+        except Exception as exc:  # a benchmark reports a failed variant and goes on
+            rows.append((f"decode per token via generate, {name}", f"FAILED: {type(exc).__name__}: {str(exc)[:200]}"))
+    fast = {"compile_decoder": True} if "CUDA graphs (torch.compile reduce-overhead)" in results["decode_ms_per_token"] else {}
+
     # end to end through the predictor (what the backend calls)
     reset_peak(device)
     q1 = [Query(0, "the man in the red jacket on the left")]
@@ -189,12 +219,19 @@ def bench_inference(args, device, dtype, rows: list[tuple[str, str]], results: d
     assert len(check.detections) == 1 and check.detections[0].mask is not None, check
     rows.append(("end to end, 1 image-prompt -> box + mask (batch 1)", f"{e2e * 1e3:.1f} ms"))
     results["e2e_batch1_ms"] = e2e * 1e3
+    if fast:
+        e2e_fast = timed(lambda: predictor.predict_batch(imgs[:1], q1, logits_processor=proc, **fast), device,
+                         args.iters, warmup=2)
+        rows.append(("end to end, batch 1, CUDA-graph decode", f"{e2e_fast * 1e3:.1f} ms"))
+        results["e2e_batch1_graphs_ms"] = e2e_fast * 1e3
     for b in args.batches:
         qs = [Query(i, "the man in the red jacket on the left") for i in range(b)]
-        t = timed(lambda qs=qs, b=b: predictor.predict_batch(imgs[:b], qs, batch_size=b, logits_processor=proc),
-                  device, max(1, args.iters // 2))
-        rows.append((f"throughput, batch {b} image-prompts", f"{b / t:.1f} image-prompts/s ({t * 1e3:.0f} ms)"))
-        results[f"throughput_b{b}"] = b / t
+        for label, kw in [("", {})] + ([(", CUDA-graph decode", fast)] if fast else []):
+            t = timed(lambda qs=qs, b=b, kw=kw: predictor.predict_batch(imgs[:b], qs, batch_size=b,
+                                                                          logits_processor=proc, **kw),
+                      device, max(1, args.iters // 2), warmup=2 if kw else 1)
+            rows.append((f"throughput, batch {b} image-prompts{label}", f"{b / t:.1f} image-prompts/s ({t * 1e3:.0f} ms)"))
+            results[f"throughput_b{b}{'_graphs' if kw else ''}"] = b / t
     n_prompts = 8
     prompts = [f"the object number {i} on the left" for i in range(n_prompts)]
 
@@ -272,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-batch", type=int, default=4)
     ap.add_argument("--attn", default="sdpa", help="LLM attention: sdpa (default) or eager")
     ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile / CUDA-graph variant")
     ap.add_argument("--json", help="also write the numbers to this JSON file")
     args = ap.parse_args(argv)
     device = torch.device(args.device)

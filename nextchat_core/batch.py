@@ -60,7 +60,7 @@ def collate(
     count that does not match the text.
     """
     processor = processor or ImageProcessor(config)
-    ids, labels, pixels, sam_pixels, sizes = [], [], [], [], []
+    ids, labels, processed_images, sizes = [], [], [], []
     boxes: list[np.ndarray] = []
     mask_targets: list[np.ndarray] = []
     mask_index: list[int] = []
@@ -92,24 +92,24 @@ def collate(
                 mask_index.append(len(boxes) - 1)
         ids.append(enc.input_ids)
         labels.append(enc.labels)
-        pixels.append(processed.pixel_values)
-        sam_pixels.append(processed.sam_pixel_values)
+        processed_images.append(processed)
         sizes.append((w, h))
 
+    pixel_values, sam_pixel_values = processor.tensors(processed_images, sam=bool(mask_targets))
     width = max(len(r) for r in ids)
     pad = config.tokens.pad_id
     batch = {
         "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in ids]),
         "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids]),
         "labels": torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in labels]),
-        "pixel_values": torch.stack(pixels),
+        "pixel_values": pixel_values,
         "boxes": torch.tensor(np.array(boxes), dtype=torch.float32).reshape(-1, 4),
     }
     if all(s.extras for s in samples):
         for key in samples[0].extras or {}:
             batch[f"aux_{key}"] = torch.from_numpy(np.stack([s.extras[key] for s in samples]))  # type: ignore[index]
     if mask_targets:
-        batch["sam_pixel_values"] = torch.stack(sam_pixels)
+        batch["sam_pixel_values"] = sam_pixel_values
         batch["mask_targets"] = torch.from_numpy(np.stack(mask_targets))
         batch["mask_box_index"] = torch.tensor(mask_index)
         batch["image_sizes"] = torch.tensor(sizes)

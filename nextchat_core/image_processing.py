@@ -92,15 +92,17 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 @dataclass
 class ProcessedImage:
-    """One image ready for the model.
+    """One image resized for the model, still 8-bit (normalization happens on the device
+    in :meth:`ImageProcessor.tensors`, where float work is cheap).
 
-    ``pixel_values``: ``3xVxV`` float, vision-tower frame (padded square, CLIP-normalized).
-    ``sam_pixel_values``: ``3xSxS`` float, SAM frame (centered, SAM-normalized).
-    ``width``/``height``: the EXIF-transposed original size in pixels.
+    ``vision``: ``VxVx3`` uint8, the vision-tower frame (centered pad to square with the
+    mean color, resized to V). ``sam``: ``hxwx3`` uint8, the image with its longest side
+    resized to S (placed on the SAM canvas by ``tensors``). ``width``/``height``: the
+    EXIF-transposed original size in pixels.
     """
 
-    pixel_values: torch.Tensor
-    sam_pixel_values: torch.Tensor
+    vision: np.ndarray
+    sam: np.ndarray
     width: int
     height: int
 
@@ -111,35 +113,52 @@ class ImageProcessor:
     def __init__(self, config: NextChatConfig) -> None:
         self.vision_size = config.vision.image_size
         self.sam_size = config.sam.image_size
-        self.mean = np.asarray(config.vision.image_mean, dtype=np.float32)
-        self.std = np.asarray(config.vision.image_std, dtype=np.float32)
-        self.sam_mean = np.asarray(config.sam.pixel_mean, dtype=np.float32)
-        self.sam_std = np.asarray(config.sam.pixel_std, dtype=np.float32)
+        self.mean = tuple(config.vision.image_mean)
+        self.std = tuple(config.vision.image_std)
+        self.sam_mean = tuple(config.sam.pixel_mean)
+        self.sam_std = tuple(config.sam.pixel_std)
 
     def __call__(self, image: Any) -> ProcessedImage:
         img = load_image(image)
-        return ProcessedImage(
-            pixel_values=self.vision_input(img),
-            sam_pixel_values=self.sam_input(img),
-            width=img.width,
-            height=img.height,
-        )
+        return ProcessedImage(vision=self.vision_resize(img), sam=self.sam_resize(img),
+                              width=img.width, height=img.height)
 
-    def vision_input(self, img: Image.Image) -> torch.Tensor:
-        """``3xVxV`` float: centered pad to square with the mean color, resize, normalize."""
+    def vision_resize(self, img: Image.Image) -> np.ndarray:
+        """``VxVx3`` uint8: centered pad to square with the mean color, bicubic resize."""
         g = SquareGeometry(img.width, img.height)
         fill = tuple(int(round(m * 255)) for m in self.mean)
         square = Image.new("RGB", (g.side, g.side), fill)
         square.paste(img, (g.pad_x, g.pad_y))
         square = square.resize((self.vision_size, self.vision_size), Image.Resampling.BICUBIC)
-        arr = (np.asarray(square, dtype=np.float32) / 255.0 - self.mean) / self.std
-        return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+        return np.array(square)  # writable, so torch.from_numpy shares it without a warning
 
-    def sam_input(self, img: Image.Image) -> torch.Tensor:
-        """``3xSxS`` float: longest side to S, SAM-normalized, zero (= mean) centered pad."""
+    def sam_resize(self, img: Image.Image) -> np.ndarray:
+        """``hxwx3`` uint8: longest side resized to S (bilinear), as SAM's ResizeLongestSide."""
         g = SamGeometry(img.width, img.height, self.sam_size)
-        resized = img.resize((g.new_width, g.new_height), Image.Resampling.BILINEAR)
-        arr = (np.asarray(resized, dtype=np.float32) - self.sam_mean) / self.sam_std
-        out = np.zeros((self.sam_size, self.sam_size, 3), dtype=np.float32)
-        out[g.pad_y : g.pad_y + g.new_height, g.pad_x : g.pad_x + g.new_width] = arr
-        return torch.from_numpy(out.transpose(2, 0, 1).copy())
+        return np.array(img.resize((g.new_width, g.new_height), Image.Resampling.BILINEAR))
+
+    def tensors(
+        self,
+        processed: list[ProcessedImage],
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        sam: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Batch tensors on ``device``: ``Bx3xVxV`` CLIP-normalized vision inputs and (with
+        ``sam``) ``Bx3xSxS`` SAM-normalized inputs, centered with zero (= mean) padding."""
+        vision = torch.from_numpy(np.stack([p.vision for p in processed])).to(device)
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        pixel_values = ((vision.permute(0, 3, 1, 2).float() / 255.0 - mean) / std).to(dtype)
+        if not sam:
+            return pixel_values, None
+        s = self.sam_size
+        out = torch.zeros(len(processed), 3, s, s, device=device, dtype=torch.float32)
+        sam_mean = torch.tensor(self.sam_mean, device=device).view(3, 1, 1)
+        sam_std = torch.tensor(self.sam_std, device=device).view(3, 1, 1)
+        for i, p in enumerate(processed):
+            g = SamGeometry(p.width, p.height, s)
+            x = torch.from_numpy(p.sam).to(device).permute(2, 0, 1).float()
+            out[i, :, g.pad_y : g.pad_y + g.new_height, g.pad_x : g.pad_x + g.new_width] = (x - sam_mean) / sam_std
+        return pixel_values, out.to(dtype)

@@ -74,6 +74,14 @@ class _Encoded:
     processed: ProcessedImage
     features: torch.Tensor  # 1xNxH
     sam_embedding: torch.Tensor | None = None  # 1xCxgxg
+    sam_ready: Any = None  # a torch.cuda.Event while SAM still runs on the side stream
+
+    def sam(self) -> torch.Tensor | None:
+        """The SAM embedding, once the side stream that computes it has finished."""
+        if self.sam_ready is not None:
+            torch.cuda.current_stream().wait_event(self.sam_ready)
+            self.sam_ready = None
+        return self.sam_embedding
 
 
 class NextChatPredictor:
@@ -88,6 +96,7 @@ class NextChatPredictor:
         dtype: torch.dtype | None = None,
         max_new_tokens: int = 48,
         mask_iou_threshold: float | None = None,
+        sam_batch_size: int = 4,
     ) -> None:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -105,6 +114,10 @@ class NextChatPredictor:
         )
         self._num_image_tokens = model.num_image_tokens
         self._image: _Encoded | None = None
+        # SAM's encoder runs in chunks (its activations dominate peak memory) and, on CUDA,
+        # on a side stream: decoding is launch-bound, so the GPU has room for SAM meanwhile.
+        self.sam_batch_size = sam_batch_size
+        self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     @classmethod
     def from_pretrained(
@@ -133,7 +146,7 @@ class NextChatPredictor:
         if isinstance(prompts, str):
             prompts = [prompts]
         if with_masks and self._image.sam_embedding is None:
-            self._image.sam_embedding = self._sam_embed(self._image.processed)
+            self._encode_sam([self._image])
         queries = [Query(0, p, task, boxes) for p in prompts]
         return self._answer([self._image], queries, with_masks=with_masks, **generate_kwargs)
 
@@ -177,21 +190,34 @@ class NextChatPredictor:
     def _encode(self, images: Sequence[Any], *, with_masks: bool) -> list[_Encoded]:
         processed = [self.processor(img) for img in images]
         with self._context():
-            pixels = torch.stack([p.pixel_values for p in processed]).to(self.device, self._input_dtype)
+            pixels, _ = self.processor.tensors(processed, device=self.device, dtype=self._input_dtype, sam=False)
             feats = self.model.encode_images(pixels)
-            sam = None
-            if with_masks:
-                sam_pixels = torch.stack([p.sam_pixel_values for p in processed]).to(self.device, self._input_dtype)
-                sam = self.model.encode_sam_images(sam_pixels)
-        return [
-            _Encoded(p, feats[i : i + 1], None if sam is None else sam[i : i + 1])
-            for i, p in enumerate(processed)
-        ]
+        encoded = [_Encoded(p, feats[i : i + 1]) for i, p in enumerate(processed)]
+        if with_masks:
+            self._encode_sam(encoded)
+        return encoded
 
-    def _sam_embed(self, processed: ProcessedImage) -> torch.Tensor:
-        with self._context():
-            x = processed.sam_pixel_values.unsqueeze(0).to(self.device, self._input_dtype)
-            return self.model.encode_sam_images(x)
+    def _encode_sam(self, encoded: list[_Encoded]) -> None:
+        """SAM image embeddings for ``encoded`` (chunked; asynchronous on CUDA)."""
+        side = self._side_stream
+        main = torch.cuda.current_stream(self.device) if side is not None else None
+        if side is not None:
+            side.wait_stream(main)
+        with self._context(), (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
+            for start in range(0, len(encoded), self.sam_batch_size):
+                chunk = encoded[start : start + self.sam_batch_size]
+                _, sam_pixels = self.processor.tensors([e.processed for e in chunk], device=self.device,
+                                                       dtype=self._input_dtype)
+                emb = self.model.encode_sam_images(sam_pixels)
+                if main is not None:
+                    emb.record_stream(main)  # used on the main stream after the event
+                for j, e in enumerate(chunk):
+                    e.sam_embedding = emb[j : j + 1]
+        if side is not None:
+            event = torch.cuda.Event()
+            event.record(side)
+            for e in encoded:
+                e.sam_ready = event
 
     @property
     def _input_dtype(self) -> torch.dtype:
@@ -281,8 +307,8 @@ class NextChatPredictor:
         dets = [Detection(box=px[j], score=float(scores[j])) for j in range(len(px))]
         if with_masks and len(dets):
             if enc.sam_embedding is None:
-                enc.sam_embedding = self._sam_embed(p)
-            m = self.model.predict_masks(enc.sam_embedding, hidden, boxes, width=p.width, height=p.height)
+                self._encode_sam([enc])
+            m = self.model.predict_masks(enc.sam(), hidden, boxes, width=p.width, height=p.height)
             geometry = SamGeometry(p.width, p.height, self.config.sam.image_size)
             full = frames.sam_mask_to_original(m.logits, geometry) > 0
             for j, det in enumerate(dets):

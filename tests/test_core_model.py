@@ -144,6 +144,21 @@ def test_batch_of_prompts_equals_one_by_one(overfit, tiny_tokenizer):
                 assert (a.mask != b.mask).mean() < 1e-3
 
 
+def test_static_cache_decoding_equals_dynamic(overfit, tiny_tokenizer):
+    """The fixed-shape decoding path (what CUDA graphs capture on a GPU) gives the same
+    answers as the dynamic KV cache, left padding included."""
+    model, _, img, _ = overfit
+    predictor = NextChatPredictor(model, tiny_tokenizer, max_new_tokens=10)
+    queries = [Query(0, "the red circle"), Query(0, "a blue square on the left side"), Query(0, "all shapes")]
+    dynamic = predictor.predict_batch([img], queries, batch_size=3)
+    static = predictor.predict_batch([img], queries, batch_size=3, static_cache=True)
+    for a, b in zip(dynamic, static, strict=True):
+        assert a.text == b.text
+        assert len(a.detections) == len(b.detections)
+        for da, db in zip(a.detections, b.detections, strict=True):
+            np.testing.assert_allclose(da.box, db.box, atol=1e-4)
+
+
 def test_save_load_is_bit_exact(tiny_model, tiny_tokenizer, tmp_path):
     path = save_pretrained(tiny_model, tmp_path / "ckpt", tiny_tokenizer)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in path.iterdir()}

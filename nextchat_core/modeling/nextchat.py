@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 from .. import frames, losses
 from ..config import LossConfig, NextChatConfig
@@ -178,9 +178,9 @@ class NextChatModel(nn.Module):
 
     def _llm(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs: object) -> torch.Tensor:
         """Run the LLaMA trunk; returns the last layer's post-norm hidden states ``BxTxH``."""
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        if "position_ids" in kwargs:
-            position_ids = kwargs.pop("position_ids")  # type: ignore[assignment]
+        position_ids = kwargs.pop("position_ids", None)
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.language_model.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -342,6 +342,8 @@ class NextChatModel(nn.Module):
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
         logits_processor: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        static_cache: bool = False,
+        compile_decoder: bool = False,
     ) -> GenerationOutput:
         """Decode with the KV cache; ``<at>`` becomes a box.
 
@@ -353,6 +355,10 @@ class NextChatModel(nn.Module):
         ``loc_encoder(loc_decoder(h_at))`` - the NExT-Chat decoding rule.
         ``logits_processor(step, logits) -> logits`` (``BxV``) may constrain each step's
         choice (e.g. forced answers for benchmarks, vocabulary restrictions).
+        ``static_cache`` decodes with a preallocated ``StaticCache`` and a fixed-size
+        attention mask, so every decode step has the same shapes; ``compile_decoder``
+        (implies it) runs the step through ``torch.compile(mode="reduce-overhead")``, i.e.
+        CUDA graphs on a GPU: decoding a 7B model is otherwise bound by kernel launches.
         """
         tk = self.config.tokens
         bsz = input_ids.shape[0]
@@ -360,10 +366,25 @@ class NextChatModel(nn.Module):
         embed = self.language_model.get_input_embeddings()
         lm_head = self.language_model.get_output_embeddings()
         embeds = self.embed_inputs(input_ids, image_features, input_boxes)
-        cache = DynamicCache(config=self.language_model.config)
         mask = attention_mask.clone()
         position = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        h_last = self._llm(embeds, mask, position_ids=position, use_cache=True, **{_CACHE_KWARG: cache})[:, -1]
+        static_cache = static_cache or compile_decoder
+        if static_cache:
+            length = input_ids.shape[1]
+            # Rounded up so that prompts of similar length share one compiled graph.
+            total = -(-(length + max_new_tokens + 2) // 64) * 64
+            cache = StaticCache(config=self.language_model.config, max_cache_len=total)
+            # 4-D boolean masks over the whole cache: fixed shapes for every decode step.
+            prefill = torch.zeros(bsz, 1, length, total, dtype=torch.bool, device=device)
+            causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+            prefill[:, 0, :, :length] = causal & mask.bool()[:, None, :]
+            step_mask = torch.zeros(bsz, 1, 1, total, dtype=torch.bool, device=device)
+            step_mask[:, 0, 0, :length] = mask.bool()
+            h_last = self._llm(embeds, prefill, position_ids=position, use_cache=True, **{_CACHE_KWARG: cache})[:, -1]
+            step_fn = self._compiled_step() if compile_decoder else self._decode_step
+        else:
+            cache = DynamicCache(config=self.language_model.config)
+            h_last = self._llm(embeds, mask, position_ids=position, use_cache=True, **{_CACHE_KWARG: cache})[:, -1]
         position = position[:, -1:]
 
         sequences: list[list[int]] = [[] for _ in range(bsz)]
@@ -406,10 +427,14 @@ class NextChatModel(nn.Module):
             if box_rows.any():
                 located = self.loc_encoder(box).to(next_embed.dtype)
                 next_embed = torch.where(box_rows.unsqueeze(-1), located, next_embed)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             position = position + 1
-            h_last = self._llm(next_embed.unsqueeze(1), mask, position_ids=position, use_cache=True,
-                               **{_CACHE_KWARG: cache})[:, -1]
+            if static_cache:
+                step_mask[:, 0, 0, length + step - 1] = True
+                h_last = step_fn(next_embed.unsqueeze(1), step_mask, position, cache)
+            else:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                h_last = self._llm(next_embed.unsqueeze(1), mask, position_ids=position, use_cache=True,
+                                   **{_CACHE_KWARG: cache})[:, -1]
 
         hdim = self.config.llm.hidden_size
         return GenerationOutput(
@@ -418,6 +443,20 @@ class NextChatModel(nn.Module):
             at_hidden=[torch.stack(h) if h else torch.zeros(0, hdim, device=device) for h in hiddens],
             box_scores=[torch.stack(s) if s else torch.zeros(0, device=device) for s in scores],
         )
+
+    def _decode_step(self, embeds: torch.Tensor, mask: torch.Tensor, position: torch.Tensor,
+                     cache: StaticCache) -> torch.Tensor:
+        """One cached decode step with fixed shapes: ``Bx1xH`` in, ``BxH`` out."""
+        out = self.language_model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position,
+                                        use_cache=True, **{_CACHE_KWARG: cache})
+        return out.last_hidden_state[:, -1]
+
+    def _compiled_step(self) -> Callable[..., torch.Tensor]:
+        fn = getattr(self, "_compiled_decode_step", None)
+        if fn is None:
+            fn = torch.compile(self._decode_step, mode="reduce-overhead", dynamic=False)
+            self._compiled_decode_step = fn
+        return fn
 
     @staticmethod
     def _choose(
