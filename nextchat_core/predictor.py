@@ -15,7 +15,9 @@ answer's ``score`` is the mean of its boxes' scores (0 with no box).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -117,6 +119,8 @@ class NextChatPredictor:
         # SAM's encoder runs in chunks (its activations dominate peak memory) and, on CUDA,
         # on a side stream: decoding is launch-bound, so the GPU has room for SAM meanwhile.
         self.sam_batch_size = sam_batch_size
+        # Decoding and resizing (PIL releases the GIL) run in threads, one image each.
+        self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="nextchat-img")
         self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     @classmethod
@@ -188,7 +192,7 @@ class NextChatPredictor:
                 yield
 
     def _encode(self, images: Sequence[Any], *, with_masks: bool) -> list[_Encoded]:
-        processed = [self.processor(img) for img in images]
+        processed = list(self._pool.map(self.processor, images)) if len(images) > 1 else [self.processor(images[0])]
         with self._context():
             pixels, _ = self.processor.tensors(processed, device=self.device, dtype=self._input_dtype, sam=False)
             feats = self.model.encode_images(pixels)

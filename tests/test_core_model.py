@@ -337,3 +337,28 @@ def test_config_validation_and_round_trip(tmp_path):
     data["vision"]["select_layer"] = -9
     with pytest.raises(ValueError, match="select_layer"):
         NextChatConfig.from_dict(data)
+
+
+def test_sam_sdpa_attention_matches_segment_anything():
+    """The fused-attention SAM encoder gives segment-anything's outputs (same weights)."""
+    import copy
+
+    from segment_anything.modeling.image_encoder import Attention
+
+    from nextchat_core.modeling.sam_attention import SdpaAttention
+
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    encoder = model.sam.image_encoder
+    assert any(type(m) is SdpaAttention for m in encoder.modules())
+    with torch.no_grad():
+        for m in encoder.modules():
+            if isinstance(m, Attention):
+                m.rel_pos_h.normal_()
+                m.rel_pos_w.normal_()
+        reference = copy.deepcopy(encoder)
+        for m in reference.modules():
+            if type(m) is SdpaAttention:
+                m.__class__ = Attention  # back to the library's own forward
+        x = torch.randn(2, 3, 64, 64)
+        torch.testing.assert_close(encoder(x), reference(x), atol=1e-5, rtol=1e-4)

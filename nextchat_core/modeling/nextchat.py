@@ -16,6 +16,7 @@ from .. import frames, losses
 from ..config import LossConfig, NextChatConfig
 from ..conversation import IGNORE_INDEX
 from .outputs import GenerationOutput, MaskOutput, NextChatOutput
+from .sam_attention import use_sdpa_attention
 from .vision_tower import VisionTower
 
 # transformers renamed LlamaModel.forward's `past_key_values` to `cache` (5.2x); pass
@@ -112,6 +113,9 @@ class NextChatModel(nn.Module):
             pixel_mean=list(sam.pixel_mean),
             pixel_std=list(sam.pixel_std),
         )
+        # Same parameters and outputs as segment-anything's attention, on the fused SDPA
+        # kernel (see sam_attention.py): SAM-H's encoder is the slowest phase otherwise.
+        use_sdpa_attention(self.sam.image_encoder)
         if v.frozen:
             self.vision_tower.requires_grad_(False)
 
