@@ -199,10 +199,10 @@ def default_phases(scale: float = 1.0) -> list[Phase]:
         return max(2, int(x * scale))
 
     return [
-        Phase("stage0", 0, n(1800), 1e-3, easy_steps=n(300)),
-        Phase("stage2", 2, n(900), 3e-4, trainable=["mm_projector", "language_model", "loc_encoder",
+        Phase("stage0", 0, n(900), 1e-3, easy_steps=n(150)),
+        Phase("stage2", 2, n(450), 3e-4, trainable=["mm_projector", "language_model", "loc_encoder",
                                                     "loc_decoder"], vision_aux=False),
-        Phase("stage3", 3, n(500), 1e-3, vision_aux=False),
+        Phase("stage3", 3, n(250), 1e-3, vision_aux=False),
     ]
 
 
@@ -216,8 +216,8 @@ def eval_split(out: Path, n_scenes: int) -> Path:
     return split / "data.jsonl"
 
 
-def run(out: Path, *, phases: list[Phase], batch_size: int = 16, eval_scenes: int = 300,
-        eval_every: int = 300, eval_max: int = 150, ship: Path | None = None) -> dict[str, Any]:
+def run(out: Path, *, phases: list[Phase], batch_size: int = 8, eval_scenes: int = 300,
+        eval_every: int = 250, eval_max: int = 100, ship: Path | None = None) -> dict[str, Any]:
     """Train all phases (resuming any that was interrupted), evaluate, optionally ship."""
     out.mkdir(parents=True, exist_ok=True)
     mcfg = get_preset("demo")
@@ -313,9 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--ship", default=None, help="copy the final checkpoint here (e.g. models/demo)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-scenes", type=int, default=300)
-    ap.add_argument("--eval-every", type=int, default=300)
+    ap.add_argument("--eval-every", type=int, default=250)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     metrics = run(Path(args.out), phases=default_phases(args.scale), batch_size=args.batch_size,
