@@ -251,3 +251,18 @@ def test_cli_train_through_the_accelerate_launcher(tmp_path):
     report = json.loads(out.stdout[out.stdout.index("{"):])
     assert report["steps"] == 2 and Path(report["final"]).name == "final"
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+def test_evaluate_command_runs_a_checkpoint_on_refexp_records(tmp_path, tiny_model, tiny_tokenizer, capsys):
+    from nextchat_core.build import save_pretrained
+    from nextchat_core.cli import main
+
+    data = write_refexp(tmp_path)
+    ckpt = save_pretrained(tiny_model, tmp_path / "ckpt", tiny_tokenizer)
+    rc = main(["evaluate", "--refexp", str(data), "--checkpoint", str(ckpt), "-o", str(tmp_path / "r.json")])
+    assert rc == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["n_records"] == 6  # the chat record is not a referring expression
+    assert report["n_mask_records"] == 6
+    assert 0.0 <= report["rec_acc"] <= 1.0 and report["seconds"] > 0
+    assert capsys.readouterr().out.strip()

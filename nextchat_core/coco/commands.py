@@ -108,7 +108,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "predictions) against --gt, with a per-category table. Referring-expression mode: "
             "REC Acc@0.5, mean box IoU, multi-instance recall, mask mIoU and cIoU over a "
             "JSONL of records {image, expression, boxes, mask?, pred_boxes, pred_mask?} "
-            "(see nextchat_core.coco.evaluate)."
+            "(see nextchat_core.coco.evaluate); with --checkpoint, the records need no "
+            "predictions (the training pipeline's referring-expression jsonl) and the model "
+            "predicts them."
         ),
     )
     p.add_argument("--gt", type=Path, help="ground-truth COCO instances")
@@ -116,6 +118,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iou-types", nargs="+", choices=("bbox", "segm"), default=["bbox", "segm"])
     p.add_argument("--refexp", type=Path, help="referring-expression records (.jsonl)")
     p.add_argument("--iou-threshold", type=float, default=0.5, help="refexp IoU threshold")
+    p.add_argument("--checkpoint", help="run this model on the --refexp records (default: predictions in the file)")
+    p.add_argument("--device", default=None, help="cpu or cuda, with --checkpoint")
+    p.add_argument("--max-records", type=int, default=None, help="evaluate at most this many records")
     p.add_argument("-o", "--out", type=Path, help="write the JSON report here")
     p.set_defaults(func=_evaluate)
 
@@ -213,6 +218,20 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise ValueError("COCO mode needs both --gt (instances) and --dt (detections)")
         report = evaluate_coco(args.gt, args.dt, iou_types=args.iou_types)
         text = format_coco_report(report)
+    elif args.checkpoint is not None:
+        # The model-running path lives with the training pipeline's reader and evaluation
+        # loop (one implementation, shared with training and the retraining gate).
+        from training.data import read_refexp_jsonl
+        from training.evaluation import evaluate_predictor
+
+        from ..checkpoints import resolve_checkpoint, resolve_device
+        from ..predictor import NextChatPredictor
+
+        predictor = NextChatPredictor.from_pretrained(resolve_checkpoint(args.checkpoint),
+                                                      device=resolve_device(args.device))
+        samples = read_refexp_jsonl(args.refexp, predictor.config)
+        report = evaluate_predictor(predictor, samples, max_records=args.max_records)
+        text = format_refexp_report(report)
     else:
         records = load_refexp_records(args.refexp)
         report = evaluate_refexp(records, iou_threshold=args.iou_threshold)
