@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fullscale  # noqa: E402
+import fullscale
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--presets", nargs="+", default=["tiny", "demo"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--iters", type=int, default=5)
@@ -29,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tables = {}
     for preset in args.presets:
-        ns = argparse.Namespace(preset=preset, iters=args.iters, batches=[8], attn="sdpa", no_compile=True)
+        ns = argparse.Namespace(
+            preset=preset, iters=args.iters, batches=[8], attn="sdpa", no_compile=True
+        )
         rows: list[tuple[str, str]] = []
         fullscale.bench_inference(ns, device, dtype, rows, {})
         tables[preset] = dict(rows)

@@ -88,7 +88,9 @@ def collate(
             boxes.append(frames.pixel_to_square(np.array([x1, y1, x2, y2]), w, h))
             mask = None if s.masks is None else s.masks[k]
             if with_masks and mask is not None:
-                mask_targets.append(frames.original_mask_to_sam(mask, SamGeometry(w, h, config.sam.image_size)))
+                mask_targets.append(
+                    frames.original_mask_to_sam(mask, SamGeometry(w, h, config.sam.image_size))
+                )
                 mask_index.append(len(boxes) - 1)
         ids.append(enc.input_ids)
         labels.append(enc.labels)
@@ -117,11 +119,17 @@ def collate(
 
 
 def grounding_sample(
-    image: Any, expression: str, boxes: list[Sequence[float]], config: NextChatConfig, *,
-    masks: list[np.ndarray | None] | None = None, source: str = "<sample>",
+    image: Any,
+    expression: str,
+    boxes: list[Sequence[float]],
+    config: NextChatConfig,
+    *,
+    masks: list[np.ndarray | None] | None = None,
+    source: str = "<sample>",
 ) -> Sample:
     """A referring-expression sample: the REC question and one box pair per box."""
     from .conversation import grounding_turns
 
-    return Sample(image, grounding_turns(expression, config, num_boxes=len(boxes)), list(boxes), masks, source)
-
+    return Sample(
+        image, grounding_turns(expression, config, num_boxes=len(boxes)), list(boxes), masks, source
+    )

@@ -37,8 +37,12 @@ WEIGHTS_NAME = "model.safetensors"
 RELEASED_INDEX = "pytorch_model.bin.index.json"
 
 # Buffers that old transformers versions saved and this model recomputes.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached",
-                     "embeddings.position_ids")
+_IGNORED_SUFFIXES = (
+    "rotary_emb.inv_freq",
+    "rotary_emb.cos_cached",
+    "rotary_emb.sin_cached",
+    "embeddings.position_ids",
+)
 RELEASED_VISION_PREFIX = "model.vision_tower.vision_model."
 
 
@@ -84,7 +88,9 @@ def save_pretrained(
         _rmtree(tmp)
     tmp.mkdir(parents=True)
     model.config.save(tmp / CONFIG_NAME)
-    save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "preset": model.config.preset})
+    save_model(
+        model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "preset": model.config.preset}
+    )
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     if path.exists():
@@ -160,10 +166,10 @@ def map_released_key(key: str, own_keys: Iterable[str] | None = None) -> str | N
     if key.endswith(_IGNORED_SUFFIXES):
         return None
     if key.startswith("model.vision_tower."):
-        rest = key[len("model.vision_tower."):]
+        rest = key[len("model.vision_tower.") :]
         candidates = [f"vision_tower.model.{rest}"]
         if rest.startswith("vision_model."):
-            candidates.append(f"vision_tower.model.{rest[len('vision_model.'):]}")
+            candidates.append(f"vision_tower.model.{rest[len('vision_model.') :]}")
         if own_keys is not None:
             own = set(own_keys)
             for c in candidates:
@@ -171,13 +177,13 @@ def map_released_key(key: str, own_keys: Iterable[str] | None = None) -> str | N
                     return c
         return candidates[-1]
     if key.startswith("model.mm_projector."):
-        return key[len("model."):]
+        return key[len("model.") :]
     if key.startswith("model."):
         return f"language_model.{key}"
     if key.startswith("lm_head."):
         return f"language_model.{key}"
     if key.startswith("sam.model."):
-        return "sam." + key[len("sam.model."):]
+        return "sam." + key[len("sam.model.") :]
     if key.startswith(("loc_encoder.", "loc_decoder.", "seg_prompt_mlp.")):
         return key
     raise ValueError(f"unexpected key in a released NExT-Chat checkpoint: {key!r}")
@@ -227,7 +233,9 @@ def check_released_shapes(
             continue
         covered.add(target)
         if tuple(shape) != own[target]:
-            report.mismatched.append(f"{key}: checkpoint {list(shape)} vs model {list(own[target])}")
+            report.mismatched.append(
+                f"{key}: checkpoint {list(shape)} vs model {list(own[target])}"
+            )
         else:
             report.mapped += 1
     for k in own:
@@ -251,7 +259,9 @@ def released_config(hf_config: Mapping[str, Any]) -> NextChatConfig:
     llm.num_kv_heads = hf_config.get("num_key_value_heads", llm.num_heads)
     llm.intermediate_size = hf_config.get("intermediate_size", llm.intermediate_size)
     llm.vocab_size = hf_config.get("vocab_size", llm.vocab_size)
-    llm.max_position_embeddings = hf_config.get("max_position_embeddings", llm.max_position_embeddings)
+    llm.max_position_embeddings = hf_config.get(
+        "max_position_embeddings", llm.max_position_embeddings
+    )
     llm.rms_norm_eps = hf_config.get("rms_norm_eps", llm.rms_norm_eps)
     cfg.vision.select_layer = hf_config.get("mm_vision_select_layer", cfg.vision.select_layer)
     cfg.projector.depth = hf_config.get("mm_depth", cfg.projector.depth)
@@ -288,9 +298,11 @@ def _load_released(
     model = build_model(config, device="meta")
     raw = read_released_state_dict(path)
     has_vision = any(k.startswith("model.vision_tower.") for k in raw)
-    report = check_released_shapes(model, {k: v.shape for k, v in raw.items()}, include_vision=has_vision)
+    report = check_released_shapes(
+        model, {k: v.shape for k, v in raw.items()}, include_vision=has_vision
+    )
     _raise_on_bad_report(report, str(path))
-    own_keys = model.state_dict().keys()
+    own_keys = list(model.state_dict())
     state = {}
     for key, tensor in raw.items():
         target = map_released_key(key, own_keys)
@@ -351,7 +363,9 @@ def _assign(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str)
     if missing:
         problems.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if problems:
-        raise ValueError(f"checkpoint {source} does not fit this model: " + "; ".join(problems[:10]))
+        raise ValueError(
+            f"checkpoint {source} does not fit this model: " + "; ".join(problems[:10])
+        )
     model.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers (rotary inv_freq, SAM pixel mean/std, CLIP position ids) were
     # built on the meta device; recompute them for real.
@@ -391,7 +405,9 @@ def _rmtree(path: Path) -> None:
 # ----------------------------------------------------------------------- inspection
 
 
-def inspect_checkpoint(path: str | Path | None = None, *, manifest: str | Path | None = None) -> dict[str, Any]:
+def inspect_checkpoint(
+    path: str | Path | None = None, *, manifest: str | Path | None = None
+) -> dict[str, Any]:
     """Which preset a checkpoint (or a released manifest of shapes) matches, its parameter
     count and the mapped / missing / unexpected key counts."""
     if path is None and manifest is None:
@@ -403,7 +419,7 @@ def inspect_checkpoint(path: str | Path | None = None, *, manifest: str | Path |
             from safetensors import safe_open
 
             with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
-                shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+                shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
             model = build_model(config, device="meta")
             own = {k: list(v.shape) for k, v in model.state_dict().items()}
             missing = [k for k in own if k not in shapes]
@@ -428,7 +444,9 @@ def inspect_checkpoint(path: str | Path | None = None, *, manifest: str | Path |
     else:
         data = json.loads(Path(manifest).read_text())  # type: ignore[arg-type]
         if "tensors" not in data:
-            raise ValueError(f"{manifest} is not a state-dict manifest: expected a 'tensors' object")
+            raise ValueError(
+                f"{manifest} is not a state-dict manifest: expected a 'tensors' object"
+            )
         shapes = data["tensors"]
         config = get_preset("nextchat-7b-336")
         source = str(manifest)
@@ -447,7 +465,9 @@ def inspect_checkpoint(path: str | Path | None = None, *, manifest: str | Path |
 
 def _matching_preset(own_shapes: Mapping[str, list[int]], declared: str) -> str | None:
     """The named preset whose tensor shapes equal these, if any (declared one first)."""
-    names = [declared] + [n for n in PRESETS if n != declared] if declared in PRESETS else list(PRESETS)
+    names = (
+        [declared] + [n for n in PRESETS if n != declared] if declared in PRESETS else list(PRESETS)
+    )
     for name in names:
         ref = build_model(name, device="meta")
         if {k: list(v.shape) for k, v in ref.state_dict().items()} == dict(own_shapes):

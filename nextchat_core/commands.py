@@ -19,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("path", nargs="?", help="checkpoint directory")
-    p.add_argument("--manifest", help="JSON manifest of a released state dict ({'tensors': {name: shape}})")
+    p.add_argument(
+        "--manifest", help="JSON manifest of a released state dict ({'tensors': {name: shape}})"
+    )
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser(
@@ -28,12 +30,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run the model on one image and print the answer, boxes in original pixels and scores.",
     )
     p.add_argument("image", help="image file")
-    p.add_argument("prompt", nargs="+", help="what to find, e.g. 'the blue triangle' (several allowed)")
-    p.add_argument("--checkpoint", help="checkpoint directory (default: $NEXTCHAT_CHECKPOINT or the bundled demo model)")
-    p.add_argument("--task", choices=["ground", "chat", "caption"], default="ground",
-                   help="ground: find objects (default); chat: answer a question; caption: describe --box")
-    p.add_argument("--box", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"),
-                   help="input region in original pixels (for --task caption)")
+    p.add_argument(
+        "prompt", nargs="+", help="what to find, e.g. 'the blue triangle' (several allowed)"
+    )
+    p.add_argument(
+        "--checkpoint",
+        help="checkpoint directory (default: $NEXTCHAT_CHECKPOINT or the bundled demo model)",
+    )
+    p.add_argument(
+        "--task",
+        choices=["ground", "chat", "caption"],
+        default="ground",
+        help="ground: find objects (default); chat: answer a question; caption: describe --box",
+    )
+    p.add_argument(
+        "--box",
+        type=float,
+        nargs=4,
+        metavar=("X1", "Y1", "X2", "Y2"),
+        help="input region in original pixels (for --task caption)",
+    )
     p.add_argument("--no-masks", action="store_true", help="boxes only (skips SAM)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: $NEXTCHAT_DEVICE or cpu)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -54,11 +70,15 @@ def _predict(args: argparse.Namespace) -> int:
     from .overlay import draw_overlay
     from .predictor import NextChatPredictor
 
-    predictor = NextChatPredictor.from_pretrained(resolve_checkpoint(args.checkpoint), device=resolve_device(args.device))
+    predictor = NextChatPredictor.from_pretrained(
+        resolve_checkpoint(args.checkpoint), device=resolve_device(args.device)
+    )
     image = load_image(args.image)
     predictor.set_image(image, with_masks=not args.no_masks)
     boxes = [args.box] if args.box else None
-    answers = predictor.predict(args.prompt, task=args.task, boxes=boxes, with_masks=not args.no_masks)
+    answers = predictor.predict(
+        args.prompt, task=args.task, boxes=boxes, with_masks=not args.no_masks
+    )
     if args.json:
         out = [
             {
@@ -83,7 +103,11 @@ def _predict(args: argparse.Namespace) -> int:
             print(f"{a.prompt!r} -> {a.text}")
             for k, d in enumerate(a.detections):
                 box = ", ".join(f"{v:.1f}" for v in d.box)
-                mask = "" if d.mask is None else f"  mask {int(d.mask.sum())} px (score {d.mask_score:.3f})"
+                mask = (
+                    ""
+                    if d.mask is None
+                    else f"  mask {int(d.mask.sum())} px (score {d.mask_score:.3f})"
+                )
                 print(f"  [{k}] box [{box}]  score {d.score:.3f}{mask}")
     if args.overlay:
         draw_overlay(image, answers).save(args.overlay)

@@ -259,10 +259,23 @@ class NextChatConfig:
         self.validate()
 
     def validate(self) -> None:
-        for part in (self.vision, self.projector, self.llm, self.location, self.sam, self.tokens, self.template):
+        for part in (
+            self.vision,
+            self.projector,
+            self.llm,
+            self.location,
+            self.sam,
+            self.tokens,
+            self.template,
+        ):
             part.validate()
-        top = max(self.tokens.im_patch_id, self.tokens.im_start_id, self.tokens.im_end_id,
-                  self.tokens.at_id, self.tokens.boxes_id)
+        top = max(
+            self.tokens.im_patch_id,
+            self.tokens.im_start_id,
+            self.tokens.im_end_id,
+            self.tokens.at_id,
+            self.tokens.boxes_id,
+        )
         if top >= self.llm.vocab_size:
             raise ValueError(
                 f"special token id {top} does not fit llm.vocab_size {self.llm.vocab_size}"
@@ -289,7 +302,9 @@ class NextChatConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}; expected some of {sorted(known)}")
+            raise ValueError(
+                f"unknown config keys {sorted(unknown)}; expected some of {sorted(known)}"
+            )
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             if key in kinds:
@@ -316,7 +331,9 @@ def _sub_from_dict(kind: type, name: str, value: Any) -> Any:
     fields = {f.name: f for f in dataclasses.fields(kind)}
     unknown = set(value) - set(fields)
     if unknown:
-        raise ValueError(f"unknown keys in config.{name}: {sorted(unknown)}; expected some of {sorted(fields)}")
+        raise ValueError(
+            f"unknown keys in config.{name}: {sorted(unknown)}; expected some of {sorted(fields)}"
+        )
     converted = {}
     for key, v in value.items():
         # JSON has no tuples; the dataclass defaults tell which fields are tuples.
@@ -332,19 +349,39 @@ def _tiny() -> NextChatConfig:
     return NextChatConfig(
         preset="tiny",
         vision=VisionConfig(
-            image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2,
-            intermediate_size=64, frozen=False,
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=2,
+            intermediate_size=64,
+            frozen=False,
         ),
         llm=LLMConfig(
-            hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=128,
-            vocab_size=512, max_position_embeddings=512,
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=4,
+            intermediate_size=128,
+            vocab_size=512,
+            max_position_embeddings=512,
         ),
         location=LocationConfig(hidden_size=32),
         sam=SamConfig(
-            image_size=64, patch_size=16, encoder_embed_dim=32, encoder_depth=2,
-            encoder_num_heads=2, encoder_global_attn_indexes=(1,), window_size=2,
-            prompt_dim=32, decoder_depth=2, decoder_mlp_dim=64, decoder_num_heads=2,
-            iou_head_hidden_dim=32, mask_in_chans=4, prompt_mlp_hidden=64,
+            image_size=64,
+            patch_size=16,
+            encoder_embed_dim=32,
+            encoder_depth=2,
+            encoder_num_heads=2,
+            encoder_global_attn_indexes=(1,),
+            window_size=2,
+            prompt_dim=32,
+            decoder_depth=2,
+            decoder_mlp_dim=64,
+            decoder_num_heads=2,
+            iou_head_hidden_dim=32,
+            mask_in_chans=4,
+            prompt_mlp_hidden=64,
         ),
         tokens=_small_tokens(512),
         template=TemplateConfig(system="", rec_question="<image> Where is {expr}?"),
@@ -356,25 +393,51 @@ def _demo() -> NextChatConfig:
     # see training/demo.py). It has no pretrained CLIP to start from, so its vision tower
     # is a small ConvNeXt (transformers) whose stride-32 map gives 8x8 = 64 image tokens at
     # 256 px: convolutions see whole shapes, which a 4-layer ViT from scratch did not.
-    convnext = {"num_channels": 3, "hidden_sizes": [32, 64, 128, 256], "depths": [2, 2, 2, 2],
-                "image_size": 256}
+    convnext = {
+        "num_channels": 3,
+        "hidden_sizes": [32, 64, 128, 256],
+        "depths": [2, 2, 2, 2],
+        "image_size": 256,
+    }
     return NextChatConfig(
         preset="demo",
         vision=VisionConfig(
-            backbone="hf", hf_model_type="convnext", image_size=256, patch_size=32,
-            hidden_size=256, num_layers=4, select_layer=-1, drop_cls=False, frozen=False,
+            backbone="hf",
+            hf_model_type="convnext",
+            image_size=256,
+            patch_size=32,
+            hidden_size=256,
+            num_layers=4,
+            select_layer=-1,
+            drop_cls=False,
+            frozen=False,
             extra=convnext,
         ),
         llm=LLMConfig(
-            hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=688,
-            vocab_size=1024, max_position_embeddings=512,
+            hidden_size=256,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=4,
+            intermediate_size=688,
+            vocab_size=1024,
+            max_position_embeddings=512,
         ),
         location=LocationConfig(hidden_size=256),
         sam=SamConfig(
-            image_size=256, patch_size=16, encoder_embed_dim=96, encoder_depth=4,
-            encoder_num_heads=4, encoder_global_attn_indexes=(1, 3), window_size=4,
-            prompt_dim=64, decoder_depth=2, decoder_mlp_dim=256, decoder_num_heads=4,
-            iou_head_hidden_dim=64, mask_in_chans=8, prompt_mlp_hidden=256,
+            image_size=256,
+            patch_size=16,
+            encoder_embed_dim=96,
+            encoder_depth=4,
+            encoder_num_heads=4,
+            encoder_global_attn_indexes=(1, 3),
+            window_size=4,
+            prompt_dim=64,
+            decoder_depth=2,
+            decoder_mlp_dim=256,
+            decoder_num_heads=4,
+            iou_head_hidden_dim=64,
+            mask_in_chans=8,
+            prompt_mlp_hidden=256,
         ),
         tokens=_small_tokens(1024),
         template=TemplateConfig(
@@ -392,8 +455,14 @@ def _small_tokens(vocab_size: int) -> TokenConfig:
     # released order (im_patch, im_start, im_end, at, boxes).
     base = vocab_size - 5
     return TokenConfig(
-        im_patch_id=base, im_start_id=base + 1, im_end_id=base + 2, at_id=base + 3,
-        boxes_id=base + 4, bos_id=1, eos_id=2, pad_id=3,
+        im_patch_id=base,
+        im_start_id=base + 1,
+        im_end_id=base + 2,
+        at_id=base + 3,
+        boxes_id=base + 4,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
     )
 
 

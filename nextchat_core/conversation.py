@@ -52,7 +52,9 @@ def box_pairs(n: int) -> str:
     return " ".join([BOX_PAIR] * n)
 
 
-def grounding_turns(expression: str, config: NextChatConfig, *, num_boxes: int | None = None) -> list[Turn]:
+def grounding_turns(
+    expression: str, config: NextChatConfig, *, num_boxes: int | None = None
+) -> list[Turn]:
     """Referring-expression turns: the REC question, and (for training) the answer with
     ``num_boxes`` box pairs. ``num_boxes=None`` gives the question alone (for generation)."""
     t = config.template
@@ -75,7 +77,11 @@ def chat_turns(question: str, config: NextChatConfig, *, answer: str | None = No
     """A free question about the image, placed by the template's ``chat_question`` unless
     it already holds ``<image>``."""
     marker = config.tokens.image_placeholder
-    text = question if marker in question else config.template.chat_question.format(question=question.strip())
+    text = (
+        question
+        if marker in question
+        else config.template.chat_question.format(question=question.strip())
+    )
     turns = [Turn("user", text)]
     if answer is not None:
         turns.append(Turn("assistant", answer))
@@ -147,7 +153,7 @@ def encode_conversation(
             add(encode_text(f"{tpl.user_role}: {turn.text}{tpl.sep}"), target=False)
         else:
             add(encode_text(f"{tpl.assistant_role}:"), target=False)
-            add(encode_text(f" {turn.text}") + [tk.eos_id], target=True)
+            add([*encode_text(f" {turn.text}"), tk.eos_id], target=True)
     if add_generation_prompt:
         if turns[-1].role != "user":
             raise ValueError("add_generation_prompt needs the last turn to be the user's")

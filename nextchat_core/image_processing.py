@@ -120,13 +120,17 @@ class ImageProcessor:
 
     def __call__(self, image: Any) -> ProcessedImage:
         img = load_image(image)
-        return ProcessedImage(vision=self.vision_resize(img), sam=self.sam_resize(img),
-                              width=img.width, height=img.height)
+        return ProcessedImage(
+            vision=self.vision_resize(img),
+            sam=self.sam_resize(img),
+            width=img.width,
+            height=img.height,
+        )
 
     def vision_resize(self, img: Image.Image) -> np.ndarray:
         """``VxVx3`` uint8: centered pad to square with the mean color, bicubic resize."""
         g = SquareGeometry(img.width, img.height)
-        fill = tuple(int(round(m * 255)) for m in self.mean)
+        fill = tuple(round(m * 255) for m in self.mean)
         square = Image.new("RGB", (g.side, g.side), fill)
         square.paste(img, (g.pad_x, g.pad_y))
         square = square.resize((self.vision_size, self.vision_size), Image.Resampling.BICUBIC)
@@ -160,5 +164,7 @@ class ImageProcessor:
         for i, p in enumerate(processed):
             g = SamGeometry(p.width, p.height, s)
             x = torch.from_numpy(p.sam).to(device).permute(2, 0, 1).float()
-            out[i, :, g.pad_y : g.pad_y + g.new_height, g.pad_x : g.pad_x + g.new_width] = (x - sam_mean) / sam_std
+            out[i, :, g.pad_y : g.pad_y + g.new_height, g.pad_x : g.pad_x + g.new_width] = (
+                x - sam_mean
+            ) / sam_std
         return pixel_values, out.to(dtype)

@@ -9,11 +9,21 @@ from PIL import Image, ImageDraw
 
 from .predictor import Answer
 
-_COLORS = [(255, 59, 48), (52, 199, 89), (0, 122, 255), (255, 204, 0), (175, 82, 222),
-           (255, 149, 0), (90, 200, 250), (255, 45, 85)]
+_COLORS = [
+    (255, 59, 48),
+    (52, 199, 89),
+    (0, 122, 255),
+    (255, 204, 0),
+    (175, 82, 222),
+    (255, 149, 0),
+    (90, 200, 250),
+    (255, 45, 85),
+]
 
 
-def draw_overlay(image: Image.Image, answers: Sequence[Answer], *, alpha: float = 0.45) -> Image.Image:
+def draw_overlay(
+    image: Image.Image, answers: Sequence[Answer], *, alpha: float = 0.45
+) -> Image.Image:
     """A copy of ``image`` (RGB, original size) with masks tinted, boxes outlined and each
     box labeled ``prompt score``; one color per prompt."""
     base = np.asarray(image.convert("RGB"), dtype=np.float32)

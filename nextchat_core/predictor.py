@@ -100,7 +100,9 @@ class NextChatPredictor:
         mask_iou_threshold: float | None = None,
         sam_batch_size: int = 4,
     ) -> None:
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.device = (
+            torch.device(device) if device is not None else next(model.parameters()).device
+        )
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use 'cpu'")
         self.model = model.to(self.device).eval()
@@ -120,12 +122,19 @@ class NextChatPredictor:
         # on a side stream: decoding is launch-bound, so the GPU has room for SAM meanwhile.
         self.sam_batch_size = sam_batch_size
         # Decoding and resizing (PIL releases the GIL) run in threads, one image each.
-        self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="nextchat-img")
+        self._pool = ThreadPoolExecutor(
+            max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="nextchat-img"
+        )
         self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs: Any
+        cls,
+        path: str | Path,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        **kwargs: Any,
     ) -> NextChatPredictor:
         ckpt = from_pretrained(path, device=device, dtype=dtype)
         return cls(ckpt.model, ckpt.tokenizer, device=device, dtype=dtype, **kwargs)
@@ -169,15 +178,21 @@ class NextChatPredictor:
         ``queries``."""
         for q in queries:
             if not 0 <= q.image_index < len(images):
-                raise ValueError(f"query image_index {q.image_index} is outside the {len(images)} images")
+                raise ValueError(
+                    f"query image_index {q.image_index} is outside the {len(images)} images"
+                )
         encoded: list[_Encoded] = []
         for start in range(0, len(images), batch_size):
             encoded.extend(self._encode(images[start : start + batch_size], with_masks=with_masks))
         answers: list[Answer] = []
         for start in range(0, len(queries), batch_size):
             answers.extend(
-                self._answer(encoded, list(queries[start : start + batch_size]), with_masks=with_masks,
-                             **generate_kwargs)
+                self._answer(
+                    encoded,
+                    list(queries[start : start + batch_size]),
+                    with_masks=with_masks,
+                    **generate_kwargs,
+                )
             )
         return answers
 
@@ -192,9 +207,15 @@ class NextChatPredictor:
                 yield
 
     def _encode(self, images: Sequence[Any], *, with_masks: bool) -> list[_Encoded]:
-        processed = list(self._pool.map(self.processor, images)) if len(images) > 1 else [self.processor(images[0])]
+        processed = (
+            list(self._pool.map(self.processor, images))
+            if len(images) > 1
+            else [self.processor(images[0])]
+        )
         with self._context():
-            pixels, _ = self.processor.tensors(processed, device=self.device, dtype=self._input_dtype, sam=False)
+            pixels, _ = self.processor.tensors(
+                processed, device=self.device, dtype=self._input_dtype, sam=False
+            )
             feats = self.model.encode_images(pixels)
         encoded = [_Encoded(p, feats[i : i + 1]) for i, p in enumerate(processed)]
         if with_masks:
@@ -207,11 +228,15 @@ class NextChatPredictor:
         main = torch.cuda.current_stream(self.device) if side is not None else None
         if side is not None:
             side.wait_stream(main)
-        with self._context(), (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
+        with (
+            self._context(),
+            torch.cuda.stream(side) if side is not None else contextlib.nullcontext(),
+        ):
             for start in range(0, len(encoded), self.sam_batch_size):
                 chunk = encoded[start : start + self.sam_batch_size]
-                _, sam_pixels = self.processor.tensors([e.processed for e in chunk], device=self.device,
-                                                       dtype=self._input_dtype)
+                _, sam_pixels = self.processor.tensors(
+                    [e.processed for e in chunk], device=self.device, dtype=self._input_dtype
+                )
                 emb = self.model.encode_sam_images(sam_pixels)
                 if main is not None:
                     emb.record_stream(main)  # used on the main stream after the event
@@ -251,14 +276,22 @@ class NextChatPredictor:
         return grounding_turns(prompt, self.config), boxes
 
     def _answer(
-        self, encoded: list[_Encoded], queries: list[Query], *, with_masks: bool, **generate_kwargs: Any
+        self,
+        encoded: list[_Encoded],
+        queries: list[Query],
+        *,
+        with_masks: bool,
+        **generate_kwargs: Any,
     ) -> list[Answer]:
         tk = self.config.tokens
         rows, in_boxes = [], []
         for q in queries:
             turns, boxes = self._turns(q)
             enc = encode_conversation(
-                turns, self.tokenizer, self.config, num_image_tokens=self._num_image_tokens,
+                turns,
+                self.tokenizer,
+                self.config,
+                num_image_tokens=self._num_image_tokens,
                 add_generation_prompt=True,
             )
             if enc.num_boxes != len(boxes):
@@ -281,11 +314,13 @@ class NextChatPredictor:
         ids = torch.full((len(rows), width), tk.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):  # left padding: generation appends on the right
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
         feats = torch.cat([encoded[q.image_index].features for q in queries])
         box_tensor = (
-            torch.tensor(np.stack(in_boxes), dtype=torch.float32, device=self.device) if in_boxes else None
+            torch.tensor(np.stack(in_boxes), dtype=torch.float32, device=self.device)
+            if in_boxes
+            else None
         )
         kwargs = {"max_new_tokens": self.max_new_tokens, **generate_kwargs}
         with self._context():
@@ -294,13 +329,29 @@ class NextChatPredictor:
             )
             answers = []
             for i, q in enumerate(queries):
-                answers.append(self._to_answer(q, encoded[q.image_index], gen.sequences[i], gen.boxes[i],
-                                               gen.at_hidden[i], gen.box_scores[i], with_masks=with_masks))
+                answers.append(
+                    self._to_answer(
+                        q,
+                        encoded[q.image_index],
+                        gen.sequences[i],
+                        gen.boxes[i],
+                        gen.at_hidden[i],
+                        gen.box_scores[i],
+                        with_masks=with_masks,
+                    )
+                )
         return answers
 
     def _to_answer(
-        self, q: Query, enc: _Encoded, sequence: list[int], boxes: torch.Tensor, hidden: torch.Tensor,
-        scores: torch.Tensor, *, with_masks: bool,
+        self,
+        q: Query,
+        enc: _Encoded,
+        sequence: list[int],
+        boxes: torch.Tensor,
+        hidden: torch.Tensor,
+        scores: torch.Tensor,
+        *,
+        with_masks: bool,
     ) -> Answer:
         tk = self.config.tokens
         p = enc.processed

@@ -39,8 +39,18 @@ def train_bpe_tokenizer(
 
     tok_cfg = config.tokens
     target = config.llm.vocab_size - len(tok_cfg.added_tokens())
-    expected = [tok_cfg.im_patch_id, tok_cfg.im_start_id, tok_cfg.im_end_id, tok_cfg.at_id, tok_cfg.boxes_id]
-    if expected != list(range(target, target + 5)) or (tok_cfg.bos_id, tok_cfg.eos_id, tok_cfg.pad_id) != (1, 2, 3):
+    expected = [
+        tok_cfg.im_patch_id,
+        tok_cfg.im_start_id,
+        tok_cfg.im_end_id,
+        tok_cfg.at_id,
+        tok_cfg.boxes_id,
+    ]
+    if expected != list(range(target, target + 5)) or (
+        tok_cfg.bos_id,
+        tok_cfg.eos_id,
+        tok_cfg.pad_id,
+    ) != (1, 2, 3):
         raise ValueError(
             "train_bpe_tokenizer expects the small-preset token layout (<unk> <s> </s> <pad> "
             f"first, the 5 NExT-Chat tokens last at {list(range(target, target + 5))}); got "
@@ -78,7 +88,9 @@ def load_tokenizer(path: str | Path, config: NextChatConfig) -> PreTrainedTokeni
     return tokenizer
 
 
-def check_tokenizer(tokenizer: PreTrainedTokenizerBase, tokens: TokenConfig, *, vocab_size: int) -> None:
+def check_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, tokens: TokenConfig, *, vocab_size: int
+) -> None:
     """Raise ``ValueError`` when the tokenizer's special-token ids disagree with the config."""
     wanted = {
         tokens.im_patch: tokens.im_patch_id,

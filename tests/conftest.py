@@ -11,8 +11,14 @@ from nextchat_core.config import NextChatConfig, get_preset
 from nextchat_core.tokenizer import train_bpe_tokenizer
 
 TINY_CORPUS = [
-    "the red circle", "a blue square", "the green triangle on the left", "all yellow shapes",
-    "Is there a purple star?", "Yes, there is.", "No.", "a small white hexagon",
+    "the red circle",
+    "a blue square",
+    "the green triangle on the left",
+    "all yellow shapes",
+    "Is there a purple star?",
+    "Yes, there is.",
+    "No.",
+    "a small white hexagon",
 ]
 
 
@@ -32,7 +38,9 @@ def tiny_model(tiny_config):
     return build_model(tiny_config)
 
 
-def make_scene(width: int = 96, height: int = 64, box=(20, 10, 60, 50)) -> tuple[np.ndarray, np.ndarray]:
+def make_scene(
+    width: int = 96, height: int = 64, box=(20, 10, 60, 50)
+) -> tuple[np.ndarray, np.ndarray]:
     """A gray image with one red disc inscribed in ``box`` (original pixels) and its mask."""
     img = np.full((height, width, 3), 90, dtype=np.uint8)
     yy, xx = np.mgrid[0:height, 0:width]

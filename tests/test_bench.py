@@ -11,13 +11,36 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_fullscale_runs_at_tiny_on_cpu(tmp_path):
     out = subprocess.run(
-        [sys.executable, "bench/fullscale.py", "--preset", "tiny", "--device", "cpu", "--iters", "1",
-         "--batches", "2", "--train-batch", "2", "--json", str(tmp_path / "r.json")],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "bench/fullscale.py",
+            "--preset",
+            "tiny",
+            "--device",
+            "cpu",
+            "--iters",
+            "1",
+            "--batches",
+            "2",
+            "--train-batch",
+            "2",
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    for phase in ("SAM image encoder", "prefill", "decode per token via generate, static cache",
-                  "end to end, 1 image-prompt", "train stage 2", "train stage 3"):
+    for phase in (
+        "SAM image encoder",
+        "prefill",
+        "decode per token via generate, static cache",
+        "end to end, 1 image-prompt",
+        "train stage 2",
+        "train stage 3",
+    ):
         assert phase in out.stdout, phase
     import json
 

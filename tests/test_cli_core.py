@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import make_scene
 from PIL import Image
 
-from conftest import make_scene
 from nextchat_core.build import save_pretrained
 from nextchat_core.cli import main
 
@@ -17,7 +17,12 @@ MANIFEST = Path(__file__).resolve().parent / "data" / "nextchat-7b-336-state-dic
 
 
 def test_help_lists_commands():
-    out = subprocess.run([sys.executable, "-m", "nextchat_core.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "nextchat_core.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "inspect-checkpoint" in out.stdout and "predict" in out.stdout
 
 
@@ -33,8 +38,18 @@ def test_predict_prints_json_and_writes_overlay(tiny_model, tiny_tokenizer, tmp_
     img, _ = make_scene()
     Image.fromarray(img).save(tmp_path / "scene.png")
     overlay = tmp_path / "overlay.png"
-    rc = main(["predict", str(tmp_path / "scene.png"), "the red circle", "--checkpoint", str(ckpt),
-               "--json", "--overlay", str(overlay)])
+    rc = main(
+        [
+            "predict",
+            str(tmp_path / "scene.png"),
+            "the red circle",
+            "--checkpoint",
+            str(ckpt),
+            "--json",
+            "--overlay",
+            str(overlay),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     data = json.loads(text[: text.rindex("]") + 1])
@@ -44,6 +59,8 @@ def test_predict_prints_json_and_writes_overlay(tiny_model, tiny_tokenizer, tmp_
 
 
 def test_predict_bad_input_is_a_clear_error(tmp_path, capsys):
-    rc = main(["predict", str(tmp_path / "missing.png"), "x", "--checkpoint", str(tmp_path / "nope")])
+    rc = main(
+        ["predict", str(tmp_path / "missing.png"), "x", "--checkpoint", str(tmp_path / "nope")]
+    )
     assert rc == 1
     assert "no checkpoint at" in capsys.readouterr().err

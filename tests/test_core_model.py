@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_scene
+
 from nextchat_core import frames
 from nextchat_core.batch import collate, grounding_sample
 from nextchat_core.build import (
@@ -34,8 +34,17 @@ BOX = (20.0, 10.0, 60.0, 50.0)  # original pixels in a 96x64 (non-square) image
 def _batch(model, tokenizer, config, *, with_masks=True):
     img, mask = make_scene(box=tuple(int(v) for v in BOX))
     sample = grounding_sample(img, "the red circle", [BOX], config, masks=[mask])
-    return collate([sample], tokenizer=tokenizer, config=config,
-                   num_image_tokens=model.num_image_tokens, with_masks=with_masks), img, mask
+    return (
+        collate(
+            [sample],
+            tokenizer=tokenizer,
+            config=config,
+            num_image_tokens=model.num_image_tokens,
+            with_masks=with_masks,
+        ),
+        img,
+        mask,
+    )
 
 
 def test_forward_output_shapes(tiny_model, tiny_tokenizer, tiny_config):
@@ -48,7 +57,16 @@ def test_forward_output_shapes(tiny_model, tiny_tokenizer, tiny_config):
     assert out.at_hidden.shape == (1, tiny_config.llm.hidden_size)
     assert out.mask_logits.shape == (1, s, s)
     assert out.iou_predictions.shape == (1,)
-    for part in ("lm_loss", "l1_loss", "giou_loss", "cycle1_loss", "cycle2_loss", "focal_loss", "dice_loss", "iou_loss"):
+    for part in (
+        "lm_loss",
+        "l1_loss",
+        "giou_loss",
+        "cycle1_loss",
+        "cycle2_loss",
+        "focal_loss",
+        "dice_loss",
+        "iou_loss",
+    ):
         value = getattr(out, part)
         assert value is not None and value.ndim == 0 and torch.isfinite(value), part
     assert torch.isfinite(out.loss)
@@ -60,8 +78,12 @@ def test_forward_output_shapes(tiny_model, tiny_tokenizer, tiny_config):
 
 
 def test_labels_only_on_assistant_turns_and_not_on_boxes(tiny_tokenizer, tiny_config):
-    enc = encode_conversation(grounding_turns("the red circle", tiny_config, num_boxes=2), tiny_tokenizer,
-                              tiny_config, num_image_tokens=16)
+    enc = encode_conversation(
+        grounding_turns("the red circle", tiny_config, num_boxes=2),
+        tiny_tokenizer,
+        tiny_config,
+        num_image_tokens=16,
+    )
     tk = tiny_config.tokens
     labelled = [t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != -100]
     assert tk.at_id in labelled and tk.boxes_id not in labelled
@@ -103,7 +125,7 @@ def overfit(tiny_config, tiny_tokenizer):
 
 def test_single_sample_overfit_reaches_box_and_mask_iou(overfit):
     _, history, _, _ = overfit
-    step, box_iou, mask_iou, lm = history[-1]
+    step, box_iou, mask_iou, _ = history[-1]
     assert box_iou > 0.9, history[-5:]
     assert mask_iou > 0.8, history[-5:]
     assert step < 199, "did not converge within the step budget"
@@ -149,7 +171,11 @@ def test_static_cache_decoding_equals_dynamic(overfit, tiny_tokenizer):
     answers as the dynamic KV cache, left padding included."""
     model, _, img, _ = overfit
     predictor = NextChatPredictor(model, tiny_tokenizer, max_new_tokens=10)
-    queries = [Query(0, "the red circle"), Query(0, "a blue square on the left side"), Query(0, "all shapes")]
+    queries = [
+        Query(0, "the red circle"),
+        Query(0, "a blue square on the left side"),
+        Query(0, "all shapes"),
+    ]
     dynamic = predictor.predict_batch([img], queries, batch_size=3)
     static = predictor.predict_batch([img], queries, batch_size=3, static_cache=True)
     for a, b in zip(dynamic, static, strict=True):
@@ -161,18 +187,28 @@ def test_static_cache_decoding_equals_dynamic(overfit, tiny_tokenizer):
 
 def test_save_load_is_bit_exact(tiny_model, tiny_tokenizer, tmp_path):
     path = save_pretrained(tiny_model, tmp_path / "ckpt", tiny_tokenizer)
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in path.iterdir()
+    }
     loaded = from_pretrained(path)
     a, b = tiny_model.state_dict(), loaded.model.state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    for (name, buf_a), (_, buf_b) in zip(tiny_model.named_buffers(), loaded.model.named_buffers(), strict=True):
+    for (name, buf_a), (_, buf_b) in zip(
+        tiny_model.named_buffers(), loaded.model.named_buffers(), strict=True
+    ):
         assert torch.equal(buf_a, buf_b), name
-    assert loaded.tokenizer("the red circle")["input_ids"] == tiny_tokenizer("the red circle")["input_ids"]
+    assert (
+        loaded.tokenizer("the red circle")["input_ids"]
+        == tiny_tokenizer("the red circle")["input_ids"]
+    )
     # same outputs, not only the same tensors
     img, _ = make_scene()
-    p1, p2 = NextChatPredictor(tiny_model, tiny_tokenizer, max_new_tokens=6), NextChatPredictor(loaded.model, loaded.tokenizer, max_new_tokens=6)
+    p1, p2 = (
+        NextChatPredictor(tiny_model, tiny_tokenizer, max_new_tokens=6),
+        NextChatPredictor(loaded.model, loaded.tokenizer, max_new_tokens=6),
+    )
     p1.set_image(img)
     p2.set_image(img)
     assert p1.predict("the red circle")[0].text == p2.predict("the red circle")[0].text
@@ -181,13 +217,16 @@ def test_save_load_is_bit_exact(tiny_model, tiny_tokenizer, tmp_path):
 
 def test_checkpoint_of_another_preset_is_a_clear_error(tiny_model, tiny_tokenizer, tmp_path):
     path = save_pretrained(tiny_model, tmp_path / "tiny", tiny_tokenizer)
-    with pytest.raises(ValueError, match="preset 'tiny', expected 'demo'"):
+    with pytest.raises(ValueError, match=r"preset 'tiny', expected 'demo'"):
         from_pretrained(path, expected_preset="demo")
     # weights of one preset under the config of another: a shape error naming the key
     cfg = json.loads((path / "config.json").read_text())
     cfg["llm"]["hidden_size"] = 128
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"language_model\.model\.embed_tokens\.weight: checkpoint \[512, 64\] vs model \[512, 128\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"language_model\.model\.embed_tokens\.weight: checkpoint \[512, 64\] vs model \[512, 128\]",
+    ):
         from_pretrained(path)
 
 
@@ -208,8 +247,13 @@ def test_released_manifest_maps_onto_the_7b_preset_exactly():
     # a mis-shaped key is reported with both shapes
     bad = dict(data["tensors"], **{"loc_decoder.0.weight": [2048, 4000]})
     report = check_released_shapes(model, bad)
-    assert report.mismatched == ["loc_decoder.0.weight: checkpoint [2048, 4000] vs model [2048, 4096]"]
-    assert map_released_key("sam.model.mask_decoder.iou_token.weight") == "sam.mask_decoder.iou_token.weight"
+    assert report.mismatched == [
+        "loc_decoder.0.weight: checkpoint [2048, 4000] vs model [2048, 4096]"
+    ]
+    assert (
+        map_released_key("sam.model.mask_decoder.iou_token.weight")
+        == "sam.mask_decoder.iou_token.weight"
+    )
     assert map_released_key("model.layers.3.self_attn.rotary_emb.inv_freq") is None
     assert inspect_checkpoint(manifest=MANIFEST)["missing"] == 0
 
@@ -225,13 +269,13 @@ def _write_released_layout(model, tokenizer, path: Path, *, with_vision: bool = 
         if key.startswith("vision_tower.model."):
             if not with_vision:
                 continue
-            name = "model.vision_tower.vision_model." + key[len("vision_tower.model."):]
+            name = "model.vision_tower.vision_model." + key[len("vision_tower.model.") :]
         elif key.startswith("mm_projector."):
             name = "model." + key
         elif key.startswith("language_model."):
-            name = key[len("language_model."):]
+            name = key[len("language_model.") :]
         elif key.startswith("sam."):
-            name = "sam.model." + key[len("sam."):]
+            name = "sam.model." + key[len("sam.") :]
         else:
             name = key
         assert map_released_key(name, own.keys()) == key
@@ -239,13 +283,18 @@ def _write_released_layout(model, tokenizer, path: Path, *, with_vision: bool = 
     # persistent in transformers 4.31, so the real shards carry them; the loader skips them
     released["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
     names = sorted(released)
-    shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    shards = {
+        "pytorch_model-00001-of-00002.bin": names[::2],
+        "pytorch_model-00002-of-00002.bin": names[1::2],
+    }
     path.mkdir(parents=True, exist_ok=True)
     for shard, keys in shards.items():
         torch.save({k: released[k] for k in keys}, path / shard)
     index = {"weight_map": {k: s for s, ks in shards.items() for k in ks}}
     (path / RELEASED_INDEX).write_text(json.dumps(index))
-    (path / "config.json").write_text(json.dumps({"model_type": "nextchat", "architectures": ["NextChatForSegLM"]}))
+    (path / "config.json").write_text(
+        json.dumps({"model_type": "nextchat", "architectures": ["NextChatForSegLM"]})
+    )
     tokenizer.save_pretrained(str(path))
 
 
@@ -274,17 +323,29 @@ def test_released_layout_loads_with_weights_only(tiny_model, tiny_tokenizer, tin
     # a checkpoint of other sizes: a clear error naming a key and both shapes
     other = get_preset("tiny")
     other.llm.intermediate_size = 96
-    with pytest.raises(ValueError, match=r"mlp\.(gate|up|down)_proj\.weight: checkpoint \[\d+, \d+\] vs model"):
+    with pytest.raises(
+        ValueError, match=r"mlp\.(gate|up|down)_proj\.weight: checkpoint \[\d+, \d+\] vs model"
+    ):
         from_pretrained(tmp_path / "rel", config=other)
 
 
 def test_released_config_json_gives_the_7b_preset():
     from nextchat_core.build import released_config
 
-    hf = {"model_type": "nextchat", "architectures": ["NextChatForSegLM"], "hidden_size": 4096,
-          "num_hidden_layers": 32, "num_attention_heads": 32, "intermediate_size": 11008,
-          "vocab_size": 32005, "mm_depth": 2, "mm_hidden_size": 1024, "mm_vision_select_layer": -2,
-          "mm_use_im_start_end": True, "mm_vision_tower": "openai/clip-vit-large-patch14-336"}
+    hf = {
+        "model_type": "nextchat",
+        "architectures": ["NextChatForSegLM"],
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "intermediate_size": 11008,
+        "vocab_size": 32005,
+        "mm_depth": 2,
+        "mm_hidden_size": 1024,
+        "mm_vision_select_layer": -2,
+        "mm_use_im_start_end": True,
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+    }
     assert released_config(hf) == get_preset("nextchat-7b-336")
     with pytest.raises(ValueError, match="model_type 'nextchat'"):
         released_config({"model_type": "llava"})
@@ -294,7 +355,7 @@ def test_clear_errors_for_bad_inputs(tiny_model, tiny_tokenizer, tiny_config):
     predictor = NextChatPredictor(tiny_model, tiny_tokenizer)
     with pytest.raises(RuntimeError, match="set_image"):
         predictor.predict("x")
-    with pytest.raises(TypeError, match="path, bytes, a file object, a PIL.Image"):
+    with pytest.raises(TypeError, match=r"path, bytes, a file object, a PIL\.Image"):
         predictor.set_image(12345)
     with pytest.raises(TypeError, match="HxWx3 uint8"):
         predictor.set_image(np.zeros((10, 10), dtype=np.float32))
@@ -309,12 +370,20 @@ def test_clear_errors_for_bad_inputs(tiny_model, tiny_tokenizer, tiny_config):
     with pytest.raises(ValueError, match="not inside the 96x64 image"):
         predictor.predict("x", task="caption", boxes=[[0, 0, 200, 10]])
     with pytest.raises(ValueError, match=r"0 image\(s\)|1 image\(s\)"):
-        encode_conversation([Turn("user", "Where is the red circle?")], tiny_tokenizer, tiny_config,
-                            num_image_tokens=16)
+        encode_conversation(
+            [Turn("user", "Where is the red circle?")],
+            tiny_tokenizer,
+            tiny_config,
+            num_image_tokens=16,
+        )
     with pytest.raises(ValueError, match="must be followed by <boxes>"):
-        encode_conversation([Turn("user", "<image> a <at> b")], tiny_tokenizer, tiny_config, num_image_tokens=16)
-    img_box = grounding_sample(img, "the red circle", [(10, 10, 500, 20)], tiny_config, source="refs.jsonl:7")
-    with pytest.raises(ValueError, match="refs.jsonl:7: box 0"):
+        encode_conversation(
+            [Turn("user", "<image> a <at> b")], tiny_tokenizer, tiny_config, num_image_tokens=16
+        )
+    img_box = grounding_sample(
+        img, "the red circle", [(10, 10, 500, 20)], tiny_config, source="refs.jsonl:7"
+    )
+    with pytest.raises(ValueError, match=r"refs\.jsonl:7: box 0"):
         collate([img_box], tokenizer=tiny_tokenizer, config=tiny_config, num_image_tokens=16)
 
 

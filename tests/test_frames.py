@@ -34,10 +34,14 @@ def test_square_frame_is_centered_padding():
     g = SquareGeometry(96, 64)
     assert (g.side, g.pad_x, g.pad_y) == (96, 0, 16)
     # the full image is the central band of the square
-    np.testing.assert_allclose(frames.pixel_to_square(np.array([0, 0, 96, 64.0]), 96, 64), [0, 16 / 96, 1, 80 / 96])
+    np.testing.assert_allclose(
+        frames.pixel_to_square(np.array([0, 0, 96, 64.0]), 96, 64), [0, 16 / 96, 1, 80 / 96]
+    )
     s = SamGeometry(96, 64, 1024)
     assert (s.new_width, s.new_height, s.pad_x, s.pad_y) == (1024, 683, 0, 170)
-    np.testing.assert_allclose(frames.pixel_to_sam(np.array([0, 0, 96, 64.0]), 96, 64, 1024), [0, 170, 1024, 853])
+    np.testing.assert_allclose(
+        frames.pixel_to_sam(np.array([0, 0, 96, 64.0]), 96, 64, 1024), [0, 170, 1024, 853]
+    )
 
 
 def test_sam_mask_crop_returns_original_resolution():
@@ -62,9 +66,13 @@ def test_percent_round_trip_and_rotation():
     corners = frames.percent_to_corners(rotated, w, h)
     # 90 degrees clockwise about the top-left corner (y grows downward)
     np.testing.assert_allclose(corners[1], [64.0, 48.0 + 256.0], atol=1e-9)
-    np.testing.assert_allclose(frames.percent_to_pixel(rotated, w, h), [64 - 192, 48, 64, 48 + 256], atol=1e-9)
+    np.testing.assert_allclose(
+        frames.percent_to_pixel(rotated, w, h), [64 - 192, 48, 64, 48 + 256], atol=1e-9
+    )
     pts = np.array([[10.0, 20.0], [300.0, 40.0], [200.0, 400.0]])
-    np.testing.assert_allclose(frames.points_percent_to_pixel(frames.points_pixel_to_percent(pts, w, h), w, h), pts)
+    np.testing.assert_allclose(
+        frames.points_percent_to_pixel(frames.points_pixel_to_percent(pts, w, h), w, h), pts
+    )
 
 
 def test_rle_round_trips():

@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_scene
 from PIL import Image
 
-from conftest import make_scene
 from nextchat_core import frames
 from nextchat_core.build import build_model
 from nextchat_core.predictor import NextChatPredictor
 from training.data import read_coco, read_label_studio, read_refexp_jsonl
 from training.engine import EngineSettings, prepare
-from training.lora import LoraSettings, apply_lora, merge_lora
+from training.lora import LoraSettings, merge_lora
 from training.stages import get_stage
 from training.trainer import TrainConfig, train
 
@@ -38,18 +38,42 @@ def write_refexp(tmp: Path, n: int = 6) -> Path:
         img, mask = make_scene(w, h, box)
         Image.fromarray(img).save(tmp / "images" / f"{i}.png")
         tight = frames.mask_to_box(mask).tolist()
-        lines.append({"image": f"images/{i}.png", "width": w, "height": h, "expression": "the red circle",
-                      "boxes": [tight], "masks": [frames.mask_to_coco_rle(mask)]})
-    lines.append({"image": "images/0.png", "task": "chat", "question": "Is there a red circle?",
-                  "answer": "Yes, <at> <boxes>.", "boxes": [lines[0]["boxes"][0]]})
+        lines.append(
+            {
+                "image": f"images/{i}.png",
+                "width": w,
+                "height": h,
+                "expression": "the red circle",
+                "boxes": [tight],
+                "masks": [frames.mask_to_coco_rle(mask)],
+            }
+        )
+    lines.append(
+        {
+            "image": "images/0.png",
+            "task": "chat",
+            "question": "Is there a red circle?",
+            "answer": "Yes, <at> <boxes>.",
+            "boxes": [lines[0]["boxes"][0]],
+        }
+    )
     path = tmp / "train.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     return path
 
 
 def config_for(tmp: Path, data: Path, **kw) -> TrainConfig:
-    base = dict(stage=2, init="tiny", data=[{"kind": "refexp", "path": str(data)}], steps=6, batch_size=2,
-                lr=3e-3, warmup_ratio=0.0, output_dir=str(tmp / "run"), log_every=1)
+    base = dict(
+        stage=2,
+        init="tiny",
+        data=[{"kind": "refexp", "path": str(data)}],
+        steps=6,
+        batch_size=2,
+        lr=3e-3,
+        warmup_ratio=0.0,
+        output_dir=str(tmp / "run"),
+        log_every=1,
+    )
     base.update(kw)
     return TrainConfig.from_dict(base)
 
@@ -61,8 +85,15 @@ def metrics(path: Path) -> list[dict]:
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_each_stage_lowers_its_loss(tmp_path, stage):
     data = write_refexp(tmp_path)
-    cfg = config_for(tmp_path, data, stage=stage, steps=20, batch_size=3, log_every=5,
-                     lr=3e-3 if stage != 3 else 1e-2)
+    cfg = config_for(
+        tmp_path,
+        data,
+        stage=stage,
+        steps=20,
+        batch_size=3,
+        log_every=5,
+        lr=3e-3 if stage != 3 else 1e-2,
+    )
     result = train(cfg)
     rows = [r for r in metrics(result.log_path) if not r.get("eval")]
     assert rows[-1]["loss"] < rows[0]["loss"] * 0.9, [r["loss"] for r in rows]
@@ -108,7 +139,9 @@ def test_stage3_changes_only_prompt_mlp_and_mask_decoder(tmp_path):
     after = load_file(str(result.final_dir / "model.safetensors"))
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert changed, "stage 3 trained nothing"
-    assert all(k.startswith(("seg_prompt_mlp.", "sam.mask_decoder.")) for k in changed), sorted(changed)[:5]
+    assert all(k.startswith(("seg_prompt_mlp.", "sam.mask_decoder.")) for k in changed), sorted(
+        changed
+    )[:5]
     assert any(k.startswith("seg_prompt_mlp.") for k in changed)
     assert any(k.startswith("sam.mask_decoder.") for k in changed)
 
@@ -116,10 +149,16 @@ def test_stage3_changes_only_prompt_mlp_and_mask_decoder(tmp_path):
 def test_lora_train_merge_gives_same_outputs(tiny_tokenizer, tiny_config):
     torch.manual_seed(0)
     model = build_model(tiny_config)
-    prepare(model, get_stage(2), EngineSettings(lr=1e-2, lora=LoraSettings(r=4, alpha=8, dropout=0.0)))
+    prepare(
+        model, get_stage(2), EngineSettings(lr=1e-2, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    )
     lora_params = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     assert lora_params
-    frozen_base = [n for n, p in model.named_parameters() if n.startswith("language_model.") and "lora_" not in n]
+    frozen_base = [
+        n
+        for n, p in model.named_parameters()
+        if n.startswith("language_model.") and "lora_" not in n
+    ]
     assert all(not dict(model.named_parameters())[n].requires_grad for n in frozen_base)
     with torch.no_grad():  # make the adapters non-trivial (B starts at zero)
         for n, p in model.named_parameters():
@@ -159,7 +198,9 @@ def test_refexp_reader_and_bad_records(tmp_path, tiny_config):
     bad.write_text('{"image": "images/0.png", "expression": "x", "boxes": [[0, 0, 5000, 10]]}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: box 0 .* outside"):
         read_refexp_jsonl(bad, tiny_config)
-    bad.write_text('\n{"image": "images/missing.png", "expression": "x", "boxes": [[0, 0, 5, 5]]}\n')
+    bad.write_text(
+        '\n{"image": "images/missing.png", "expression": "x", "boxes": [[0, 0, 5, 5]]}\n'
+    )
     with pytest.raises(FileNotFoundError, match=r"bad.jsonl:2: image not found"):
         read_refexp_jsonl(bad, tiny_config)
     bad.write_text('{"image": "images/0.png", "expression": "x", "boxes": [[0, 0, 5, 5]]\n')
@@ -175,12 +216,32 @@ def test_coco_reader(tmp_path, tiny_config):
     rows = [json.loads(x) for x in data.read_text().splitlines()][:3]
     images, anns = [], []
     for i, r in enumerate(rows):
-        images.append({"id": i + 1, "file_name": r["image"], "width": r["width"], "height": r["height"]})
+        images.append(
+            {"id": i + 1, "file_name": r["image"], "width": r["width"], "height": r["height"]}
+        )
         x1, y1, x2, y2 = r["boxes"][0]
-        anns.append({"id": 10 + i, "image_id": i + 1, "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
-                     "area": (x2 - x1) * (y2 - y1), "iscrowd": 0, "segmentation": r["masks"][0]})
-    anns.append({"id": 99, "image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 4], "area": 16, "iscrowd": 0,
-                 "segmentation": [[0, 0, 4, 0, 4, 4, 0, 4]]})
+        anns.append(
+            {
+                "id": 10 + i,
+                "image_id": i + 1,
+                "category_id": 1,
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "area": (x2 - x1) * (y2 - y1),
+                "iscrowd": 0,
+                "segmentation": r["masks"][0],
+            }
+        )
+    anns.append(
+        {
+            "id": 99,
+            "image_id": 1,
+            "category_id": 1,
+            "bbox": [0, 0, 4, 4],
+            "area": 16,
+            "iscrowd": 0,
+            "segmentation": [[0, 0, 4, 0, 4, 4, 0, 4]],
+        }
+    )
     coco = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "disc"}]}
     (tmp_path / "instances.json").write_text(json.dumps(coco))
     (tmp_path / "refs.json").write_text(json.dumps([{"ann_id": 11, "expression": "the red disc"}]))
@@ -189,24 +250,60 @@ def test_coco_reader(tmp_path, tiny_config):
     assert texts == ["all disc", "disc", "disc", "the red disc"]
     assert len(ds.records[0].boxes) == 2 and ds.records[0].boxes[0][0] == 0  # sorted left to right
     sample = ds[3]
-    assert sample.masks[0].sum() == frames.coco_segmentation_to_mask(rows[1]["masks"][0], rows[1]["width"], rows[1]["height"]).sum()
+    assert (
+        sample.masks[0].sum()
+        == frames.coco_segmentation_to_mask(
+            rows[1]["masks"][0], rows[1]["width"], rows[1]["height"]
+        ).sum()
+    )
 
 
 def test_label_studio_reader(tmp_path, tiny_config):
     img, mask = make_scene(96, 64, (20, 10, 60, 50))
     Image.fromarray(img).save(tmp_path / "a.png")
-    rect = {"id": "r1", "type": "rectanglelabels", "from_name": "label", "to_name": "image",
-            "original_width": 96, "original_height": 64,
-            "value": {"x": 20 / 96 * 100, "y": 10 / 64 * 100, "width": 40 / 96 * 100, "height": 40 / 64 * 100,
-                      "rotation": 0, "rectanglelabels": ["Disc"]}}
-    brush = {"id": "b1", "type": "brushlabels", "from_name": "mask", "to_name": "image",
-             "original_width": 96, "original_height": 64,
-             "value": {"format": "rle", "rle": frames.mask_to_ls_rle(mask), "brushlabels": ["Blob"]}}
-    prompt = {"id": "t1", "type": "textarea", "from_name": "prompt", "to_name": "image",
-              "value": {"text": ["the red disc"]}}
+    rect = {
+        "id": "r1",
+        "type": "rectanglelabels",
+        "from_name": "label",
+        "to_name": "image",
+        "original_width": 96,
+        "original_height": 64,
+        "value": {
+            "x": 20 / 96 * 100,
+            "y": 10 / 64 * 100,
+            "width": 40 / 96 * 100,
+            "height": 40 / 64 * 100,
+            "rotation": 0,
+            "rectanglelabels": ["Disc"],
+        },
+    }
+    brush = {
+        "id": "b1",
+        "type": "brushlabels",
+        "from_name": "mask",
+        "to_name": "image",
+        "original_width": 96,
+        "original_height": 64,
+        "value": {"format": "rle", "rle": frames.mask_to_ls_rle(mask), "brushlabels": ["Blob"]},
+    }
+    prompt = {
+        "id": "t1",
+        "type": "textarea",
+        "from_name": "prompt",
+        "to_name": "image",
+        "value": {"text": ["the red disc"]},
+    }
     tasks = [
-        {"id": 1, "data": {"image": str(tmp_path / "a.png")}, "annotations": [{"id": 5, "result": [rect, brush]}]},
-        {"id": 2, "data": {"image": str(tmp_path / "a.png")}, "annotations": [{"id": 6, "result": [rect, prompt]}]},
+        {
+            "id": 1,
+            "data": {"image": str(tmp_path / "a.png")},
+            "annotations": [{"id": 5, "result": [rect, brush]}],
+        },
+        {
+            "id": 2,
+            "data": {"image": str(tmp_path / "a.png")},
+            "annotations": [{"id": 6, "result": [rect, prompt]}],
+        },
         {"id": 3, "data": {"image": str(tmp_path / "a.png")}, "annotations": []},
     ]
     (tmp_path / "export.json").write_text(json.dumps(tasks))
@@ -236,30 +333,69 @@ def test_config_errors(tmp_path):
 def test_cli_train_through_the_accelerate_launcher(tmp_path):
     """`accelerate launch` with one CPU process runs the same entry point (the multi-GPU
     path with FSDP uses this launcher; here it proves the launch path is live)."""
-    data = write_refexp(tmp_path)
-    cfg = {"stage": 2, "init": "tiny", "data": [{"kind": "refexp", "path": "train.jsonl"}], "steps": 2,
-           "batch_size": 2, "output_dir": "run", "log_every": 1}
+    write_refexp(tmp_path)
+    cfg = {
+        "stage": 2,
+        "init": "tiny",
+        "data": [{"kind": "refexp", "path": "train.jsonl"}],
+        "steps": 2,
+        "batch_size": 2,
+        "output_dir": "run",
+        "log_every": 1,
+    }
     (tmp_path / "train.yaml").write_text(json.dumps(cfg))  # JSON is valid YAML
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "nextchat_core.cli", "train",
-         "--config", str(tmp_path / "train.yaml")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--cpu",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "nextchat_core.cli",
+            "train",
+            "--config",
+            str(tmp_path / "train.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout[out.stdout.index("{"):])
+    report = json.loads(out.stdout[out.stdout.index("{") :])
     assert report["steps"] == 2 and Path(report["final"]).name == "final"
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
 
 
-def test_evaluate_command_runs_a_checkpoint_on_refexp_records(tmp_path, tiny_model, tiny_tokenizer, capsys):
+def test_evaluate_command_runs_a_checkpoint_on_refexp_records(
+    tmp_path, tiny_model, tiny_tokenizer, capsys
+):
     from nextchat_core.build import save_pretrained
     from nextchat_core.cli import main
 
     data = write_refexp(tmp_path)
     ckpt = save_pretrained(tiny_model, tmp_path / "ckpt", tiny_tokenizer)
-    rc = main(["evaluate", "--refexp", str(data), "--checkpoint", str(ckpt), "-o", str(tmp_path / "r.json")])
+    rc = main(
+        [
+            "evaluate",
+            "--refexp",
+            str(data),
+            "--checkpoint",
+            str(ckpt),
+            "-o",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert rc == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["n_records"] == 6  # the chat record is not a referring expression

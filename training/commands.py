@@ -35,6 +35,11 @@ def _train(args: argparse.Namespace) -> int:
             setattr(config, field, value)
     config.validate()
     result = train(config)
-    print(json.dumps({"final": str(result.final_dir), "steps": result.steps, "metrics": result.metrics},
-                     indent=2, default=str))
+    print(
+        json.dumps(
+            {"final": str(result.final_dir), "steps": result.steps, "metrics": result.metrics},
+            indent=2,
+            default=str,
+        )
+    )
     return 0

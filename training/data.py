@@ -41,7 +41,12 @@ from nextchat_core import frames
 from nextchat_core.batch import Sample
 from nextchat_core.config import NextChatConfig
 from nextchat_core.conversation import Turn, box_pairs, caption_turns, chat_turns, grounding_turns
-from nextchat_core.ls_format import image_reference, parse_task, read_image_size, resolve_local_image
+from nextchat_core.ls_format import (
+    image_reference,
+    parse_task,
+    read_image_size,
+    resolve_local_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +97,9 @@ def record_to_sample(rec: Record, config: NextChatConfig) -> Sample:
     elif rec.task == "chat":
         turns = chat_turns(rec.text, config, answer=rec.answer or "")
     else:
-        raise ValueError(f"{rec.source}: unknown task {rec.task!r}; expected 'rec', 'caption' or 'chat'")
+        raise ValueError(
+            f"{rec.source}: unknown task {rec.task!r}; expected 'rec', 'caption' or 'chat'"
+        )
     masks = None
     if rec.masks is not None and any(m is not None for m in rec.masks):
         w, h = _size(rec)
@@ -112,7 +119,9 @@ def _size(rec: Record) -> tuple[int, int]:
 def _decode_mask(m: Any, width: int, height: int, source: str) -> np.ndarray:
     if isinstance(m, np.ndarray):
         if m.shape != (height, width):
-            raise ValueError(f"{source}: mask shape {m.shape} differs from the image ({height}, {width})")
+            raise ValueError(
+                f"{source}: mask shape {m.shape} differs from the image ({height}, {width})"
+            )
         return m.astype(bool)
     try:
         return frames.coco_segmentation_to_mask(m, width, height)
@@ -184,8 +193,17 @@ def parse_refexp_record(raw: Any, *, root: Path, source: str) -> Record:
         raise ValueError(f"{source}: {len(masks)} masks for {len(boxes)} boxes")
     image = Path(raw["image"])
     image = _check_image(image if image.is_absolute() else root / image, source)
-    rec = Record(image, task, text or "", raw.get("answer"), boxes, masks,
-                 raw.get("width"), raw.get("height"), source)
+    rec = Record(
+        image,
+        task,
+        text or "",
+        raw.get("answer"),
+        boxes,
+        masks,
+        raw.get("width"),
+        raw.get("height"),
+        source,
+    )
     _check_boxes(rec)
     return rec
 
@@ -229,9 +247,20 @@ def read_coco(
                 group.sort(key=lambda a: a["bbox"][0])  # left to right, as answers list them
                 name = coco.loadCats(cat_id)[0]["name"]
                 source = f"{instances.name}: image {img_id} category {name!r}"
-                masks = [coco.annToMask(a).astype(bool) if a.get("segmentation") else None for a in group]
-                rec = Record(image_path(img), "rec", name if len(group) == 1 else f"all {name}", None,
-                             [xyxy(a["bbox"]) for a in group], masks, img["width"], img["height"], source)
+                masks = [
+                    coco.annToMask(a).astype(bool) if a.get("segmentation") else None for a in group
+                ]
+                rec = Record(
+                    image_path(img),
+                    "rec",
+                    name if len(group) == 1 else f"all {name}",
+                    None,
+                    [xyxy(a["bbox"]) for a in group],
+                    masks,
+                    img["width"],
+                    img["height"],
+                    source,
+                )
                 _check_boxes(rec)
                 records.append(rec)
     if refs is not None:
@@ -241,12 +270,24 @@ def read_coco(
             if "ann_id" in ref:
                 ann = coco.loadAnns(ref["ann_id"])[0]
                 img = coco.loadImgs(ann["image_id"])[0]
-                box, mask = xyxy(ann["bbox"]), (coco.annToMask(ann).astype(bool) if ann.get("segmentation") else None)
+                box, mask = (
+                    xyxy(ann["bbox"]),
+                    (coco.annToMask(ann).astype(bool) if ann.get("segmentation") else None),
+                )
             else:
                 img = coco.loadImgs(ref["image_id"])[0]
                 box, mask = xyxy(ref["bbox"]), None
-            rec = Record(image_path(img), "rec", ref["expression"], None, [box], [mask],
-                         img["width"], img["height"], source)
+            rec = Record(
+                image_path(img),
+                "rec",
+                ref["expression"],
+                None,
+                [box],
+                [mask],
+                img["width"],
+                img["height"],
+                source,
+            )
             _check_boxes(rec)
             records.append(rec)
     return SampleSet(records, config)
@@ -287,7 +328,9 @@ def read_label_studio(
     else:
         tasks, name = export, "tasks"
     if not isinstance(tasks, list):
-        raise ValueError(f"{name}: a Label Studio JSON export is a list of tasks, got {type(tasks).__name__}")
+        raise ValueError(
+            f"{name}: a Label Studio JSON export is a list of tasks, got {type(tasks).__name__}"
+        )
     records: list[Record] = []
     for task in tasks:
         regions = parse_task(task, source="annotations")
@@ -310,14 +353,28 @@ def read_label_studio(
         for r in regions:
             expression = (r.prompt or "").strip() or (r.label or "")
             if not expression:
-                raise ValueError(f"{name}: task {tid}, region {r.region_id}: no label and no prompt to learn from")
+                raise ValueError(
+                    f"{name}: task {tid}, region {r.region_id}: no label and no prompt to learn from"
+                )
             groups.setdefault(expression, []).append(r)
         for expression, group in groups.items():
             group.sort(key=lambda r: float(r.box_xyxy[0]))
             width, height = group[0].width, group[0].height
-            masks = [r.mask if r.kind == "brush" else (r.to_mask() if r.kind == "polygon" else None) for r in group]
-            rec = Record(image, "rec", expression, None, [[float(v) for v in r.box_xyxy] for r in group],
-                         masks, width, height, f"{name}: task {tid} {expression!r}")
+            masks = [
+                r.mask if r.kind == "brush" else (r.to_mask() if r.kind == "polygon" else None)
+                for r in group
+            ]
+            rec = Record(
+                image,
+                "rec",
+                expression,
+                None,
+                [[float(v) for v in r.box_xyxy] for r in group],
+                masks,
+                width,
+                height,
+                f"{name}: task {tid} {expression!r}",
+            )
             _check_boxes(rec)
             records.append(rec)
     return SampleSet(records, config)

@@ -75,7 +75,9 @@ def _cell_fractions(mask: np.ndarray, grid: int) -> np.ndarray:
     return F.adaptive_avg_pool2d(t, grid)[0, 0].numpy()
 
 
-def cell_targets(scene: synth.Scene, referred: list[np.ndarray] | None, grid: int) -> dict[str, np.ndarray]:
+def cell_targets(
+    scene: synth.Scene, referred: list[np.ndarray] | None, grid: int
+) -> dict[str, np.ndarray]:
     """Per-cell targets on the vision tower's ``grid x grid`` map over the padded square.
 
     ``color``/``shape``/``size``: class of the object covering most of the cell (at least
@@ -87,8 +89,11 @@ def cell_targets(scene: synth.Scene, referred: list[np.ndarray] | None, grid: in
     dense = synth.dense_annotations(scene)
     side = max(scene.width, scene.height)
     g = SquareGeometry(scene.width, scene.height)
-    frac = np.stack([_cell_fractions(dense.label_map == i, grid) for i in range(len(scene.objects))]) \
-        if scene.objects else np.zeros((0, grid, grid), dtype=np.float32)
+    frac = (
+        np.stack([_cell_fractions(dense.label_map == i, grid) for i in range(len(scene.objects))])
+        if scene.objects
+        else np.zeros((0, grid, grid), dtype=np.float32)
+    )
     best = frac.argmax(0) if len(frac) else np.zeros((grid, grid), dtype=int)
     has = (frac.max(0) >= 0.15) if len(frac) else np.zeros((grid, grid), dtype=bool)
     color = np.where(has, dense.color_ids[best] if len(frac) else 0, N_COLORS)
@@ -99,7 +104,9 @@ def cell_targets(scene: synth.Scene, referred: list[np.ndarray] | None, grid: in
     edges = np.zeros((grid, grid, 4), dtype=np.float32)
     if len(frac):
         b = dense.boxes[best]  # (grid, grid, 4)
-        edges = np.stack([cx - b[..., 0], cy - b[..., 1], b[..., 2] - cx, b[..., 3] - cy], -1) / side
+        edges = (
+            np.stack([cx - b[..., 0], cy - b[..., 1], b[..., 2] - cx, b[..., 3] - cy], -1) / side
+        )
         edges = np.where(has[..., None], edges, 0.0).astype(np.float32)
     if referred is None:
         ref = np.full((grid, grid), -1.0, dtype=np.float32)
@@ -122,8 +129,15 @@ class SynthStream(SampleSet):
     """Fresh synthetic samples: sample ``i`` is a record of scene ``i // per_scene`` of
     ``seed`` (rendered on demand, ~5 ms), with the cell targets as ``extras``."""
 
-    def __init__(self, config: NextChatConfig, *, seed: int, n: int, synth_config: synth.SynthConfig,
-                 grid: int) -> None:
+    def __init__(
+        self,
+        config: NextChatConfig,
+        *,
+        seed: int,
+        n: int,
+        synth_config: synth.SynthConfig,
+        grid: int,
+    ) -> None:
         super().__init__([], config)
         self.seed, self.n, self.synth_config, self.grid = seed, n, synth_config, grid
         self.shuffle = False  # every sample is a fresh scene: the order needs no shuffling
@@ -138,7 +152,11 @@ class SynthStream(SampleSet):
         records = synth.make_records(scene, rng, self.synth_config)
         k = (i % per) % len(records)
         sample = synth.to_samples(scene, [records[k]], self.config)[0]
-        referred = None if records[k]["task"] == "caption" else [m for m in sample.masks or [] if m is not None]
+        referred = (
+            None
+            if records[k]["task"] == "caption"
+            else [m for m in sample.masks or [] if m is not None]
+        )
         sample.extras = cell_targets(scene, referred, self.grid)
         return sample
 
@@ -146,35 +164,62 @@ class SynthStream(SampleSet):
 class DemoAux(nn.Module):
     """The two auxiliary heads (vision cells, grounding cells) and their losses."""
 
-    def __init__(self, config: NextChatConfig, *, vision_weight: float = 1.0, ground_weight: float = 1.0) -> None:
+    def __init__(
+        self, config: NextChatConfig, *, vision_weight: float = 1.0, ground_weight: float = 1.0
+    ) -> None:
         super().__init__()
-        self.vision = nn.Linear(config.vision.hidden_size, (N_COLORS + 1) + (N_SHAPES + 1) + N_SIZES + 4)
+        self.vision = nn.Linear(
+            config.vision.hidden_size, (N_COLORS + 1) + (N_SHAPES + 1) + N_SIZES + 4
+        )
         self.ground = nn.Linear(config.llm.hidden_size, 1)
         self.im_patch_id = config.tokens.im_patch_id
         self.vision_weight, self.ground_weight = vision_weight, ground_weight
 
-    def forward(self, out: NextChatOutput, inputs: dict[str, torch.Tensor],
-                aux: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, out: NextChatOutput, inputs: dict[str, torch.Tensor], aux: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         losses: dict[str, torch.Tensor] = {}
-        if self.vision_weight and out.vision_features is not None and out.vision_features.requires_grad:
+        if (
+            self.vision_weight
+            and out.vision_features is not None
+            and out.vision_features.requires_grad
+        ):
             pred = self.vision(out.vision_features.float())  # B x N x K
             c, s = N_COLORS + 1, N_SHAPES + 1
             has = aux["aux_has"] > 0
             color_ce = F.cross_entropy(pred[..., :c].reshape(-1, c), aux["aux_color"].reshape(-1))
-            shape_ce = F.cross_entropy(pred[..., c : c + s].reshape(-1, s), aux["aux_shape"].reshape(-1))
-            size_ce = F.cross_entropy(pred[..., c + s : c + s + N_SIZES].reshape(-1, N_SIZES),
-                                      aux["aux_size"].reshape(-1), ignore_index=-1) if has.any() else pred.sum() * 0
-            edges = F.l1_loss(pred[..., -4:][has], aux["aux_edges"][has]) if has.any() else pred.sum() * 0
-            losses["aux_vision"] = self.vision_weight * (color_ce + shape_ce + size_ce + 5.0 * edges)
+            shape_ce = F.cross_entropy(
+                pred[..., c : c + s].reshape(-1, s), aux["aux_shape"].reshape(-1)
+            )
+            size_ce = (
+                F.cross_entropy(
+                    pred[..., c + s : c + s + N_SIZES].reshape(-1, N_SIZES),
+                    aux["aux_size"].reshape(-1),
+                    ignore_index=-1,
+                )
+                if has.any()
+                else pred.sum() * 0
+            )
+            edges = (
+                F.l1_loss(pred[..., -4:][has], aux["aux_edges"][has])
+                if has.any()
+                else pred.sum() * 0
+            )
+            losses["aux_vision"] = self.vision_weight * (
+                color_ce + shape_ce + size_ce + 5.0 * edges
+            )
         if self.ground_weight and out.hidden_states is not None:
             patches = inputs["input_ids"] == self.im_patch_id
-            h = out.hidden_states[patches].reshape(patches.shape[0], -1, out.hidden_states.shape[-1])
+            h = out.hidden_states[patches].reshape(
+                patches.shape[0], -1, out.hidden_states.shape[-1]
+            )
             logit = self.ground(h.float())[..., 0]  # B x N
             target = aux["aux_ref"]
             keep = target >= 0
             if keep.any():
                 losses["aux_ground"] = self.ground_weight * F.binary_cross_entropy_with_logits(
-                    logit[keep], target[keep])
+                    logit[keep], target[keep]
+                )
         return losses
 
 
@@ -200,8 +245,14 @@ def default_phases(scale: float = 1.0) -> list[Phase]:
 
     return [
         Phase("stage0", 0, n(900), 1e-3, easy_steps=n(150)),
-        Phase("stage2", 2, n(450), 3e-4, trainable=["mm_projector", "language_model", "loc_encoder",
-                                                    "loc_decoder"], vision_aux=False),
+        Phase(
+            "stage2",
+            2,
+            n(450),
+            3e-4,
+            trainable=["mm_projector", "language_model", "loc_encoder", "loc_decoder"],
+            vision_aux=False,
+        ),
         Phase("stage3", 3, n(250), 1e-3, vision_aux=False),
     ]
 
@@ -210,18 +261,27 @@ def eval_split(out: Path, n_scenes: int) -> Path:
     """The held-out split (seed ``EVAL_SEED``, written once): refexp jsonl + images."""
     split = out / "eval"
     if not (split / "data.jsonl").exists():
-        cfg = synth.SynthConfig(task_mix={"rec": 0.75, "multi": 0.25, "caption": 0.0, "chat": 0.0},
-                                records_per_scene=1)
+        cfg = synth.SynthConfig(
+            task_mix={"rec": 0.75, "multi": 0.25, "caption": 0.0, "chat": 0.0}, records_per_scene=1
+        )
         synth.write_dataset(split, EVAL_SEED, n_scenes, cfg, overwrite=True)
     return split / "data.jsonl"
 
 
-def run(out: Path, *, phases: list[Phase], batch_size: int = 8, eval_scenes: int = 300,
-        eval_every: int = 250, eval_max: int = 100, ship: Path | None = None) -> dict[str, Any]:
+def run(
+    out: Path,
+    *,
+    phases: list[Phase],
+    batch_size: int = 8,
+    eval_scenes: int = 300,
+    eval_every: int = 250,
+    eval_max: int = 100,
+    ship: Path | None = None,
+) -> dict[str, Any]:
     """Train all phases (resuming any that was interrupted), evaluate, optionally ship."""
     out.mkdir(parents=True, exist_ok=True)
     mcfg = get_preset("demo")
-    grid = int(round(np.sqrt(64)))
+    grid = 8  # the demo tower's 8x8 stride-32 map at 256 px
     eval_set = read_refexp_jsonl(eval_split(out, eval_scenes), mcfg)
     init: str = "demo"
     tokenizer_dir = domain_tokenizer(out, mcfg)
@@ -231,20 +291,50 @@ def run(out: Path, *, phases: list[Phase], batch_size: int = 8, eval_scenes: int
             init = str(phase_dir / "final")
             continue
         if phase.easy_steps and not (phase_dir / "easy" / "final" / "model.safetensors").exists():
-            _phase(phase, phase_dir / "easy", init, tokenizer_dir, mcfg, grid, batch_size, eval_set,
-                   eval_every, eval_max, steps=phase.easy_steps, easy=True)
+            _phase(
+                phase,
+                phase_dir / "easy",
+                init,
+                tokenizer_dir,
+                mcfg,
+                grid,
+                batch_size,
+                eval_set,
+                eval_every,
+                eval_max,
+                steps=phase.easy_steps,
+                easy=True,
+            )
         start = str(phase_dir / "easy" / "final") if phase.easy_steps else init
-        _phase(phase, phase_dir, start, tokenizer_dir, mcfg, grid, batch_size, eval_set, eval_every, eval_max,
-               steps=phase.steps, easy=False)
+        _phase(
+            phase,
+            phase_dir,
+            start,
+            tokenizer_dir,
+            mcfg,
+            grid,
+            batch_size,
+            eval_set,
+            eval_every,
+            eval_max,
+            steps=phase.steps,
+            easy=False,
+        )
         init = str(phase_dir / "final")
     ckpt = from_pretrained(init)
     from nextchat_core.predictor import NextChatPredictor
 
     report = evaluate_predictor(NextChatPredictor(ckpt.model, ckpt.tokenizer), eval_set)
     curve = training_curve(out, phases)
-    metrics = {"eval_seed": EVAL_SEED, "eval_records": report["n_records"], "final": report, "curve": curve,
-               "phases": [p.__dict__ for p in phases], "batch_size": batch_size,
-               "date": time.strftime("%Y-%m-%d")}
+    metrics = {
+        "eval_seed": EVAL_SEED,
+        "eval_records": report["n_records"],
+        "final": report,
+        "curve": curve,
+        "phases": [p.__dict__ for p in phases],
+        "batch_size": batch_size,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if ship is not None:
         if ship.exists():
@@ -254,20 +344,54 @@ def run(out: Path, *, phases: list[Phase], batch_size: int = 8, eval_scenes: int
     return metrics
 
 
-def _phase(phase: Phase, out: Path, init: str, tokenizer_dir: str | None, mcfg: NextChatConfig, grid: int,
-           batch_size: int, eval_set: SampleSet, eval_every: int, eval_max: int, *, steps: int, easy: bool) -> None:
+def _phase(
+    phase: Phase,
+    out: Path,
+    init: str,
+    tokenizer_dir: str | None,
+    mcfg: NextChatConfig,
+    grid: int,
+    batch_size: int,
+    eval_set: SampleSet,
+    eval_every: int,
+    eval_max: int,
+    *,
+    steps: int,
+    easy: bool,
+) -> None:
     synth_cfg = synth.SynthConfig(easy=easy)
     if phase.stage == 0:  # grounding first: mostly referring expressions
-        synth_cfg = replace(synth_cfg, task_mix={"rec": 0.6, "multi": 0.2, "caption": 0.1, "chat": 0.1})
-    stream = SynthStream(mcfg, seed=TRAIN_SEED + 1000 * phase.stage + (7 if easy else 0), n=10_000_000,
-                         synth_config=synth_cfg, grid=grid)
-    config = TrainConfig(
-        stage=phase.stage, init=init, data=[], steps=steps, batch_size=batch_size, lr=phase.lr,
-        warmup_ratio=0.03, output_dir=str(out), save_every=100, eval_every=eval_every, eval_max=eval_max,
-        log_every=25, trainable=phase.trainable, tokenizer=tokenizer_dir if init == "demo" else None,
+        synth_cfg = replace(
+            synth_cfg, task_mix={"rec": 0.6, "multi": 0.2, "caption": 0.1, "chat": 0.1}
+        )
+    stream = SynthStream(
+        mcfg,
+        seed=TRAIN_SEED + 1000 * phase.stage + (7 if easy else 0),
+        n=10_000_000,
+        synth_config=synth_cfg,
+        grid=grid,
     )
-    aux = DemoAux(mcfg, vision_weight=1.0 if phase.vision_aux and phase.stage == 0 else 0.0,
-                  ground_weight=1.0 if phase.stage != 3 else 0.0)
+    config = TrainConfig(
+        stage=phase.stage,
+        init=init,
+        data=[],
+        steps=steps,
+        batch_size=batch_size,
+        lr=phase.lr,
+        warmup_ratio=0.03,
+        output_dir=str(out),
+        save_every=100,
+        eval_every=eval_every,
+        eval_max=eval_max,
+        log_every=25,
+        trainable=phase.trainable,
+        tokenizer=tokenizer_dir if init == "demo" else None,
+    )
+    aux = DemoAux(
+        mcfg,
+        vision_weight=1.0 if phase.vision_aux and phase.stage == 0 else 0.0,
+        ground_weight=1.0 if phase.stage != 3 else 0.0,
+    )
     log.info("phase %s%s: %d steps from %s", phase.name, " (easy)" if easy else "", steps, init)
     train(config, samples=stream, eval_samples=eval_set, aux=aux if phase.stage != 3 else None)
 
@@ -282,7 +406,9 @@ def domain_tokenizer(out: Path, mcfg: NextChatConfig) -> str:
         texts = []
         for scene, records in synth.generate(TRAIN_SEED + 99, 1500, cfg):
             for s in synth.to_samples(scene, records, mcfg):
-                texts.extend(t.text.replace("<at> <boxes>", " ").replace("<image>", " ") for t in s.turns)
+                texts.extend(
+                    t.text.replace("<at> <boxes>", " ").replace("<image>", " ") for t in s.turns
+                )
         train_bpe_tokenizer(texts, config=mcfg).save_pretrained(str(path))
     return str(path)
 
@@ -300,10 +426,15 @@ def training_curve(out: Path, phases: list[Phase]) -> list[dict[str, Any]]:
             for r in rows:
                 last = max(last, r.get("elapsed_s", 0.0))
                 if r.get("eval"):
-                    curve.append({"phase": sub.name if sub.name != "easy" else f"{phase.name}-easy",
-                                  "minutes": round((offset + r["elapsed_s"]) / 60, 1),
-                                  "rec_acc": r["rec_acc"], "mean_box_iou": r["mean_box_iou"],
-                                  "mask_miou": r["mask_miou"]})
+                    curve.append(
+                        {
+                            "phase": sub.name if sub.name != "easy" else f"{phase.name}-easy",
+                            "minutes": round((offset + r["elapsed_s"]) / 60, 1),
+                            "rec_acc": r["rec_acc"],
+                            "mean_box_iou": r["mean_box_iou"],
+                            "mask_miou": r["mask_miou"],
+                        }
+                    )
             offset += last
     return curve
 
@@ -311,16 +442,23 @@ def training_curve(out: Path, phases: list[Phase]) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train the demo checkpoint (resumable).")
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--ship", default=None, help="copy the final checkpoint here (e.g. models/demo)")
+    ap.add_argument(
+        "--ship", default=None, help="copy the final checkpoint here (e.g. models/demo)"
+    )
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-scenes", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=250)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    metrics = run(Path(args.out), phases=default_phases(args.scale), batch_size=args.batch_size,
-                  eval_scenes=args.eval_scenes, eval_every=args.eval_every,
-                  ship=Path(args.ship) if args.ship else None)
+    metrics = run(
+        Path(args.out),
+        phases=default_phases(args.scale),
+        batch_size=args.batch_size,
+        eval_scenes=args.eval_scenes,
+        eval_every=args.eval_every,
+        ship=Path(args.ship) if args.ship else None,
+    )
     print(json.dumps(metrics["final"], indent=2))
     return 0
 

@@ -51,14 +51,21 @@ def prepare(model: NextChatModel, spec: StageSpec, settings: EngineSettings) -> 
     trainable weights to float32, and return the optimizer's parameter groups."""
     if settings.lora is not None:
         apply_lora(model, settings.lora)
-    groups = apply_stage(model, spec, lr=settings.lr, weight_decay=settings.weight_decay,
-                         lora=settings.lora is not None)
+    groups = apply_stage(
+        model,
+        spec,
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
+        lora=settings.lora is not None,
+    )
     for group in groups:
         for p in group["params"]:
             if p.dtype != torch.float32:
                 p.data = p.data.float()  # master weights in fp32; autocast computes in bf16
     if settings.gradient_checkpointing:
-        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.language_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     model.train()
     # Frozen towers keep their eval behavior (no dropout in CLIP/SAM anyway; explicit).
     for name in ("vision_tower", "sam"):
@@ -69,7 +76,9 @@ def prepare(model: NextChatModel, spec: StageSpec, settings: EngineSettings) -> 
 
 
 # An auxiliary objective: (model output, the ``aux_*`` batch tensors) -> weighted losses.
-AuxObjective = Callable[[NextChatOutput, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+AuxObjective = Callable[
+    [NextChatOutput, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]
+]
 
 
 def training_step(
@@ -90,13 +99,17 @@ def training_step(
     inputs = {k: v for k, v in batch.items() if not k.startswith("aux_")}
     with accelerator.accumulate(model):
         with accelerator.autocast():
-            out: NextChatOutput = model(**inputs, loss_weights=loss_weights, return_hidden=aux is not None)
+            out: NextChatOutput = model(
+                **inputs, loss_weights=loss_weights, return_hidden=aux is not None
+            )
             if aux is not None:
                 out.extra_losses = aux(out, inputs, aux_batch)
                 out.loss = out.loss + sum(out.extra_losses.values())
         accelerator.backward(out.loss)
         if accelerator.sync_gradients and clip_norm:
-            accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_norm)
+            accelerator.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]], clip_norm
+            )
         optimizer.step()
         if scheduler is not None and accelerator.sync_gradients:
             scheduler.step()

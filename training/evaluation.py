@@ -37,8 +37,12 @@ def evaluate_predictor(
     for i in range(0, len(recs), batch_size):
         chunk = recs[i : i + batch_size]
         images = [load_image(r.image) for r in chunk]
-        answers = predictor.predict_batch(images, [Query(k, r.text) for k, r in enumerate(chunk)],
-                                          with_masks=with_masks, batch_size=batch_size)
+        answers = predictor.predict_batch(
+            images,
+            [Query(k, r.text) for k, r in enumerate(chunk)],
+            with_masks=with_masks,
+            batch_size=batch_size,
+        )
         for rec, img, ans in zip(chunk, images, answers, strict=True):
             w, h = _size(rec)
             gt_mask = None
@@ -52,12 +56,18 @@ def evaluate_predictor(
                 for d in ans.detections:
                     if d.mask is not None:
                         pred_mask |= d.mask
-            scored.append(RefExpRecord(
-                image=str(rec.image), expression=rec.text,
-                boxes=np.asarray(rec.boxes, dtype=np.float64).reshape(-1, 4),
-                pred_boxes=np.array([d.box for d in ans.detections], dtype=np.float64).reshape(-1, 4),
-                mask=gt_mask, pred_mask=pred_mask,
-            ))
+            scored.append(
+                RefExpRecord(
+                    image=str(rec.image),
+                    expression=rec.text,
+                    boxes=np.asarray(rec.boxes, dtype=np.float64).reshape(-1, 4),
+                    pred_boxes=np.array([d.box for d in ans.detections], dtype=np.float64).reshape(
+                        -1, 4
+                    ),
+                    mask=gt_mask,
+                    pred_mask=pred_mask,
+                )
+            )
     report = evaluate_refexp(scored)
     report["seconds"] = time.perf_counter() - start
     return report

@@ -26,8 +26,12 @@ def apply_lora(model: nn.Module, settings: LoraSettings = LoraSettings()) -> nn.
     places, so the NExT-Chat forward is unchanged). Returns ``model``."""
     if has_lora(model):
         raise RuntimeError("LoRA is already applied to this model")
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=list(settings.targets))
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.targets),
+    )
     inject_adapter_in_model(config, model.language_model)
     return model
 

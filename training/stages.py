@@ -45,24 +45,38 @@ class StageSpec:
 
 STAGES: dict[int, StageSpec] = {
     0: StageSpec(
-        0, "pre-train the small vision tower and SAM (stand-in for released weights)",
-        trainable=("vision_tower", "mm_projector", "language_model", "loc_encoder", "loc_decoder",
-                   "seg_prompt_mlp", "sam"),
+        0,
+        "pre-train the small vision tower and SAM (stand-in for released weights)",
+        trainable=(
+            "vision_tower",
+            "mm_projector",
+            "language_model",
+            "loc_encoder",
+            "loc_decoder",
+            "seg_prompt_mlp",
+            "sam",
+        ),
     ),
     1: StageSpec(
-        1, "pre-train box decoding and chat (all but CLIP)",
+        1,
+        "pre-train box decoding and chat (all but CLIP)",
         trainable=("mm_projector", "language_model", "loc_encoder", "loc_decoder"),
-        loss=_TEXT_BOX, masks=False,
+        loss=_TEXT_BOX,
+        masks=False,
     ),
     2: StageSpec(
-        2, "instruction tuning (all but CLIP)",
+        2,
+        "instruction tuning (all but CLIP)",
         trainable=("mm_projector", "language_model", "loc_encoder", "loc_decoder"),
-        loss=_TEXT_BOX, masks=False,
+        loss=_TEXT_BOX,
+        masks=False,
     ),
     3: StageSpec(
-        3, "segmentation: only seg_prompt_mlp and SAM's mask decoder",
+        3,
+        "segmentation: only seg_prompt_mlp and SAM's mask decoder",
         trainable=("seg_prompt_mlp", "sam.mask_decoder"),
-        loss=_MASK_ONLY, masks=True,
+        loss=_MASK_ONLY,
+        masks=True,
     ),
 }
 
@@ -74,8 +88,9 @@ def get_stage(stage: int) -> StageSpec:
         raise ValueError(f"unknown stage {stage!r}; choose one of {sorted(STAGES)}") from None
 
 
-def apply_stage(model: nn.Module, spec: StageSpec, *, lr: float, weight_decay: float = 0.0,
-                lora: bool = False) -> list[dict]:
+def apply_stage(
+    model: nn.Module, spec: StageSpec, *, lr: float, weight_decay: float = 0.0, lora: bool = False
+) -> list[dict]:
     """Freeze ``model`` to the stage and return AdamW parameter groups (one per trainable
     prefix, each with its own learning rate).
 
@@ -94,8 +109,14 @@ def apply_stage(model: nn.Module, spec: StageSpec, *, lr: float, weight_decay: f
             p.requires_grad_(True)
             params.append(p)
         if params:
-            groups.append({"name": prefix, "params": params, "lr": lr * spec.lr_scale.get(prefix, 1.0),
-                           "weight_decay": weight_decay})
+            groups.append(
+                {
+                    "name": prefix,
+                    "params": params,
+                    "lr": lr * spec.lr_scale.get(prefix, 1.0),
+                    "weight_decay": weight_decay,
+                }
+            )
     if not groups:
         raise ValueError(f"stage {spec.stage} trains nothing: no parameters match {spec.trainable}")
     return groups

@@ -94,15 +94,23 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"train config: {name} must be >= 1, got {getattr(self, name)}")
         if not self.data:
-            raise ValueError("train config: 'data' needs at least one source, e.g. "
-                             "[{'kind': 'refexp', 'path': 'train.jsonl'}]")
+            raise ValueError(
+                "train config: 'data' needs at least one source, e.g. "
+                "[{'kind': 'refexp', 'path': 'train.jsonl'}]"
+            )
         for src in self.data + self.eval_data:
             if src.kind not in _READERS:
-                raise ValueError(f"train config: unknown data kind {src.kind!r}; expected one of {sorted(_READERS)}")
+                raise ValueError(
+                    f"train config: unknown data kind {src.kind!r}; expected one of {sorted(_READERS)}"
+                )
         if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"train config: precision must be 'fp32' or 'bf16', got {self.precision!r}")
+            raise ValueError(
+                f"train config: precision must be 'fp32' or 'bf16', got {self.precision!r}"
+            )
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"train config: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise ValueError(
+                f"train config: warmup_ratio must be in [0, 1), got {self.warmup_ratio}"
+            )
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, base_dir: Path | None = None) -> TrainConfig:
@@ -111,7 +119,9 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(raw) - known
         if unknown:
-            raise ValueError(f"train config: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+            raise ValueError(
+                f"train config: unknown keys {sorted(unknown)}; expected some of {sorted(known)}"
+            )
         kwargs = dict(raw)
         for key in ("data", "eval_data"):
             sources = []
@@ -188,9 +198,15 @@ class TrainResult:
 Progress = Callable[[dict[str, Any]], None]
 
 
-def train(config: TrainConfig, *, progress: Progress | None = None, stop_after: int | None = None,
-          samples: SampleSet | None = None, eval_samples: SampleSet | None = None,
-          aux: torch.nn.Module | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    *,
+    progress: Progress | None = None,
+    stop_after: int | None = None,
+    samples: SampleSet | None = None,
+    eval_samples: SampleSet | None = None,
+    aux: torch.nn.Module | None = None,
+) -> TrainResult:
     """Run (or resume) one stage. ``progress`` gets ``{"stage", "step", "steps", "loss",
     "eta_s", ...}`` after each optimizer step; ``stop_after`` ends this call after that many
     total steps with a resumable checkpoint (what an interruption leaves). ``samples`` /
@@ -210,14 +226,20 @@ def train(config: TrainConfig, *, progress: Progress | None = None, stop_after: 
     train_set = samples if samples is not None else load_sources(config.data, mcfg)
     if len(train_set) == 0:
         raise ValueError("the training data holds no samples")
-    eval_set = eval_samples if eval_samples is not None else (
-        load_sources(config.eval_data, mcfg) if config.eval_data else None)
+    eval_set = (
+        eval_samples
+        if eval_samples is not None
+        else (load_sources(config.eval_data, mcfg) if config.eval_data else None)
+    )
 
     settings = EngineSettings(
-        lr=config.lr, weight_decay=config.weight_decay, precision=config.precision,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        precision=config.precision,
         gradient_checkpointing=config.gradient_checkpointing,
         lora=LoraSettings(**config.lora) if config.lora else None,
-        clip_norm=config.clip_norm, accumulate=config.accumulate,
+        clip_norm=config.clip_norm,
+        accumulate=config.accumulate,
     )
     spec = dataclasses.replace(spec, lr_scale={**spec.lr_scale, **config.lr_scale})
     if config.trainable is not None:
@@ -226,12 +248,21 @@ def train(config: TrainConfig, *, progress: Progress | None = None, stop_after: 
     groups = prepare(model, spec, settings)
     if aux is not None:
         aux.to(device).train()
-        groups.append({"name": "aux", "params": list(aux.parameters()), "lr": config.lr,
-                       "weight_decay": config.weight_decay})
+        groups.append(
+            {
+                "name": "aux",
+                "params": list(aux.parameters()),
+                "lr": config.lr,
+                "weight_decay": config.weight_decay,
+            }
+        )
     accelerator = make_accelerator(settings, cpu=device.type == "cpu")
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(
-        optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * config.steps), num_training_steps=config.steps)
+        optimizer,
+        num_warmup_steps=math.ceil(config.warmup_ratio * config.steps),
+        num_training_steps=config.steps,
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     weights = spec.loss_weights(mcfg.loss)
@@ -249,16 +280,28 @@ def train(config: TrainConfig, *, progress: Progress | None = None, stop_after: 
     def batch_at(micro: int) -> dict[str, torch.Tensor]:
         base = (micro * world + rank) * config.batch_size
         n = len(train_set)
-        picks = [_position(base + k, n, config.seed) if train_set.shuffle else (base + k) % n
-                 for k in range(config.batch_size)]
-        batch = collate([train_set[i] for i in picks], tokenizer=tokenizer, config=mcfg,
-                        num_image_tokens=num_image_tokens, processor=processor, with_masks=spec.masks)
+        picks = [
+            _position(base + k, n, config.seed) if train_set.shuffle else (base + k) % n
+            for k in range(config.batch_size)
+        ]
+        batch = collate(
+            [train_set[i] for i in picks],
+            tokenizer=tokenizer,
+            config=mcfg,
+            num_image_tokens=num_image_tokens,
+            processor=processor,
+            with_masks=spec.masks,
+        )
         return {k: v.to(accelerator.device) for k, v in batch.items()}
 
     log_path = out / "metrics.jsonl"
     end = config.steps if stop_after is None else min(config.steps, stop_after)
-    bar = tqdm(total=config.steps, initial=state["step"], desc=f"stage {config.stage}",
-               disable=not accelerator.is_main_process or not _tty())
+    bar = tqdm(
+        total=config.steps,
+        initial=state["step"],
+        desc=f"stage {config.stage}",
+        disable=not accelerator.is_main_process or not _tty(),
+    )
     started, first_step = time.perf_counter(), state["step"]
     last_tick = started
     last_metrics: dict[str, Any] = {}
@@ -266,8 +309,16 @@ def train(config: TrainConfig, *, progress: Progress | None = None, stop_after: 
     with log_path.open("a") as log_file:
         while state["step"] < end:
             for _ in range(config.accumulate):
-                out_step = training_step(accelerator, model, batch_at(state["micro_step"]), optimizer, scheduler,
-                                         loss_weights=weights, clip_norm=config.clip_norm, aux=aux)
+                out_step = training_step(
+                    accelerator,
+                    model,
+                    batch_at(state["micro_step"]),
+                    optimizer,
+                    scheduler,
+                    loss_weights=weights,
+                    clip_norm=config.clip_norm,
+                    aux=aux,
+                )
                 state["micro_step"] += 1
                 for k, v in out_step.parts().items():
                     running.setdefault(k, []).append(v)
@@ -282,36 +333,71 @@ def train(config: TrainConfig, *, progress: Progress | None = None, stop_after: 
             loss = float(np.mean(running.get("loss", [float("nan")])))
             bar.set_postfix(loss=f"{loss:.4f}")
             if progress is not None:
-                progress({"stage": config.stage, "step": state["step"], "steps": config.steps, "loss": loss,
-                          "eta_s": round(eta, 1)})
+                progress(
+                    {
+                        "stage": config.stage,
+                        "step": state["step"],
+                        "steps": config.steps,
+                        "loss": loss,
+                        "eta_s": round(eta, 1),
+                    }
+                )
             if state["step"] % config.log_every == 0 or state["step"] == end:
-                record = {"step": state["step"], "stage": config.stage, "elapsed_s": round(state["elapsed_s"], 1),
-                          "lr": scheduler.get_last_lr()[0],
-                          "samples_per_s": done * config.batch_size * config.accumulate * world / max(elapsed, 1e-9),
-                          **{k: float(np.mean(v)) for k, v in running.items()}}
+                record = {
+                    "step": state["step"],
+                    "stage": config.stage,
+                    "elapsed_s": round(state["elapsed_s"], 1),
+                    "lr": scheduler.get_last_lr()[0],
+                    "samples_per_s": done
+                    * config.batch_size
+                    * config.accumulate
+                    * world
+                    / max(elapsed, 1e-9),
+                    **{k: float(np.mean(v)) for k, v in running.items()},
+                }
                 running = {}
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 last_metrics = record
-            evaluate_now = eval_set is not None and config.eval_every and state["step"] % config.eval_every == 0
+            evaluate_now = (
+                eval_set is not None
+                and config.eval_every
+                and state["step"] % config.eval_every == 0
+            )
             if evaluate_now and state["step"] < config.steps:
                 last_metrics = _evaluate(raw_model, tokenizer, eval_set, config, log_file, state)
                 raw_model.train()
                 last_tick = time.perf_counter()  # evaluation time is not training time
-            if accelerator.is_main_process and (
-                (config.save_every and state["step"] % config.save_every == 0) or state["step"] == end
-            ) and state["step"] < config.steps:
-                _save_checkpoint(out, raw_model, optimizer, scheduler, state, config.keep_checkpoints, aux)
+            if (
+                accelerator.is_main_process
+                and (
+                    (config.save_every and state["step"] % config.save_every == 0)
+                    or state["step"] == end
+                )
+                and state["step"] < config.steps
+            ):
+                _save_checkpoint(
+                    out, raw_model, optimizer, scheduler, state, config.keep_checkpoints, aux
+                )
         bar.close()
         if state["step"] < config.steps:  # interrupted on purpose (stop_after)
             return TrainResult(out / "final", state["step"], last_metrics, log_path)
         if eval_set is not None:
-            last_metrics = {**last_metrics, **_evaluate(raw_model, tokenizer, eval_set, config, log_file, state)}
+            last_metrics = {
+                **last_metrics,
+                **_evaluate(raw_model, tokenizer, eval_set, config, log_file, state),
+            }
     if has_lora(raw_model):
         merge_lora(raw_model)
     raw_model.eval()
-    final = save_pretrained(raw_model, out / "final", tokenizer) if accelerator.is_main_process else out / "final"
-    _write_json(out / "final" / "train_metrics.json", {"config": config.to_dict(), "metrics": last_metrics})
+    final = (
+        save_pretrained(raw_model, out / "final", tokenizer)
+        if accelerator.is_main_process
+        else out / "final"
+    )
+    _write_json(
+        out / "final" / "train_metrics.json", {"config": config.to_dict(), "metrics": last_metrics}
+    )
     return TrainResult(final, state["step"], last_metrics, log_path)
 
 
@@ -326,7 +412,9 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("train config asks for device 'cuda' but torch sees no CUDA device; use 'cpu' or 'auto'")
+        raise ValueError(
+            "train config asks for device 'cuda' but torch sees no CUDA device; use 'cpu' or 'auto'"
+        )
     return torch.device(name)
 
 
@@ -360,23 +448,39 @@ def _init_model(config: TrainConfig, samples: SampleSet | None):
     return ckpt.model, ckpt.tokenizer
 
 
-def _evaluate(model, tokenizer, eval_set: SampleSet, config: TrainConfig, log_file, state: dict) -> dict[str, Any]:
+def _evaluate(
+    model, tokenizer, eval_set: SampleSet, config: TrainConfig, log_file, state: dict
+) -> dict[str, Any]:
     model.eval()
     predictor = NextChatPredictor(model, tokenizer)
     report = evaluate_predictor(predictor, eval_set, max_records=config.eval_max)
-    record = {"step": state["step"], "stage": config.stage, "elapsed_s": round(state.get("elapsed_s", 0.0), 1),
-              "eval": True, **report}
+    record = {
+        "step": state["step"],
+        "stage": config.stage,
+        "elapsed_s": round(state.get("elapsed_s", 0.0), 1),
+        "eval": True,
+        **report,
+    }
     log_file.write(json.dumps(record) + "\n")
     log_file.flush()
     return record
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
-def _save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, keep: int,
-                     aux: torch.nn.Module | None = None) -> Path:
+def _save_checkpoint(
+    out: Path,
+    model,
+    optimizer,
+    scheduler,
+    state: dict,
+    keep: int,
+    aux: torch.nn.Module | None = None,
+) -> Path:
     root = out / "checkpoints"
     final = root / f"step-{state['step']:08d}"
     tmp = root / f".step-{state['step']:08d}.partial"
@@ -386,10 +490,17 @@ def _save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, keep: 
     # Only the trainable tensors: frozen ones equal the init (a 7B LoRA run saves MBs).
     save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
     if aux is not None:
-        save_file({k: v.contiguous().cpu() for k, v in aux.state_dict().items()}, str(tmp / "aux.safetensors"))
+        save_file(
+            {k: v.contiguous().cpu() for k, v in aux.state_dict().items()},
+            str(tmp / "aux.safetensors"),
+        )
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    rng = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / "rng.pt")
@@ -405,7 +516,9 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler, aux: torch.nn.Module | None = None) -> dict:
+def _load_checkpoint(
+    path: Path, model, optimizer, scheduler, aux: torch.nn.Module | None = None
+) -> dict:
     tensors = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
@@ -420,7 +533,9 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, aux: torch.nn.Modu
         for n, t in tensors.items():
             params[n].copy_(t)
     if aux is not None:
-        aux.load_state_dict(load_file(str(path / "aux.safetensors"), device=str(next(aux.parameters()).device)))
+        aux.load_state_dict(
+            load_file(str(path / "aux.safetensors"), device=str(next(aux.parameters()).device))
+        )
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=False)  # our own file: numpy/python states

@@ -118,9 +118,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iou-types", nargs="+", choices=("bbox", "segm"), default=["bbox", "segm"])
     p.add_argument("--refexp", type=Path, help="referring-expression records (.jsonl)")
     p.add_argument("--iou-threshold", type=float, default=0.5, help="refexp IoU threshold")
-    p.add_argument("--checkpoint", help="run this model on the --refexp records (default: predictions in the file)")
+    p.add_argument(
+        "--checkpoint",
+        help="run this model on the --refexp records (default: predictions in the file)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda, with --checkpoint")
-    p.add_argument("--max-records", type=int, default=None, help="evaluate at most this many records")
+    p.add_argument(
+        "--max-records", type=int, default=None, help="evaluate at most this many records"
+    )
     p.add_argument("-o", "--out", type=Path, help="write the JSON report here")
     p.set_defaults(func=_evaluate)
 
@@ -227,8 +232,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         from ..checkpoints import resolve_checkpoint, resolve_device
         from ..predictor import NextChatPredictor
 
-        predictor = NextChatPredictor.from_pretrained(resolve_checkpoint(args.checkpoint),
-                                                      device=resolve_device(args.device))
+        predictor = NextChatPredictor.from_pretrained(
+            resolve_checkpoint(args.checkpoint), device=resolve_device(args.device)
+        )
         samples = read_refexp_jsonl(args.refexp, predictor.config)
         report = evaluate_predictor(predictor, samples, max_records=args.max_records)
         text = format_refexp_report(report)

@@ -8,7 +8,13 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
 from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
@@ -22,7 +28,9 @@ from .vision_tower import VisionTower
 # transformers renamed LlamaModel.forward's `past_key_values` to `cache` (5.2x); pass
 # whichever this installed version names, so generation works across 5.x.
 _CACHE_KWARG = (
-    "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+    "cache"
+    if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
+    else "past_key_values"
 )
 
 
@@ -52,7 +60,9 @@ class NextChatModel(nn.Module):
         self.config = config
         v, llm, loc, sam = config.vision, config.llm, config.location, config.sam
         self.vision_tower = VisionTower(v)
-        self.mm_projector = _mlp([v.hidden_size] + [llm.hidden_size] * config.projector.depth, nn.GELU)
+        self.mm_projector = _mlp(
+            [v.hidden_size] + [llm.hidden_size] * config.projector.depth, nn.GELU
+        )
         lm_config = LlamaConfig(
             vocab_size=llm.vocab_size,
             hidden_size=llm.hidden_size,
@@ -73,7 +83,8 @@ class NextChatModel(nn.Module):
         self.loc_encoder = _mlp([4, loc.hidden_size, llm.hidden_size], nn.ReLU)
         self.loc_decoder = _mlp([llm.hidden_size, loc.hidden_size, 4], nn.ReLU)
         self.seg_prompt_mlp = _mlp(
-            [llm.hidden_size, sam.prompt_mlp_hidden, sam.num_prompt_tokens * sam.prompt_dim], nn.ReLU
+            [llm.hidden_size, sam.prompt_mlp_hidden, sam.num_prompt_tokens * sam.prompt_dim],
+            nn.ReLU,
         )
         grid = sam.embedding_size
         self.sam = Sam(
@@ -159,7 +170,10 @@ class NextChatModel(nn.Module):
         patch = input_ids == tk.im_patch_id
         n_patch = int(patch.sum())
         if n_patch:
-            if image_features is None or image_features.shape[0] * image_features.shape[1] != n_patch:
+            if (
+                image_features is None
+                or image_features.shape[0] * image_features.shape[1] != n_patch
+            ):
                 got = None if image_features is None else tuple(image_features.shape)
                 raise ValueError(
                     f"input_ids hold {n_patch} image tokens but image_features has shape {got}; "
@@ -180,7 +194,9 @@ class NextChatModel(nn.Module):
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), box_embeds)
         return embeds
 
-    def _llm(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    def _llm(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs: object
+    ) -> torch.Tensor:
         """Run the LLaMA trunk; returns the last layer's post-norm hidden states ``BxTxH``."""
         position_ids = kwargs.pop("position_ids", None)
         if position_ids is None:
@@ -213,8 +229,12 @@ class NextChatModel(nn.Module):
         cfg = self.config.sam
         k = at_hidden.shape[0]
         sam_boxes = frames.square_to_sam(boxes.float(), width, height, cfg.image_size)
-        sparse, dense = self.sam.prompt_encoder(points=None, boxes=sam_boxes.to(image_embedding.dtype), masks=None)
-        prompt_tokens = self.seg_prompt_mlp(at_hidden).reshape(k, cfg.num_prompt_tokens, cfg.prompt_dim)
+        sparse, dense = self.sam.prompt_encoder(
+            points=None, boxes=sam_boxes.to(image_embedding.dtype), masks=None
+        )
+        prompt_tokens = self.seg_prompt_mlp(at_hidden).reshape(
+            k, cfg.num_prompt_tokens, cfg.prompt_dim
+        )
         sparse = torch.cat([sparse, prompt_tokens.to(sparse.dtype)], dim=1)
         low_res, iou = self.sam.mask_decoder(
             image_embeddings=image_embedding,
@@ -224,7 +244,10 @@ class NextChatModel(nn.Module):
             multimask_output=False,
         )
         logits = F.interpolate(
-            low_res.float(), size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False
+            low_res.float(),
+            size=(cfg.image_size, cfg.image_size),
+            mode="bilinear",
+            align_corners=False,
         )
         return MaskOutput(logits=logits[:, 0], iou_predictions=iou[:, 0].float())
 
@@ -300,7 +323,9 @@ class NextChatModel(nn.Module):
                 total = total + w.cycle1 * out.cycle1_loss
             if w.cycle2:
                 b = boxes.to(pred.dtype)
-                out.cycle2_loss = F.l1_loss(self.loc_decoder(self.loc_encoder(b)).float(), b.float())
+                out.cycle2_loss = F.l1_loss(
+                    self.loc_decoder(self.loc_encoder(b)).float(), b.float()
+                )
                 total = total + w.cycle2 * out.cycle2_loss
 
             if mask_targets is not None and mask_targets.shape[0]:
@@ -315,7 +340,11 @@ class NextChatModel(nn.Module):
                     idx = mask_box_index[image_of_box[mask_box_index] == b]
                     width, height = (int(s) for s in image_sizes[b].tolist())
                     m = self.predict_masks(
-                        sam_embeds[b : b + 1], h_at[idx], pred[idx].detach(), width=width, height=height
+                        sam_embeds[b : b + 1],
+                        h_at[idx],
+                        pred[idx].detach(),
+                        width=width,
+                        height=height,
                     )
                     all_logits.append(m.logits)
                     all_iou.append(m.iou_predictions)
@@ -327,7 +356,9 @@ class NextChatModel(nn.Module):
                 out.focal_loss, out.dice_loss, out.iou_loss = losses.mask_losses(
                     mask_logits, mask_targets, iou_pred, alpha=w.focal_alpha, gamma=w.focal_gamma
                 )
-                total = total + w.focal * out.focal_loss + w.dice * out.dice_loss + w.iou * out.iou_loss
+                total = (
+                    total + w.focal * out.focal_loss + w.dice * out.dice_loss + w.iou * out.iou_loss
+                )
         out.loss = total
         return out
 
@@ -384,11 +415,15 @@ class NextChatModel(nn.Module):
             prefill[:, 0, :, :length] = causal & mask.bool()[:, None, :]
             step_mask = torch.zeros(bsz, 1, 1, total, dtype=torch.bool, device=device)
             step_mask[:, 0, 0, :length] = mask.bool()
-            h_last = self._llm(embeds, prefill, position_ids=position, use_cache=True, **{_CACHE_KWARG: cache})[:, -1]
+            h_last = self._llm(
+                embeds, prefill, position_ids=position, use_cache=True, **{_CACHE_KWARG: cache}
+            )[:, -1]
             step_fn = self._compiled_step() if compile_decoder else self._decode_step
         else:
             cache = DynamicCache(config=self.language_model.config)
-            h_last = self._llm(embeds, mask, position_ids=position, use_cache=True, **{_CACHE_KWARG: cache})[:, -1]
+            h_last = self._llm(
+                embeds, mask, position_ids=position, use_cache=True, **{_CACHE_KWARG: cache}
+            )[:, -1]
         position = position[:, -1:]
 
         sequences: list[list[int]] = [[] for _ in range(bsz)]
@@ -406,8 +441,13 @@ class NextChatModel(nn.Module):
             if logits_processor is not None:
                 logits = logits_processor(step - 1, logits)
             probs = logits.softmax(-1)
-            token = self._choose(logits, do_sample=do_sample, temperature=temperature,
-                                 top_p=top_p, generator=generator)
+            token = self._choose(
+                logits,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+                generator=generator,
+            )
             box = self.loc_decoder(h_last)
             token = torch.where(prev_at, torch.full_like(token, tk.boxes_id), token)
             if step > max_new_tokens:  # past the limit: only pending boxes, then stop
@@ -437,22 +477,35 @@ class NextChatModel(nn.Module):
                 h_last = step_fn(next_embed.unsqueeze(1), step_mask, position, cache)
             else:
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                h_last = self._llm(next_embed.unsqueeze(1), mask, position_ids=position, use_cache=True,
-                                   **{_CACHE_KWARG: cache})[:, -1]
+                h_last = self._llm(
+                    next_embed.unsqueeze(1),
+                    mask,
+                    position_ids=position,
+                    use_cache=True,
+                    **{_CACHE_KWARG: cache},
+                )[:, -1]
 
         hdim = self.config.llm.hidden_size
         return GenerationOutput(
             sequences=sequences,
             boxes=[torch.stack(b) if b else torch.zeros(0, 4, device=device) for b in boxes],
-            at_hidden=[torch.stack(h) if h else torch.zeros(0, hdim, device=device) for h in hiddens],
+            at_hidden=[
+                torch.stack(h) if h else torch.zeros(0, hdim, device=device) for h in hiddens
+            ],
             box_scores=[torch.stack(s) if s else torch.zeros(0, device=device) for s in scores],
         )
 
-    def _decode_step(self, embeds: torch.Tensor, mask: torch.Tensor, position: torch.Tensor,
-                     cache: StaticCache) -> torch.Tensor:
+    def _decode_step(
+        self, embeds: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: StaticCache
+    ) -> torch.Tensor:
         """One cached decode step with fixed shapes: ``Bx1xH`` in, ``BxH`` out."""
-        out = self.language_model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position,
-                                        use_cache=True, **{_CACHE_KWARG: cache})
+        out = self.language_model.model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=position,
+            use_cache=True,
+            **{_CACHE_KWARG: cache},
+        )
         return out.last_hidden_state[:, -1]
 
     def _compiled_step(self) -> Callable[..., torch.Tensor]:
@@ -464,7 +517,11 @@ class NextChatModel(nn.Module):
 
     @staticmethod
     def _choose(
-        logits: torch.Tensor, *, do_sample: bool, temperature: float, top_p: float,
+        logits: torch.Tensor,
+        *,
+        do_sample: bool,
+        temperature: float,
+        top_p: float,
         generator: torch.Generator | None,
     ) -> torch.Tensor:
         if not do_sample:

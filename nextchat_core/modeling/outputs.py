@@ -42,8 +42,17 @@ class NextChatOutput:
 
     def parts(self) -> dict[str, float]:
         """Loss parts as floats (for logs), skipping absent ones."""
-        names = ["loss", "lm_loss", "l1_loss", "giou_loss", "cycle1_loss", "cycle2_loss",
-                 "focal_loss", "dice_loss", "iou_loss"]
+        names = [
+            "loss",
+            "lm_loss",
+            "l1_loss",
+            "giou_loss",
+            "cycle1_loss",
+            "cycle2_loss",
+            "focal_loss",
+            "dice_loss",
+            "iou_loss",
+        ]
         out = {n: float(getattr(self, n).detach()) for n in names if getattr(self, n) is not None}
         out.update({n: float(v.detach()) for n, v in self.extra_losses.items()})
         return out

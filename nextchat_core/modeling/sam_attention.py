@@ -37,8 +37,12 @@ class SdpaAttention(Attention):
             rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).reshape(B, heads, H * W, W)
             eye_h = torch.eye(H, dtype=q.dtype, device=q.device)
             eye_w = torch.eye(W, dtype=q.dtype, device=q.device)
-            key_h = eye_h[:, None, :].expand(H, W, H).reshape(1, 1, H * W, H).expand(B, heads, -1, -1)
-            key_w = eye_w[None, :, :].expand(H, W, W).reshape(1, 1, H * W, W).expand(B, heads, -1, -1)
+            key_h = (
+                eye_h[:, None, :].expand(H, W, H).reshape(1, 1, H * W, H).expand(B, heads, -1, -1)
+            )
+            key_w = (
+                eye_w[None, :, :].expand(H, W, W).reshape(1, 1, H * W, W).expand(B, heads, -1, -1)
+            )
             q_aug = torch.cat([q * self.scale, rel_h, rel_w], dim=-1)
             k_aug = torch.cat([k, key_h, key_w], dim=-1)
             # Fused kernels want q, k and v of one head size: pad v, drop the padding after.

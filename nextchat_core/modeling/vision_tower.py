@@ -40,8 +40,13 @@ class VisionTower(nn.Module):
         if self.config.backbone == "clip":
             return self.config.num_patches + (0 if self.config.drop_cls else 1)
         with torch.no_grad():
-            probe = torch.zeros(1, 3, self.config.image_size, self.config.image_size,
-                                device=next(self.parameters()).device)
+            probe = torch.zeros(
+                1,
+                3,
+                self.config.image_size,
+                self.config.image_size,
+                device=next(self.parameters()).device,
+            )
             return int(self.forward(probe).shape[1])
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
