@@ -317,8 +317,9 @@ def bench_inference(args, device, dtype, rows: list[tuple[str, str]], results: d
     results["peak_inference_mb"] = mem
 
 
-def bench_training(args, device, dtype, rows, results) -> None:
-    for stage, lora in ((2, True), (3, False)):
+def bench_training(args, device, dtype, rows, results, stages=((2, True), (3, False))) -> None:
+    """Training steps per stage (``(stage, lora)`` pairs): samples/s and peak memory."""
+    for stage, lora in stages:
         cfg = get_preset(args.preset)
         cfg.tokens.pad_id = 3
         cfg.llm.attn_implementation = args.attn
@@ -370,7 +371,7 @@ def bench_training(args, device, dtype, rows, results) -> None:
 
         t = timed(step, device, max(2, args.iters // 2))
         trainable = sum(p.numel() for g in groups for p in g["params"])
-        what = ["LoRA r16 on LLM" if lora else "mask decoder + prompt MLP", settings.precision]
+        what = ["LoRA r16 on LLM" if lora else ", ".join(spec.trainable), settings.precision]
         if settings.gradient_checkpointing:
             what.append("grad ckpt")
         name = f"train stage {stage} ({', '.join(what)})"

@@ -46,3 +46,14 @@ def test_fullscale_runs_at_tiny_on_cpu(tmp_path):
 
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["e2e_batch1_ms"] > 0 and data["train_stage3"]["samples_per_s"] > 0
+
+
+def test_train_throughput_runs_every_stage_at_tiny():
+    out = subprocess.run(
+        [sys.executable, "bench/train_throughput.py", "--presets", "tiny", "--iters", "2", "--batch", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for stage in range(4):
+        assert f"train stage {stage} " in out.stdout, out.stdout
+    assert "samples/s" in out.stdout
