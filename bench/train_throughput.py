@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fullscale  # noqa: E402
+import fullscale
 
 
 def main(argv: list[str] | None = None) -> int:
