@@ -35,7 +35,10 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(
-    settings: Settings | None = None, *, store: ModelStore | None = None, preload: bool | None = None
+    settings: Settings | None = None,
+    *,
+    store: ModelStore | None = None,
+    preload: bool | None = None,
 ) -> Flask:
     """The WSGI app. ``settings`` default to the environment; ``store`` lets tests share
     one model cache between apps; ``preload`` (default ``settings.preload_model``) starts
@@ -56,16 +59,20 @@ def create_app(
         if request.path.rstrip("/") == "/webhook" and settings.webhook_allow_unauthenticated:
             return None
         auth = request.authorization
+        user, password = settings.basic_auth_user or "", settings.basic_auth_pass or ""
+        # compare_digest: the time taken does not tell how much of a guess was right
         ok = (
             auth is not None
             and auth.type == "basic"
-            and hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())  # type: ignore[union-attr]
-            and hmac.compare_digest((auth.password or "").encode(), settings.basic_auth_pass.encode())  # type: ignore[union-attr]
+            and hmac.compare_digest((auth.username or "").encode(), user.encode())
+            and hmac.compare_digest((auth.password or "").encode(), password.encode())
         )
         if ok:
             return None
         logger.warning("rejected %s %s: missing or wrong basic auth", request.method, request.path)
-        reply = _error(401, "basic auth required: configure the ML backend's user and password in Label Studio")
+        reply = _error(
+            401, "basic auth required: configure the ML backend's user and password in Label Studio"
+        )
         reply.headers["WWW-Authenticate"] = 'Basic realm="nextchat-backend"'
         return reply
 
@@ -142,7 +149,9 @@ def _json_object() -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BackendError(400, f"the request body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
-        raise BackendError(400, f"the request body must be a JSON object, got {type(payload).__name__}")
+        raise BackendError(
+            400, f"the request body must be a JSON object, got {type(payload).__name__}"
+        )
     return payload
 
 

@@ -14,7 +14,7 @@ References a task's ``<Image value="$key">`` may hold, and how each is read:
 Each image is decoded by ``nextchat_core.image_processing.load_image`` (EXIF transpose,
 16-bit / CMYK / palette to RGB, decompression-bomb guard), so sizes are the
 EXIF-transposed original pixels Label Studio shows. One task's failure (404, 401,
-timeout, corrupt file, no image) becomes that task's :class:`ImageError`; the others are
+timeout, corrupt file, no image) becomes that task's :class:`TaskError`; the others are
 unaffected.
 """
 
@@ -41,6 +41,8 @@ from nextchat_core.ls_format import LabelConfig, LabelStudioFormatError, image_r
 
 logger = logging.getLogger(__name__)
 
+_CLOUD = ("s3", "gs", "azure-blob")
+
 
 @dataclass
 class FetchedImage:
@@ -60,10 +62,11 @@ class FetchedImage:
 
 
 @dataclass
-class ImageError:
-    """Why a task's image could not be used: ``kind`` is ``"no_image"`` (the task has no
-    image reference), ``"fetch"`` (download failed: 401, 404, timeout, refused path) or
-    ``"decode"`` (corrupt, truncated, oversized, not an image)."""
+class TaskError:
+    """Why a task cannot be predicted. ``kind``: ``"no_image"`` (the task has no image
+    reference), ``"fetch"`` (download failed: 401, 404, timeout, refused path),
+    ``"decode"`` (corrupt, truncated, oversized, not an image) or, set by the model,
+    ``"prompt"`` (empty, too long, too many tokens)."""
 
     kind: str
     detail: str
@@ -91,39 +94,60 @@ class FetchOptions:
 
 def fetch_images(
     tasks: Sequence[dict[str, Any]], config: LabelConfig, options: FetchOptions
-) -> list[FetchedImage | ImageError]:
+) -> list[FetchedImage | TaskError]:
     """The image of every task, in task order: a :class:`FetchedImage` or, for a task whose
-    image cannot be used, an :class:`ImageError` (logged with the task id)."""
-    if not tasks:
-        return []
+    image cannot be used, an :class:`TaskError` (logged with the task id). Each distinct
+    reference is fetched and decoded once, whatever the number of tasks sharing it."""
+    out: list[FetchedImage | TaskError | None] = [None] * len(tasks)
+    groups: dict[str, list[int]] = {}
+    refs: dict[str, str] = {}
+    for i, task in enumerate(tasks):
+        try:
+            ref = image_reference(task, config)
+        except LabelStudioFormatError as exc:
+            out[i] = _failed(task.get("id"), "no_image", exc.detail)
+            continue
+        # Cloud URIs are presigned per task; anything else is the same image for all.
+        key = f"{ref}#{task.get('id')}" if urlparse(ref).scheme in _CLOUD else ref
+        groups.setdefault(key, []).append(i)
+        refs[key] = ref
+    if not groups:
+        return out  # type: ignore[return-value]
     with tempfile.TemporaryDirectory(prefix="nextchat-fetch-") as cache_dir:
 
-        def one(task: dict[str, Any]) -> FetchedImage | ImageError:
-            # Per-task isolation: any failure to fetch or decode this task's image becomes
-            # its ImageError (logged with the task id); the other tasks go on.
-            task_id = task.get("id")
+        def one(n: int, key: str) -> FetchedImage | tuple[str, str]:
+            # Per-reference isolation: a failure to fetch or decode this image becomes an
+            # error for the tasks that use it (logged with each task id below); the other
+            # references go on. Each reference downloads into its own folder, so two
+            # downloads never share a cache file.
+            ref = refs[key]
+            task_id = tasks[groups[key][0]].get("id")
+            folder = os.path.join(cache_dir, str(n))
+            os.makedirs(folder)
             try:
-                ref = image_reference(task, config)
-            except LabelStudioFormatError as exc:
-                return _failed(task_id, "no_image", exc.detail)
-            try:
-                source = _fetch(ref, task_id, options, cache_dir)
+                source = _fetch(ref, task_id, options, folder)
             except (OSError, ValueError, requests.RequestException) as exc:
-                return _failed(task_id, "fetch", f"cannot fetch image {_short(ref)}: {_why(exc)}")
+                return "fetch", f"cannot fetch image {_short(ref)}: {_why(exc)}"
             try:
                 return FetchedImage(image=load_image(source), ref=ref)
             except (ValueError, TypeError, OSError) as exc:
-                return _failed(task_id, "decode", f"image {_short(ref)}: {exc}")
+                return "decode", f"image {_short(ref)}: {exc}"
 
-        if len(tasks) == 1:
-            return [one(tasks[0])]
-        with ThreadPoolExecutor(max_workers=min(options.workers, len(tasks))) as pool:
-            return list(pool.map(one, tasks))
+        keys = list(groups)
+        if len(keys) == 1:
+            fetched = [one(0, keys[0])]
+        else:
+            with ThreadPoolExecutor(max_workers=min(options.workers, len(keys))) as pool:
+                fetched = list(pool.map(one, range(len(keys)), keys))
+    for key, got in zip(keys, fetched, strict=True):
+        for i in groups[key]:
+            out[i] = got if isinstance(got, FetchedImage) else _failed(tasks[i].get("id"), *got)
+    return out  # type: ignore[return-value]
 
 
-def _failed(task_id: Any, kind: str, detail: str) -> ImageError:
+def _failed(task_id: Any, kind: str, detail: str) -> TaskError:
     logger.error("task %s: %s", task_id, detail)
-    return ImageError(kind=kind, detail=detail)
+    return TaskError(kind=kind, detail=detail)
 
 
 def _fetch(ref: str, task_id: Any, options: FetchOptions, cache_dir: str) -> str | bytes:
@@ -131,16 +155,21 @@ def _fetch(ref: str, task_id: Any, options: FetchOptions, cache_dir: str) -> str
     if ref.startswith("data:"):
         return _data_uri(ref)
     parsed = urlparse(ref)
-    if parsed.scheme == "file" or (parsed.scheme == "" and not ref.startswith("/data/")
-                                   and not ref.startswith(("upload/", "/upload/", "storage-data/", "/storage-data/"))):
+    if parsed.scheme == "file" or (
+        parsed.scheme == ""
+        and not ref.startswith("/data/")
+        and not ref.startswith(("upload/", "/upload/", "storage-data/", "/storage-data/"))
+    ):
         return str(_local_file(unquote(parsed.path) if parsed.scheme == "file" else ref, options))
     if parsed.scheme not in ("", "http", "https", "s3", "gs", "azure-blob"):
         raise ValueError(
             f"unsupported image reference scheme {parsed.scheme!r}: expected http(s), "
             "a Label Studio upload or local-files URL, s3/gs/azure-blob, file or data:"
         )
-    if parsed.scheme in ("s3", "gs", "azure-blob") and task_id is None:
-        raise ValueError("a cloud storage image needs the task's id (Label Studio presigns it per task)")
+    if parsed.scheme in _CLOUD and task_id is None:
+        raise ValueError(
+            "a cloud storage image needs the task's id (Label Studio presigns it per task)"
+        )
     if ref.startswith("/data/") and "?d=" in ref and options.local_files_root is not None:
         # Label Studio Local Storage: read the file from the shared folder when it is
         # mounted here, else download it through Label Studio (the SDK's fallback).
@@ -156,11 +185,16 @@ def _fetch(ref: str, task_id: Any, options: FetchOptions, cache_dir: str) -> str
     # The SDK reads the session from a context variable, which is per thread: set it here,
     # in the worker thread that downloads.
     with http_session(_session(options)):
+        # Label Studio's address and token go only with references served by Label Studio
+        # (relative URLs, cloud URIs, its own host); other hosts never see the token.
+        to_label_studio = parsed.scheme not in ("http", "https") or (
+            options.hostname is not None and parsed.netloc == urlparse(options.hostname).netloc
+        )
         return get_local_path(
             ref,
             cache_dir=cache_dir,
-            hostname=options.hostname or "",
-            access_token=options.access_token or "",
+            hostname=(options.hostname or "") if to_label_studio else "",
+            access_token=(options.access_token or "") if to_label_studio else "",
             task_id=task_id,
         )
 
@@ -189,9 +223,13 @@ class _LimitedSession(requests.Session):
         self._max_bytes = max_bytes
         self.hooks["response"].append(self._check_size)
 
-    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+    def request(
+        self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any
+    ) -> requests.Response:
         kwargs.setdefault("timeout", self._timeout)
-        return super().request(method, url, *args, **kwargs)
+        text_method = method.decode() if isinstance(method, bytes) else method
+        text_url = url.decode() if isinstance(url, bytes) else url
+        return super().request(text_method, text_url, *args, **kwargs)
 
     def _check_size(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
         length = response.headers.get("Content-Length")
@@ -211,7 +249,10 @@ class _TaskDataAuth(requests.auth.AuthBase):
         self._ls_netloc = urlparse(ls_hostname).netloc if ls_hostname else None
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        if "Authorization" in request.headers or urlparse(request.url or "").netloc == self._ls_netloc:
+        if (
+            "Authorization" in request.headers
+            or urlparse(request.url or "").netloc == self._ls_netloc
+        ):
             return request
         return self._basic(request)
 
@@ -219,7 +260,9 @@ class _TaskDataAuth(requests.auth.AuthBase):
 def _session(options: FetchOptions) -> requests.Session:
     session = _LimitedSession(options.timeout, options.max_bytes)
     if options.task_data_login and options.task_data_password:
-        session.auth = _TaskDataAuth(options.task_data_login, options.task_data_password, options.hostname)
+        session.auth = _TaskDataAuth(
+            options.task_data_login, options.task_data_password, options.hostname
+        )
     return session
 
 

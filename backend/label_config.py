@@ -33,8 +33,40 @@ REGION_TAGS = ("rectanglelabels", "brushlabels", "polygonlabels")
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 # Words that say nothing about which label is meant ("all cars" vs "all people").
 _STOPWORDS = frozenset(
-    "a an the all any every each some of in on at and or with to is are there where what "
-    "which find show me image picture photo this that these those".split()
+    [
+        "a",
+        "an",
+        "the",
+        "all",
+        "any",
+        "every",
+        "each",
+        "some",
+        "of",
+        "in",
+        "on",
+        "at",
+        "and",
+        "or",
+        "with",
+        "to",
+        "is",
+        "are",
+        "there",
+        "where",
+        "what",
+        "which",
+        "find",
+        "show",
+        "me",
+        "image",
+        "picture",
+        "photo",
+        "this",
+        "that",
+        "these",
+        "those",
+    ]
 )
 
 
@@ -101,8 +133,13 @@ class LabelPlan:
         for label in control.labels:
             attrs = control.label_attrs.get(label, {})
             text = " ".join(
-                [label, attrs.get("value", ""), attrs.get("alias", ""), attrs.get("hint", ""),
-                 attrs.get("predicted_values", "").replace(",", " ")]
+                [
+                    label,
+                    attrs.get("value", ""),
+                    attrs.get("alias", ""),
+                    attrs.get("hint", ""),
+                    attrs.get("predicted_values", "").replace(",", " "),
+                ]
             )
             score = len(_words(text) & words)
             if score > best_score:
@@ -141,7 +178,7 @@ def _plan_for(xml: str) -> LabelPlan:
             "label config has no control this backend can fill: add a <RectangleLabels>, "
             "<BrushLabels> or <PolygonLabels> on the <Image>, a per-region caption "
             '<TextArea perRegion="true">, or an answer <TextArea name="answer"> '
-            f"(found: {', '.join(found)}); see backend/label_configs/ for examples"
+            f"(found: {', '.join(found)}); see label_configs/ in the repository for examples"
         )
     if answer is not None and prompt is None:
         raise ValueError(

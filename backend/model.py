@@ -40,7 +40,7 @@ from typing import Any
 from nextchat_core.ls_format import LabelStudioFormatError, parse_results, textarea_result
 from nextchat_core.predictor import MAX_PROMPT_CHARS, Answer, NextChatPredictor, Query
 
-from .images import FetchedImage, FetchOptions, ImageError, fetch_images
+from .images import FetchedImage, FetchOptions, TaskError, fetch_images
 from .label_config import LabeledPrompt, LabelPlan, plan_for
 from .model_cache import ModelStore, ModelVersion
 from .projects import ProjectState, ProjectStore, project_key
@@ -90,7 +90,7 @@ class _TaskWork:
     answers: list[Answer] = field(default_factory=list)
     detections: list[LabeledDetection] = field(default_factory=list)
     captions: list[Answer | None] = field(default_factory=list)  # one per detection
-    error: ImageError | None = None
+    error: TaskError | None = None
 
 
 class NextChatBackend:
@@ -113,8 +113,12 @@ class NextChatBackend:
         if schema is not None:
             _plan(schema)
         hostname = payload.get("hostname")
-        if hostname is not None and (not isinstance(hostname, str) or not hostname.startswith(("http://", "https://"))):
-            raise BackendError(400, f"'hostname' must be an http(s) URL, got {str(hostname)[:60]!r}")
+        if hostname is not None and (
+            not isinstance(hostname, str) or not hostname.startswith(("http://", "https://"))
+        ):
+            raise BackendError(
+                400, f"'hostname' must be an http(s) URL, got {str(hostname)[:60]!r}"
+            )
         token = payload.get("access_token")
         if token is not None and not isinstance(token, str):
             raise BackendError(400, "'access_token' must be a string")
@@ -131,7 +135,10 @@ class NextChatBackend:
         version = self.store.current_version()
         logger.info(
             "setup: project %s, hostname %s, access token %s, model version %s",
-            project, hostname, "received" if token else "not sent", version.name,
+            project,
+            hostname,
+            "received" if token else "not sent",
+            version.name,
         )
         return {"model_version": version.name}
 
@@ -148,7 +155,8 @@ class NextChatBackend:
                 400, "no label config: send 'label_config' with /predict or call /setup first"
             )
         plan = _plan(xml)
-        params = payload.get("params") or {}
+        params = payload.get("params")
+        params = {} if params is None else params
         if not isinstance(params, dict):
             raise BackendError(400, f"'params' must be an object, got {type(params).__name__}")
         context = parse_context(params.get("context"), plan)
@@ -161,7 +169,7 @@ class NextChatBackend:
         options = self._fetch_options(state, params)
         works = [_TaskWork(i, t) for i, t in enumerate(tasks)]
         for work, fetched in zip(works, fetch_images(tasks, plan.config, options), strict=True):
-            if isinstance(fetched, ImageError):
+            if isinstance(fetched, TaskError):
                 work.error = fetched
             else:
                 work.image = fetched
@@ -179,20 +187,33 @@ class NextChatBackend:
                         w.detections = self._detections(w, plan)
                 self._caption_detections(predictor, ready, plan)
         results = [self._task_result(w, plan, version, box_token) for w in works]
-        errors = [
-            {"task": w.task.get("id"), "index": w.index, "kind": w.error.kind, "detail": w.error.detail}
-            for w in works if w.error is not None
+        errors: list[dict[str, Any]] = [
+            {
+                "task": w.task.get("id"),
+                "index": w.index,
+                "kind": w.error.kind,
+                "detail": w.error.detail,
+            }
+            for w in works
+            if w.error is not None
         ]
         logger.info(
             "predict: project %s, %d task(s), %d failed, %d region(s), version %s, %.2f s",
-            project, len(tasks), len(errors),
-            sum(len(r["result"]) for r in results if isinstance(r, dict)), version.name,
+            project,
+            len(tasks),
+            len(errors),
+            sum(len(r["result"]) for r in results if isinstance(r, dict)),
+            version.name,
             time.perf_counter() - t0,
         )
         if errors and len(errors) == len(works):
             status = 502 if all(e["kind"] == "fetch" for e in errors) else 422
-            detail = errors[0]["detail"] if len(errors) == 1 else (
-                f"none of the {len(errors)} tasks could be predicted; first: {errors[0]['detail']}"
+            detail = (
+                errors[0]["detail"]
+                if len(errors) == 1
+                else (
+                    f"none of the {len(errors)} tasks could be predicted; first: {errors[0]['detail']}"
+                )
             )
             raise BackendError(status, detail, errors=errors)
         out: dict[str, Any] = {"results": results, "model_version": version.name}
@@ -206,7 +227,9 @@ class NextChatBackend:
         login, password = params.get("login"), params.get("password")
         return FetchOptions(
             hostname=(state.hostname if state and state.hostname else s.label_studio_url),
-            access_token=(state.access_token if state and state.access_token else s.label_studio_api_key),
+            access_token=(
+                state.access_token if state and state.access_token else s.label_studio_api_key
+            ),
             timeout=s.fetch_timeout,
             max_bytes=int(s.max_download_mb * 2**20),
             workers=s.fetch_workers,
@@ -216,7 +239,11 @@ class NextChatBackend:
         )
 
     def _plan_jobs(
-        self, work: _TaskWork, plan: LabelPlan, context: InteractiveContext, state: ProjectState | None
+        self,
+        work: _TaskWork,
+        plan: LabelPlan,
+        context: InteractiveContext,
+        state: ProjectState | None,
     ) -> None:
         """The queries of one task (module docstring), or ``work.error`` for a task whose
         prompt cannot be used."""
@@ -225,13 +252,21 @@ class NextChatBackend:
         if plan.caption_area is not None and context.regions:
             size = (work.image.width, work.image.height)
             errors: list[LabelStudioFormatError] = []
-            regions = parse_results(context.regions, task_id=task_id, image_size=size, errors=errors)
+            regions = parse_results(
+                context.regions, task_id=task_id, image_size=size, errors=errors
+            )
             for exc in errors:
                 logger.warning("task %s: ignoring a context region: %s", task_id, exc)
             raw = {_rid(r): r for r in context.regions}
             for region in regions:
-                work.jobs.append(_Job("caption", "caption", box=[float(v) for v in region.box_xyxy],
-                                      region=raw.get(region.region_id)))
+                work.jobs.append(
+                    _Job(
+                        "caption",
+                        "caption",
+                        box=[float(v) for v in region.box_xyxy],
+                        region=raw.get(region.region_id),
+                    )
+                )
             if work.jobs:
                 return
         prompts, source = resolve_prompts(plan, work.task, context, state)
@@ -242,13 +277,15 @@ class NextChatBackend:
         for lp in prompts:
             problem = prompt_problem(lp.prompt)
             if problem:
-                work.error = ImageError(kind="prompt", detail=f"{source} prompt: {problem}")
+                work.error = TaskError(kind="prompt", detail=f"{source} prompt: {problem}")
                 logger.error("task %s: %s", task_id, work.error.detail)
                 work.jobs = []
                 return
             work.jobs.append(_Job("chat" if chat else "ground", lp.prompt, label=lp.label))
 
-    def _run(self, predictor: NextChatPredictor, works: Sequence[_TaskWork], plan: LabelPlan) -> None:
+    def _run(
+        self, predictor: NextChatPredictor, works: Sequence[_TaskWork], plan: LabelPlan
+    ) -> None:
         """Run every job, ``batch_size`` tasks' images at a time, into ``work.answers``."""
         size = self.settings.batch_size
         for start in range(0, len(works), size):
@@ -256,14 +293,19 @@ class NextChatBackend:
             images = [w.image.image for w in chunk if w.image is not None]
             queries = [
                 Query(i, job.prompt, job.query_task, [job.box] if job.box else None)  # type: ignore[arg-type]
-                for i, w in enumerate(chunk) for job in w.jobs
+                for i, w in enumerate(chunk)
+                for job in w.jobs
             ]
             try:
-                answers = predictor.predict_batch(images, queries, with_masks=plan.needs_masks, batch_size=size)
+                answers = predictor.predict_batch(
+                    images, queries, with_masks=plan.needs_masks, batch_size=size
+                )
             except ValueError as exc:
                 # One task's query is bad (e.g. its prompt is too many tokens): re-run the
                 # chunk task by task so only that task fails.
-                logger.warning("batch of %d task(s) failed (%s); retrying task by task", len(chunk), exc)
+                logger.warning(
+                    "batch of %d task(s) failed (%s); retrying task by task", len(chunk), exc
+                )
                 for w in chunk:
                     self._run_one(predictor, w, plan)
                 continue
@@ -275,11 +317,13 @@ class NextChatBackend:
         assert work.image is not None
         queries = [Query(0, j.prompt, j.query_task, [j.box] if j.box else None) for j in work.jobs]  # type: ignore[arg-type]
         try:
-            work.answers = predictor.predict_batch([work.image.image], queries, with_masks=plan.needs_masks)
+            work.answers = predictor.predict_batch(
+                [work.image.image], queries, with_masks=plan.needs_masks
+            )
         except ValueError as exc:
             # Per-task isolation: this task's query is invalid for the model; the task gets
             # an empty prediction and the error is logged with its id.
-            work.error = ImageError(kind="prompt", detail=str(exc))
+            work.error = TaskError(kind="prompt", detail=str(exc))
             logger.error("task %s: %s", work.task.get("id"), exc)
 
     def _caption_detections(
@@ -332,7 +376,9 @@ class NextChatBackend:
                 region = dict(job.region)
                 region.setdefault("id", new_region_id())
                 result.append(region)
-                result.append(_text(answer.text, box_token, plan.caption_area.name, plan.image, region["id"]))
+                result.append(
+                    _text(answer.text, box_token, plan.caption_area.name, plan.image, region["id"])
+                )
         captions = work.captions or [None] * len(work.detections)
         for item, caption in zip(work.detections, captions, strict=True):
             regions = detection_results(
@@ -340,7 +386,15 @@ class NextChatBackend:
             )
             result.extend(regions)
             if caption is not None and plan.caption_area is not None and regions:
-                result.append(_text(caption.text, box_token, plan.caption_area.name, plan.image, regions[0]["id"]))
+                result.append(
+                    _text(
+                        caption.text,
+                        box_token,
+                        plan.caption_area.name,
+                        plan.image,
+                        regions[0]["id"],
+                    )
+                )
         if plan.answer_area is not None:
             for job, answer in zip(work.jobs, work.answers, strict=True):
                 if job.query_task == "chat":
@@ -363,7 +417,8 @@ def resolve_prompts(
     ``last``, ``label_values``; ``none``), in the order of the module docstring."""
     if context.prompt is not None:
         return [LabeledPrompt(context.prompt)], "context"
-    data = task.get("data") if isinstance(task.get("data"), dict) else {}
+    raw = task.get("data")
+    data: dict[str, Any] = raw if isinstance(raw, dict) else {}
     key = plan.task_prompt_key() or "prompt"
     value = data.get(key) if key != plan.image_key else None
     if isinstance(value, str) and value.strip():
@@ -385,8 +440,10 @@ def prompt_problem(prompt: str) -> str | None:
     if not prompt.strip():
         return "the prompt is empty: type what to find, e.g. 'all cars'"
     if len(prompt) > MAX_PROMPT_CHARS:
-        return (f"the prompt has {len(prompt)} characters, more than the {MAX_PROMPT_CHARS} "
-                "allowed: shorten it")
+        return (
+            f"the prompt has {len(prompt)} characters, more than the {MAX_PROMPT_CHARS} "
+            "allowed: shorten it"
+        )
     return None
 
 
@@ -402,7 +459,9 @@ def parse_context(context: Any, plan: LabelPlan) -> InteractiveContext:
     if results is None:
         results = []
     if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
-        raise BackendError(400, "'params.context.result' must be a list of Label Studio result objects")
+        raise BackendError(
+            400, "'params.context.result' must be a list of Label Studio result objects"
+        )
     texts: list[str] = []
     typed = False
     regions = []
@@ -416,7 +475,9 @@ def parse_context(context: Any, plan: LabelPlan) -> InteractiveContext:
             if isinstance(text, str):
                 text = [text]
             if not isinstance(text, list) or not all(isinstance(t, str) for t in text):
-                raise BackendError(400, "a TextArea context result needs value.text: a list of strings")
+                raise BackendError(
+                    400, "a TextArea context result needs value.text: a list of strings"
+                )
             typed = True
             texts.extend(text)
         else:
@@ -433,10 +494,14 @@ def parse_context(context: Any, plan: LabelPlan) -> InteractiveContext:
 def _tasks(payload: dict[str, Any]) -> list[dict[str, Any]]:
     tasks = payload.get("tasks")
     if not isinstance(tasks, list):
-        raise BackendError(400, "'tasks' must be a list of Label Studio tasks ({'id', 'data': {...}})")
+        raise BackendError(
+            400, "'tasks' must be a list of Label Studio tasks ({'id', 'data': {...}})"
+        )
     for i, t in enumerate(tasks):
         if not isinstance(t, dict):
-            raise BackendError(400, f"tasks[{i}] must be an object with 'data', got {type(t).__name__}")
+            raise BackendError(
+                400, f"tasks[{i}] must be an object with 'data', got {type(t).__name__}"
+            )
     return tasks
 
 
@@ -459,5 +524,9 @@ def _rid(result: dict[str, Any]) -> str:
     return str(rid) if rid not in (None, "") else ""
 
 
-def _text(text: str, box_token: str, from_name: str, to_name: str, region_id: str | None = None) -> dict[str, Any]:
-    return textarea_result(answer_text(text, box_token), from_name=from_name, to_name=to_name, region_id=region_id)
+def _text(
+    text: str, box_token: str, from_name: str, to_name: str, region_id: str | None = None
+) -> dict[str, Any]:
+    return textarea_result(
+        answer_text(text, box_token), from_name=from_name, to_name=to_name, region_id=region_id
+    )

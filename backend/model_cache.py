@@ -147,7 +147,8 @@ class ModelStore:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.loads = 0
-        self._lock = threading.Lock()  # guards _cache and loading
+        self._lock = threading.Lock()  # guards _cache (held only briefly)
+        self._load_lock = threading.Lock()  # one checkpoint load at a time
         self._cache: dict[tuple[str, str], _Entry] = {}
         self._newest: tuple[str, str] | None = None
         self._base: ModelVersion | None = None
@@ -178,8 +179,10 @@ class ModelStore:
 
     def versions(self) -> dict[str, Any]:
         """``GET /versions``: every version name (base first), the current one, details."""
-        details = [{"name": v["name"], "path": v["path"], "source": "model_dir", **v}
-                   for v in list_versions(self.settings.model_dir)]
+        details = [
+            {"name": v["name"], "path": v["path"], "source": "model_dir", **v}
+            for v in list_versions(self.settings.model_dir)
+        ]
         try:
             base = self.base_version()
             details.insert(0, {"name": base.name, "path": str(base.path), "source": "base"})
@@ -219,14 +222,18 @@ class ModelStore:
         cache when their last user is done."""
         version = version or self.current_version()
         key = (str(version.path), version.name)
-        with self._lock:
-            entry = self._cache.get(key)
-            if entry is None:
-                entry = _Entry(self._load(version))
-                self._cache[key] = entry
-                self._newest = key
-                self._evict_unused()
-            entry.users += 1
+        entry = self._acquire(key)
+        if entry is None:
+            with self._load_lock:  # one load at a time; others wait here, not on _lock
+                entry = self._acquire(key)
+                if entry is None:
+                    loaded = _Entry(self._load(version))
+                    with self._lock:
+                        loaded.users += 1
+                        self._cache[key] = loaded
+                        self._newest = key
+                        self._evict_unused()
+                    entry = loaded
         try:
             if exclusive:
                 with entry.call_lock:
@@ -237,6 +244,13 @@ class ModelStore:
             with self._lock:
                 entry.users -= 1
                 self._evict_unused()
+
+    def _acquire(self, key: tuple[str, str]) -> _Entry | None:
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is not None:
+                entry.users += 1
+            return entry
 
     def _evict_unused(self) -> None:
         for key in [k for k, e in self._cache.items() if e.users == 0 and k != self._newest]:
@@ -266,6 +280,10 @@ class ModelStore:
         s = self.settings
         device = resolve_device(s.device)
         dtype = _DTYPES[s.dtype] if s.dtype and device != "cpu" else None
+        if s.torch_threads:
+            # Process-wide. More threads than free cores makes CPU inference many times
+            # slower (threads spin at every op's barrier): measured 27x on 2 busy cores.
+            torch.set_num_threads(s.torch_threads)
         t0 = time.perf_counter()
         predictor = NextChatPredictor.from_pretrained(
             version.path,
@@ -277,7 +295,10 @@ class ModelStore:
         self.loads += 1
         logger.info(
             "loaded model version %s from %s on %s in %.1f s",
-            version.name, version.path, device, time.perf_counter() - t0,
+            version.name,
+            version.path,
+            device,
+            time.perf_counter() - t0,
         )
         return predictor
 

@@ -24,6 +24,9 @@ from nextchat_core.predictor import Detection
 
 from .label_config import LabelPlan
 
+# Polygons: parts of a mask smaller than this fraction of its largest part are dropped.
+MIN_PART = 0.05
+
 
 @dataclass
 class LabeledDetection:
@@ -70,7 +73,8 @@ def detection_results(
     polygon_tolerance: float,
 ) -> list[dict[str, Any]]:
     """One region per region control of the config for one detection: a rectangle (score:
-    the box's ``<at>`` probability), a brush mask and polygons (score: the mask score).
+    the box's ``<at>`` probability), a brush mask and polygons, one per connected part of
+    the mask of at least ``MIN_PART`` of its largest part (score: the mask score).
     Without a mask (SAM's IoU below the threshold) the brush is left out and the polygon
     is the box outline."""
     det = item.detection
@@ -80,8 +84,14 @@ def detection_results(
         label = plan.label_for(item.prompt, plan.rectangles, item.label)
         out.append(
             rectangle_result(
-                det.box, [label], width=width, height=height, from_name=plan.rectangles.name,
-                to_name=plan.image, region_id=new_region_id(), score=det.score,
+                det.box,
+                [label],
+                width=width,
+                height=height,
+                from_name=plan.rectangles.name,
+                to_name=plan.image,
+                region_id=new_region_id(),
+                score=det.score,
             )
         )
     has_mask = det.mask is not None and bool(det.mask.any())
@@ -90,17 +100,24 @@ def detection_results(
         label = plan.label_for(item.prompt, plan.brushes, item.label)
         out.append(
             brush_result(
-                det.mask, [label], from_name=plan.brushes.name, to_name=plan.image,
-                region_id=new_region_id(), score=mask_score,
+                det.mask,
+                [label],
+                from_name=plan.brushes.name,
+                to_name=plan.image,
+                region_id=new_region_id(),
+                score=mask_score,
             )
         )
     if plan.polygons is not None:
         label = plan.label_for(item.prompt, plan.polygons, item.label)
         if has_mask:
             assert det.mask is not None
-            polygons = [
-                frames.simplify_polygon(p, polygon_tolerance) for p in frames.mask_to_polygons(det.mask)
-            ]
+            traced = frames.mask_to_polygons(det.mask)
+            areas = [frames.polygon_area(p) for p in traced]
+            # SAM masks carry specks: a part under MIN_PART of the largest is noise to an
+            # annotator, not an object part.
+            keep = [p for p, a in zip(traced, areas, strict=True) if a >= MIN_PART * max(areas)]
+            polygons = [frames.simplify_polygon(p, polygon_tolerance) for p in keep]
             score = mask_score
         else:
             x1, y1, x2, y2 = (float(v) for v in det.box)
@@ -109,8 +126,14 @@ def detection_results(
         for points in polygons:
             out.append(
                 polygon_result(
-                    points, [label], width=width, height=height, from_name=plan.polygons.name,
-                    to_name=plan.image, region_id=new_region_id(), score=score,
+                    points,
+                    [label],
+                    width=width,
+                    height=height,
+                    from_name=plan.polygons.name,
+                    to_name=plan.image,
+                    region_id=new_region_id(),
+                    score=score,
                 )
             )
     return out

@@ -7,7 +7,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 
 
-class GunicornServer(BaseApplication):  # type: ignore[misc]
+class GunicornServer(BaseApplication):
     """Runs ``backend.app.create_app()`` in every worker. No ``preload_app``: each worker
     process loads its own weights after the fork (CUDA cannot be forked)."""
 

@@ -31,7 +31,9 @@ class Settings:
     basic_auth_pass: str | None = field(default=None, repr=False)  # BASIC_AUTH_PASS
     webhook_allow_unauthenticated: bool = False  # WEBHOOK_ALLOW_UNAUTHENTICATED
     score_threshold: float = 0.0  # SCORE_THRESHOLD: drop boxes whose <at> probability is lower
-    mask_threshold: float | None = None  # MASK_THRESHOLD: SAM IoU below which no mask (ckpt default)
+    mask_threshold: float | None = (
+        None  # MASK_THRESHOLD: SAM IoU below which no mask (ckpt default)
+    )
     dedup_iou: float = 0.9  # DEDUP_IOU: same-label boxes overlapping more are one region
     polygon_tolerance: float = 1.0  # POLYGON_TOLERANCE: pixels of polygon simplification
     batch_size: int = 8  # BATCH_SIZE: images (and prompts) per model call
@@ -44,6 +46,7 @@ class Settings:
     threads: int = 4  # THREADS: gunicorn threads per process (model calls are serialized)
     timeout: int = 300  # GUNICORN_TIMEOUT: seconds before a silent worker is restarted
     preload_model: bool = True  # PRELOAD_MODEL: load weights when a worker starts
+    torch_threads: int | None = None  # TORCH_THREADS: CPU threads per process (torch default)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -71,6 +74,7 @@ class Settings:
             "threads": _int(env, "THREADS", 4, lo=1),
             "timeout": _int(env, "GUNICORN_TIMEOUT", 300, lo=1),
             "preload_model": _bool(env, "PRELOAD_MODEL", True),
+            "torch_threads": _int(env, "TORCH_THREADS", 0, lo=0) or None,
         }
         model_dir = _str(env, "MODEL_DIR")
         if model_dir:

@@ -37,7 +37,9 @@ def validate_webhook_payload(payload: Any) -> str:
         raise ValueError(f"the webhook body must be a JSON object, got {type(payload).__name__}")
     action = payload.get("action")
     if not isinstance(action, str) or not action.strip():
-        raise ValueError("the webhook body needs 'action': the event name, e.g. 'ANNOTATION_CREATED'")
+        raise ValueError(
+            "the webhook body needs 'action': the event name, e.g. 'ANNOTATION_CREATED'"
+        )
     if action not in TRAINING_EVENTS:
         return action
     project = payload.get("project")
@@ -59,7 +61,9 @@ def validate_webhook_payload(payload: Any) -> str:
     return action
 
 
-def handle_training_event(payload: dict[str, Any], *, model_dir: Path | None = None) -> dict[str, Any]:
+def handle_training_event(
+    payload: dict[str, Any], *, model_dir: Path | None = None
+) -> dict[str, Any]:
     """Record one training event (``TRAINING_EVENTS``) and return the reply body.
 
     Called by ``POST /webhook`` with a payload :func:`validate_webhook_payload` accepted.
@@ -74,8 +78,9 @@ def handle_training_event(payload: dict[str, Any], *, model_dir: Path | None = N
     """
     model_dir = Path(model_dir) if model_dir is not None else Settings.from_env().model_dir
     action = payload["action"]
-    annotation = payload.get("annotation") if isinstance(payload.get("annotation"), dict) else {}
-    task = payload.get("task") if isinstance(payload.get("task"), dict) else {}
+    raw_annotation, raw_task = payload.get("annotation"), payload.get("task")
+    annotation: dict[str, Any] = raw_annotation if isinstance(raw_annotation, dict) else {}
+    task: dict[str, Any] = raw_task if isinstance(raw_task, dict) else {}
     event = {
         "event_id": uuid.uuid4().hex,
         "received_at": time.time(),
@@ -96,7 +101,9 @@ def handle_training_event(payload: dict[str, Any], *, model_dir: Path | None = N
             os.fsync(f.fileno())
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-    logger.info("recorded %s for project %s (event %s)", action, event["project"], event["event_id"])
+    logger.info(
+        "recorded %s for project %s (event %s)", action, event["project"], event["event_id"]
+    )
     return {"status": "recorded", "action": action, "event_id": event["event_id"]}
 
 

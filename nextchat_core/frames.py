@@ -510,6 +510,14 @@ def mask_to_polygons(mask: np.ndarray, *, min_points: int = 3) -> list[np.ndarra
     return polygons
 
 
+def polygon_area(points_px: Any) -> float:
+    """Area of a simple polygon (``Nx2``, any frame), shoelace formula, always >= 0. For
+    polygons traced by :func:`mask_to_polygons` it is the component's pixel count."""
+    pts = np.asarray(points_px, dtype=np.float64).reshape(-1, 2)
+    x, y = pts[:, 0], pts[:, 1]
+    return abs(0.5 * float(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y)))
+
+
 def simplify_polygon(points_px: Any, tolerance: float = 1.0) -> np.ndarray:
     """Fewer vertices for a closed polygon in original pixels (``Nx2`` -> ``Mx2``,
     ``M <= N``, at least 3 when ``N >= 3``): Ramer-Douglas-Peucker with ``tolerance``

@@ -244,16 +244,16 @@ def default_phases(scale: float = 1.0) -> list[Phase]:
         return max(2, int(x * scale))
 
     return [
-        Phase("stage0", 0, n(900), 1e-3, easy_steps=n(150)),
+        Phase("stage0", 0, n(500), 1e-3, easy_steps=n(150)),
         Phase(
             "stage2",
             2,
-            n(450),
+            n(250),
             3e-4,
             trainable=["mm_projector", "language_model", "loc_encoder", "loc_decoder"],
             vision_aux=False,
         ),
-        Phase("stage3", 3, n(250), 1e-3, vision_aux=False),
+        Phase("stage3", 3, n(150), 1e-3, vision_aux=False),
     ]
 
 

@@ -1,0 +1,398 @@
+"""The backend against a real Label Studio 1.23.2 server (its own venv under ``.lsenv/``).
+
+Everything runs for real, as separate processes: ``label-studio start`` (SQLite in a temp
+dir) and ``nextchat serve`` (gunicorn) on the tiny overfit checkpoint; images come from a
+local HTTP server and from a Label Studio upload. Plain HTTP against Label Studio's API
+(the SDK's action calls return ``None``, see the facts file).
+
+Skipped only when pip cannot install ``label-studio`` (the reason carries pip's error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from test_backend_support import (
+    BOX1,
+    REPO,
+    H,
+    W,
+    image_server,
+    label_config,
+    overfit_checkpoint,
+    png_bytes,
+    scene,
+)
+
+from nextchat_core import frames
+
+pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
+
+LS_VERSION = "1.23.2"
+LS_VENV = REPO / ".lsenv"
+USER, PASSWORD = "admin@example.com", "nextchat-test-pass"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ls_installed() -> bool:
+    exe = LS_VENV / "bin" / "python"
+    if not exe.exists():
+        return False
+    probe = subprocess.run(
+        [str(exe), "-c", "import importlib.metadata as m; print(m.version('label-studio'))"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return probe.returncode == 0 and probe.stdout.strip() == LS_VERSION
+
+
+@pytest.fixture(scope="session")
+def ls_venv() -> Path:
+    """``.lsenv/`` with label-studio installed (reused when present). Label Studio pins
+    redis<5.3, which breaks Celery in the project venv: it must live in its own."""
+    if not _ls_installed():
+        shutil.rmtree(LS_VENV, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(LS_VENV)], check=True, timeout=300)
+        pip = subprocess.run(
+            [
+                str(LS_VENV / "bin" / "pip"),
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                f"label-studio=={LS_VERSION}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        if pip.returncode != 0 or not _ls_installed():
+            error = [
+                line for line in (pip.stderr or pip.stdout).splitlines() if line.startswith("ERROR")
+            ] or (pip.stderr or pip.stdout).splitlines()[-3:]
+            pytest.skip(f"pip cannot install label-studio=={LS_VERSION}: {' | '.join(error)[:500]}")
+    return LS_VENV
+
+
+class Process:
+    """A subprocess whose output goes to a log file; stopped by the fixture's teardown."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._fh = open(log, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(args, env=env, stdout=self._fh, stderr=subprocess.STDOUT)
+
+    def wait_for(self, url: str, timeout: float, **kwargs) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{url}: process exited ({self.proc.returncode}):\n{self.tail()}"
+                )
+            try:
+                if requests.get(url, timeout=5, **kwargs).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{url} did not answer within {timeout} s:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        self._fh.flush()
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+        self._fh.close()
+
+
+@pytest.fixture(scope="module")
+def ls(ls_venv, tmp_path_factory) -> Iterator[dict]:
+    """A Label Studio server on a free port, data and HOME in a temp dir."""
+    home = tmp_path_factory.mktemp("ls-home")
+    port = _free_port()
+    token = secrets.token_hex(20)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LABEL_STUDIO_", "DJANGO_", "POSTGRE"))
+        and k not in ("USERNAME", "PASSWORD")
+    }
+    env.update(
+        HOME=str(home),
+        LABEL_STUDIO_BASE_DATA_DIR=str(home / "data"),
+        ML_BLOCK_LOCAL_IP="false",
+        USE_DEFAULT_BANNED_SUBNETS="false",
+    )
+    server = Process(
+        [
+            str(ls_venv / "bin" / "label-studio"),
+            "start",
+            "--no-browser",
+            "--port",
+            str(port),
+            "--internal-host",
+            "127.0.0.1",
+            "--username",
+            USER,
+            "--password",
+            PASSWORD,
+            "--user-token",
+            token,
+            "--enable-legacy-api-token",
+        ],
+        env,
+        home / "label-studio.log",
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        server.wait_for(f"{url}/health", timeout=240)
+        yield {
+            "url": url,
+            "token": token,
+            "headers": {"Authorization": f"Token {token}"},
+            "process": server,
+        }
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def backend(ls, tmp_path_factory) -> Iterator[dict]:
+    """``nextchat serve`` on the tiny overfit checkpoint, debug logging to a file."""
+    ckpt = overfit_checkpoint(tmp_path_factory.getbasetemp())
+    root = tmp_path_factory.mktemp("backend")
+    port = _free_port()
+    env = {**os.environ, "MODEL_DIR": str(root / "models"), "THREADS": "4"}
+    for key in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
+        env.pop(key, None)
+    server = Process(
+        [
+            str(Path(sys.executable).with_name("nextchat")),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--checkpoint",
+            str(ckpt),
+            "--log-level",
+            "debug",
+        ],
+        env,
+        root / "backend.log",
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        server.wait_for(f"{url}/health", timeout=120)
+        yield {"url": url, "model_dir": root / "models", "process": server}
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Iterator[dict]:
+    root = tmp_path_factory.mktemp("ls-images")
+    img, _, _ = scene()
+    (root / "scene.png").write_bytes(png_bytes(img))
+    with image_server(root) as url:
+        yield {"url": url, "file": root / "scene.png"}
+
+
+def api(ls: dict, method: str, path: str, **kwargs) -> requests.Response:
+    reply = requests.request(method, ls["url"] + path, headers=ls["headers"], timeout=120, **kwargs)
+    assert reply.status_code < 400, f"{method} {path}: {reply.status_code} {reply.text[:500]}"
+    return reply
+
+
+def project_tasks(ls: dict, project: int) -> list[dict]:
+    reply = api(ls, "GET", f"/api/tasks?project={project}&page_size=100").json()
+    return reply["tasks"] if isinstance(reply, dict) else reply
+
+
+def test_label_studio_accepts_every_label_config(ls):
+    for name in ("boxes", "boxes_masks", "polygons", "per_label_prompts", "region_caption", "chat"):
+        reply = api(
+            ls,
+            "POST",
+            "/api/projects",
+            json={"title": f"config {name}", "label_config": label_config(name)},
+        )
+        assert reply.status_code == 201, name
+
+
+def test_predictions_stored_in_label_studio(ls, backend, images):
+    # A direct file upload needs a config with one data key: upload first, then switch to
+    # the boxes+masks config (which also reads $prompt).
+    single_key = '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image"><Label value="Car"/></RectangleLabels></View>'
+    project = api(
+        ls,
+        "POST",
+        "/api/projects",
+        json={"title": "nextchat boxes+masks", "label_config": single_key},
+    ).json()["id"]
+    with open(images["file"], "rb") as f:  # fetched by the backend with /setup's token
+        api(
+            ls,
+            "POST",
+            f"/api/projects/{project}/import",
+            files={"file": ("scene.png", f, "image/png")},
+        )
+    api(ls, "PATCH", f"/api/projects/{project}", json={"label_config": label_config("boxes_masks")})
+    # two tasks by URL, with a prompt field
+    api(
+        ls,
+        "POST",
+        f"/api/projects/{project}/import",
+        json=[
+            {"image": f"{images['url']}/scene.png", "prompt": "all shapes"},
+            {"image": f"{images['url']}/scene.png", "prompt": "the red circle"},
+        ],
+    )
+    ml = api(
+        ls,
+        "POST",
+        "/api/ml",
+        json={
+            "url": backend["url"],
+            "project": project,
+            "title": "nextchat",
+            "is_interactive": True,
+        },
+    )
+    assert ml.status_code == 201 and ml.json()["state"] == "CO", ml.json()
+    ml_id = ml.json()["id"]
+    version = requests.get(f"{backend['url']}/health", timeout=10).json()["model_version"]
+
+    reply = api(
+        ls,
+        "POST",
+        f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
+        json={"selectedItems": {"all": True, "excluded": []}},
+    )
+    assert reply.status_code == 200
+    upload, *by_url = sorted(project_tasks(ls, project), key=lambda t: t["id"])
+    tasks = [*by_url, upload]
+    assert len(tasks) == 3
+    assert upload["data"]["image"].startswith("/data/upload/")
+    stored = {}
+    for t in tasks:
+        predictions = api(ls, "GET", f"/api/predictions?task={t['id']}").json()
+        assert len(predictions) == 1, (t, predictions)
+        stored[t["id"]] = predictions[0]
+    for t, expected_boxes in zip(tasks, (2, 1, None), strict=True):
+        p = stored[t["id"]]
+        assert p["model_version"] == version
+        rects = [r for r in p["result"] if r["type"] == "rectanglelabels"]
+        brushes = [r for r in p["result"] if r["type"] == "brushlabels"]
+        if expected_boxes is not None:
+            assert len(rects) == expected_boxes and len(brushes) == expected_boxes
+        assert rects and brushes
+        for r in rects + brushes:
+            assert r["value"][r["type"]][0] in ("Car", "Person")
+            assert (r["original_width"], r["original_height"]) == (W, H)
+            assert 0 < r["score"] <= 1
+        for b in brushes:  # the stored RLE decodes to a mask of this image
+            mask = frames.ls_rle_to_mask(b["value"]["rle"], W, H)
+            assert mask.any()
+        assert p["score"] == pytest.approx(float(np.mean([r["score"] for r in rects])), abs=1e-4)
+    one = next(r for r in stored[tasks[1]["id"]]["result"] if r["type"] == "rectanglelabels")
+    v = one["value"]
+    box = frames.percent_to_pixel(frames.PercentRect(v["x"], v["y"], v["width"], v["height"]), W, H)
+    assert frames.box_iou(box, BOX1) > 0.8
+    # a second "retrieve" skips tasks already predicted with this model version
+    api(
+        ls,
+        "POST",
+        f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
+        json={"selectedItems": {"all": True, "excluded": []}},
+    )
+    assert all(len(api(ls, "GET", f"/api/predictions?task={t['id']}").json()) == 1 for t in tasks)
+
+    # interactive pre-annotation with a typed prompt: regions come back, nothing stored
+    context = {
+        "result": [
+            {
+                "from_name": "prompt",
+                "to_name": "image",
+                "type": "textarea",
+                "value": {"text": ["all shapes"]},
+            }
+        ]
+    }
+    reply = api(
+        ls,
+        "POST",
+        f"/api/ml/{ml_id}/interactive-annotating",
+        json={"task": tasks[2]["id"], "context": context},
+    ).json()
+    data = reply["data"]
+    assert data["model_version"] == version
+    assert len([r for r in data["result"] if r["type"] == "rectanglelabels"]) == 2
+    assert len(api(ls, "GET", f"/api/predictions?task={tasks[2]['id']}").json()) == 1
+
+    # the webhook Label Studio created on connect: annotation and training events recorded
+    annotation = {
+        "result": [
+            {
+                "from_name": "label",
+                "to_name": "image",
+                "type": "rectanglelabels",
+                "original_width": W,
+                "original_height": H,
+                "value": {
+                    "x": 10,
+                    "y": 10,
+                    "width": 30,
+                    "height": 40,
+                    "rotation": 0,
+                    "rectanglelabels": ["Car"],
+                },
+            }
+        ]
+    }
+    api(ls, "POST", f"/api/tasks/{tasks[0]['id']}/annotations", json=annotation)
+    api(ls, "POST", f"/api/ml/{ml_id}/train", json={})
+    events_file = backend["model_dir"] / "webhook-events.jsonl"
+    deadline = time.time() + 20
+    actions: list[str] = []
+    while time.time() < deadline:
+        if events_file.exists():
+            actions = [
+                json.loads(line)["action"] for line in events_file.read_text().splitlines() if line
+            ]
+            if {"ANNOTATION_CREATED", "START_TRAINING"} <= set(actions):
+                break
+        time.sleep(0.5)
+    assert {"ANNOTATION_CREATED", "START_TRAINING"} <= set(actions), (
+        actions,
+        backend["process"].tail(),
+    )
+
+    # the access token /setup received was used (the upload) but never logged
+    log = backend["process"].log.read_text()
+    assert "access token received" in log
+    assert ls["token"] not in log
