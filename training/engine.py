@@ -33,7 +33,7 @@ class EngineSettings:
     lora: LoraSettings | None = None
     clip_norm: float = 1.0
     accumulate: int = 1
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (accelerate's dynamo backend "inductor")
 
 
 def make_accelerator(settings: EngineSettings, *, cpu: bool = False) -> Accelerator:
@@ -43,6 +43,7 @@ def make_accelerator(settings: EngineSettings, *, cpu: bool = False) -> Accelera
         mixed_precision="bf16" if settings.precision == "bf16" else "no",
         gradient_accumulation_steps=settings.accumulate,
         cpu=cpu,
+        dynamo_backend="inductor" if settings.compile else "no",
     )
 
 

@@ -79,6 +79,7 @@ class TrainConfig:
     clip_norm: float = 1.0
     precision: str = "fp32"  # fp32 | bf16 (bf16 autocast on CUDA)
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model (pays off on CUDA for long runs)
     lora: dict[str, Any] | None = None  # {"r": 16, "alpha": 32, "dropout": 0.05}
     device: str = "auto"  # auto | cpu | cuda
     output_dir: str = "runs/train"
@@ -240,6 +241,7 @@ def train(
         lora=LoraSettings(**config.lora) if config.lora else None,
         clip_norm=config.clip_norm,
         accumulate=config.accumulate,
+        compile=config.compile,
     )
     spec = dataclasses.replace(spec, lr_scale={**spec.lr_scale, **config.lr_scale})
     if config.trainable is not None:
