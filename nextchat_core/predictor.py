@@ -256,7 +256,7 @@ class NextChatPredictor:
         prompt = q.prompt
         if not isinstance(prompt, str):
             raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
-        if not prompt.strip():
+        if not prompt.strip() and q.task != "caption":  # a caption's input is its box
             raise ValueError("the prompt is empty: type what to find, e.g. 'the red car'")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise ValueError(

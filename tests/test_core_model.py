@@ -141,6 +141,9 @@ def test_generation_emits_at_boxes_and_a_box(overfit, tiny_tokenizer):
     assert len(answer.detections) == 1
     det = answer.detections[0]
     assert frames.box_iou(det.box, BOX) > 0.85, det.box
+    # the box-in path: a region caption needs no prompt text, only the region
+    (caption,) = predictor.predict("", task="caption", boxes=[list(BOX)])
+    assert isinstance(caption.text, str) and caption.prompt == ""
     assert 0.0 < det.score <= 1.0
     assert det.mask is not None and det.mask.shape == mask.shape
     assert frames.mask_iou(det.mask, mask) > 0.7
