@@ -79,13 +79,8 @@ def collate(
             raise ValueError(f"{s.source}: {len(s.masks)} masks for {len(s.boxes)} boxes")
         w, h = processed.width, processed.height
         for k, b in enumerate(s.boxes):
-            x1, y1, x2, y2 = (float(v) for v in b)
-            if not (-0.5 <= x1 < x2 <= w + 0.5 and -0.5 <= y1 < y2 <= h + 0.5):
-                raise ValueError(
-                    f"{s.source}: box {k} {[x1, y1, x2, y2]} lies outside the {w}x{h} image "
-                    "(expected original-pixel xyxy with x1 < x2 <= width, y1 < y2 <= height)"
-                )
-            boxes.append(frames.pixel_to_square(np.array([x1, y1, x2, y2]), w, h))
+            box = frames.check_pixel_box(b, w, h, what=f"{s.source}: box {k}", tolerance=0.5)
+            boxes.append(frames.pixel_to_square(box, w, h))
             mask = None if s.masks is None else s.masks[k]
             if with_masks and mask is not None:
                 mask_targets.append(

@@ -211,6 +211,29 @@ def clip_boxes(boxes: Any, width: Any, height: Any) -> Any:
     return out
 
 
+def check_pixel_box(
+    box: Any, width: int, height: int, *, what: str = "box", tolerance: float = 0.0
+) -> np.ndarray:
+    """``box`` as a float ``(4,)`` original-pixel xyxy array, or ``ValueError`` (prefixed
+    with ``what``) when it is malformed or not inside the ``width x height`` image;
+    ``tolerance`` pixels of slack absorb rounding in stored labels."""
+    values = list(box) if isinstance(box, list | tuple | np.ndarray) else None
+    if (
+        values is None
+        or len(values) != 4
+        or not all(isinstance(v, int | float | np.number) for v in values)
+    ):
+        raise ValueError(f"{what} must be [x1, y1, x2, y2] numbers in original pixels, got {box!r}")
+    x1, y1, x2, y2 = (float(v) for v in values)
+    t = tolerance
+    if not (-t <= x1 < x2 <= width + t and -t <= y1 < y2 <= height + t):
+        raise ValueError(
+            f"{what} {[x1, y1, x2, y2]} lies outside the {width}x{height} image (expected "
+            "original-pixel xyxy with 0 <= x1 < x2 <= width, 0 <= y1 < y2 <= height)"
+        )
+    return np.array([x1, y1, x2, y2])
+
+
 @dataclass(frozen=True)
 class PercentRect:
     """A Label Studio rectangle: top-left ``x, y`` and ``width, height`` in percent of the

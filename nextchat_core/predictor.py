@@ -307,7 +307,7 @@ class NextChatPredictor:
                 )
             p = encoded[q.image_index].processed
             for b in boxes:
-                _check_box(b, p.width, p.height)
+                frames.check_pixel_box(b, p.width, p.height, what="input box")
                 in_boxes.append(frames.pixel_to_square(np.asarray(b), p.width, p.height))
             rows.append(enc.input_ids)
         width = max(len(r) for r in rows)
@@ -372,14 +372,3 @@ class NextChatPredictor:
                 det.mask = full[j].cpu().numpy() if iou >= self.mask_iou_threshold else None
         score = float(np.mean([d.score for d in dets])) if dets else 0.0
         return Answer(prompt=q.prompt, text=text, detections=dets, score=score)
-
-
-def _check_box(box: Sequence[float], width: int, height: int) -> None:
-    if len(box) != 4:
-        raise ValueError(f"an input box must be [x1, y1, x2, y2] in pixels, got {list(box)}")
-    x1, y1, x2, y2 = box
-    if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
-        raise ValueError(
-            f"input box {list(box)} is not inside the {width}x{height} image (expected "
-            "0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height, original pixels)"
-        )

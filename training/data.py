@@ -133,14 +133,7 @@ def _check_boxes(rec: Record) -> None:
     """Raise naming the record when a box is malformed or outside the image."""
     w, h = _size(rec)
     for k, b in enumerate(rec.boxes):
-        if len(b) != 4 or not all(isinstance(v, int | float) for v in b):
-            raise ValueError(f"{rec.source}: box {k} must be [x1, y1, x2, y2] numbers, got {b!r}")
-        x1, y1, x2, y2 = b
-        if not (-0.5 <= x1 < x2 <= w + 0.5 and -0.5 <= y1 < y2 <= h + 0.5):
-            raise ValueError(
-                f"{rec.source}: box {k} {list(b)} lies outside the {w}x{h} image (expected "
-                "original-pixel xyxy with 0 <= x1 < x2 <= width, 0 <= y1 < y2 <= height)"
-            )
+        frames.check_pixel_box(b, w, h, what=f"{rec.source}: box {k}", tolerance=0.5)
 
 
 def _check_image(path: Path, source: str) -> Path:

@@ -222,9 +222,19 @@ def train(
     device = _device(config.device)
     _seed_everything(config.seed)
 
-    model, tokenizer = _init_model(config, samples)
+    loaded: dict[str, SampleSet] = {}
+
+    def training_data(model_config) -> SampleSet:
+        # Read once: a preset start also trains its tokenizer on these texts.
+        if "train" not in loaded:
+            loaded["train"] = (
+                samples if samples is not None else load_sources(config.data, model_config)
+            )
+        return loaded["train"]
+
+    model, tokenizer = _init_model(config, training_data)
     mcfg = model.config
-    train_set = samples if samples is not None else load_sources(config.data, mcfg)
+    train_set = training_data(mcfg)
     if len(train_set) == 0:
         raise ValueError("the training data holds no samples")
     eval_set = (
@@ -434,7 +444,7 @@ def _position(global_index: int, n: int, seed: int) -> int:
     return int(perm[offset])
 
 
-def _init_model(config: TrainConfig, samples: SampleSet | None):
+def _init_model(config: TrainConfig, training_data: Callable[..., SampleSet]):
     init = config.init
     if init in PRESETS:
         torch.manual_seed(config.seed)
@@ -443,8 +453,7 @@ def _init_model(config: TrainConfig, samples: SampleSet | None):
         if config.tokenizer:
             tokenizer = load_tokenizer(config.tokenizer, mcfg)
         else:
-            data = samples if samples is not None else load_sources(config.data, mcfg)
-            tokenizer = train_bpe_tokenizer(corpus(data), config=mcfg)
+            tokenizer = train_bpe_tokenizer(corpus(training_data(mcfg)), config=mcfg)
         return model, tokenizer
     ckpt = from_pretrained(init)
     return ckpt.model, ckpt.tokenizer
