@@ -20,14 +20,19 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import threading
+import time
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from training.retrain import RetrainSettings
+from training.tasks import enqueue_pending
+
 from .model import BackendError, NextChatBackend
 from .model_cache import ModelStore
-from .projects import ProjectStore
+from .projects import ProjectStore, project_key
 from .settings import Settings
 from .webhook import TRAINING_EVENTS, handle_training_event, validate_webhook_payload
 
@@ -39,18 +44,26 @@ def create_app(
     *,
     store: ModelStore | None = None,
     preload: bool | None = None,
+    retrain: RetrainSettings | None = None,
+    enqueue_retry_s: float | None = 5.0,
 ) -> Flask:
     """The WSGI app. ``settings`` default to the environment; ``store`` lets tests share
     one model cache between apps; ``preload`` (default ``settings.preload_model``) starts
-    loading the weights in the background right away."""
+    loading the weights in the background right away. ``retrain``: the active-learning
+    settings (default from the environment, on the same ``MODEL_DIR``);
+    ``enqueue_retry_s``: how often jobs recorded while the broker was down are handed
+    to it again (``None``: never)."""
     settings = settings or Settings.from_env()
     store = store or ModelStore(settings)
     backend = NextChatBackend(settings, store, ProjectStore(settings.model_dir))
     app = Flask("nextchat_backend")
     app.config["JSON_SORT_KEYS"] = False
     app.extensions["nextchat"] = backend
+    retrain = retrain or RetrainSettings.from_env(model_dir=settings.model_dir)
     if settings.preload_model if preload is None else preload:
         store.warm_up_in_background()
+    if enqueue_retry_s:
+        _start_pending_enqueuer(retrain, enqueue_retry_s)
 
     @app.before_request
     def _authenticate() -> Response | None:
@@ -105,7 +118,20 @@ def create_app(
             raise BackendError(400, str(exc)) from None
         if action not in TRAINING_EVENTS:
             return jsonify({"status": "Unknown event"}), 200
-        return jsonify(handle_training_event(payload, model_dir=settings.model_dir)), 201
+        return jsonify(handle_training_event(payload, retrain)), 201
+
+    @app.get("/training")
+    def training() -> Response:
+        project = request.args.get("project")
+        jobs = retrain.store.jobs(project_key(project) if project else None)
+        return jsonify(
+            {
+                "jobs": [job.as_dict() for job in jobs],
+                "model_version": store.current_version().name,
+                "retrain_every": retrain.retrain_every,
+                "policy": retrain.policy,
+            }
+        )
 
     @app.get("/metrics")
     def metrics() -> Response:
@@ -137,6 +163,24 @@ def create_app(
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
     return app
+
+
+def _start_pending_enqueuer(retrain: RetrainSettings, every: float) -> threading.Thread:
+    """A daemon thread that hands jobs recorded while the broker was down to it once it
+    is back (duplicates are harmless: a job runs once, see training.retrain)."""
+
+    def run() -> None:
+        while True:
+            time.sleep(every)
+            try:
+                if retrain.store.unenqueued_jobs():
+                    enqueue_pending(retrain.store, retrain.model_dir)
+            except Exception as exc:  # keep retrying: the store or broker may come back
+                logger.warning("pending-job enqueuer: %s", exc)
+
+    thread = threading.Thread(target=run, name="nextchat-enqueuer", daemon=True)
+    thread.start()
+    return thread
 
 
 def _json_object() -> dict[str, Any]:

@@ -1,13 +1,5 @@
-"""Model versions under ``MODEL_DIR`` and the once-per-process weights cache.
-
-Layout of ``MODEL_DIR`` (the active-learning worker writes versions here; the backend
-reads them)::
-
-    MODEL_DIR/
-      versions/<name>/      a checkpoint directory (config.json, model.safetensors,
-                            tokenizer files), plus an optional version.json of metadata
-      current               one line: the <name> to serve; written atomically
-                            (temp file + rename) AFTER versions/<name>/ is complete
+"""The once-per-process weights cache of the backend, over the model versions of
+:mod:`nextchat_core.versions` (``MODEL_DIR/versions/<name>`` + the ``current`` pointer).
 
 Without ``current`` the backend serves the base checkpoint (``--checkpoint``,
 ``NEXTCHAT_CHECKPOINT`` or the bundled demo), named ``<dir name>-<fingerprint>``.
@@ -20,11 +12,7 @@ replaces is dropped from the cache once no request uses it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -37,15 +25,18 @@ import torch
 
 from nextchat_core.checkpoints import resolve_checkpoint, resolve_device
 from nextchat_core.predictor import NextChatPredictor
+from nextchat_core.versions import (
+    CURRENT_FILE,
+    checkpoint_fingerprint,
+    list_versions,
+    read_current_version,
+    version_dir,
+)
 
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
-VERSIONS_DIR = "versions"
-CURRENT_FILE = "current"
-VERSION_META = "version.json"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -56,83 +47,6 @@ class ModelVersion:
     name: str
     path: Path
     source: str  # "base" (the configured checkpoint) or "model_dir" (MODEL_DIR/versions)
-
-
-def check_version_name(name: str) -> str:
-    """``name`` if it is a safe version name (a directory name, no path tricks)."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(
-            f"version name {name!r} must be 1-128 characters of letters, digits, '.', '_' "
-            "or '-', starting with a letter or digit"
-        )
-    return name
-
-
-def version_dir(model_dir: str | os.PathLike[str], name: str) -> Path:
-    """``MODEL_DIR/versions/<name>``: where a trainer writes the checkpoint of ``name``."""
-    return Path(model_dir) / VERSIONS_DIR / check_version_name(name)
-
-
-def set_current_version(model_dir: str | os.PathLike[str], name: str) -> None:
-    """Point ``MODEL_DIR/current`` at ``versions/<name>`` atomically (temp file + rename,
-    so a reader sees the old name or the new one, never a partial write). Raises
-    ``FileNotFoundError`` when that version has no checkpoint yet."""
-    target = version_dir(model_dir, name)
-    if not (target / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{target} holds no checkpoint (config.json missing): write the version first"
-        )
-    pointer = Path(model_dir) / CURRENT_FILE
-    tmp = pointer.with_name(f".{CURRENT_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(name + "\n")
-    os.replace(tmp, pointer)
-
-
-def read_current_version(model_dir: str | os.PathLike[str]) -> str | None:
-    """The version name ``MODEL_DIR/current`` points at, or ``None`` without a pointer."""
-    pointer = Path(model_dir) / CURRENT_FILE
-    try:
-        text = pointer.read_text().strip()
-    except FileNotFoundError:
-        return None
-    if not text:
-        return None
-    try:
-        return check_version_name(text)
-    except ValueError as exc:
-        raise ValueError(f"{pointer}: {exc}; write a version name there") from None
-
-
-def list_versions(model_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The checkpoints under ``MODEL_DIR/versions``, oldest first, each as
-    ``{"name", "path", "created_at", **version.json}``."""
-    root = Path(model_dir) / VERSIONS_DIR
-    out = []
-    if root.is_dir():
-        for d in root.iterdir():
-            if d.is_dir() and _NAME.match(d.name) and (d / "config.json").is_file():
-                meta: dict[str, Any] = {}
-                if (d / VERSION_META).is_file():
-                    try:
-                        meta = json.loads((d / VERSION_META).read_text())
-                    except (json.JSONDecodeError, OSError) as exc:
-                        logger.warning("ignoring unreadable %s: %s", d / VERSION_META, exc)
-                created = d.stat().st_mtime
-                out.append({**meta, "name": d.name, "path": str(d), "created_at": created})
-    out.sort(key=lambda v: (v["created_at"], v["name"]))
-    return out
-
-
-def checkpoint_fingerprint(path: Path) -> str:
-    """8 hex digits that change when the checkpoint's files change (names, sizes,
-    modification times): part of the base version name, so a retrained base checkpoint
-    gets re-predicted by Label Studio."""
-    h = hashlib.sha1()
-    for f in sorted(path.iterdir()):
-        if f.is_file():
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:8]
 
 
 class ModelStore:

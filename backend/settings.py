@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from nextchat_core.versions import default_model_dir
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -24,7 +26,7 @@ class Settings:
     checkpoint: str | None = None  # NEXTCHAT_CHECKPOINT: base model dir (default: bundled demo)
     device: str | None = None  # NEXTCHAT_DEVICE: cpu | cuda | cuda:N (default cpu)
     dtype: str | None = None  # NEXTCHAT_DTYPE: float32 | bfloat16 | float16 (cuda only)
-    model_dir: Path = field(default_factory=lambda: _default_model_dir())  # MODEL_DIR
+    model_dir: Path = field(default_factory=lambda: default_model_dir())  # MODEL_DIR
     label_studio_url: str | None = None  # LABEL_STUDIO_URL: fetch uploads when /setup gave none
     label_studio_api_key: str | None = field(default=None, repr=False)  # LABEL_STUDIO_API_KEY
     basic_auth_user: str | None = None  # BASIC_AUTH_USER
@@ -102,11 +104,6 @@ class Settings:
     @property
     def basic_auth_enabled(self) -> bool:
         return bool(self.basic_auth_user and self.basic_auth_pass)
-
-
-def _default_model_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "nextchat-studio" / "models"
 
 
 def _str(env: Mapping[str, str], key: str) -> str | None:

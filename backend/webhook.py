@@ -1,23 +1,21 @@
 """Label Studio webhook events: validation, and the one entry point for training events.
 
 Label Studio's auto-created webhook posts every project event to ``/webhook`` and gives
-up after 1 s (``WEBHOOK_TIMEOUT``), so nothing slow may happen here: training events
-are recorded (and, with the active-learning worker, enqueued) and the reply goes back.
+up after 1 s (``WEBHOOK_TIMEOUT``), so nothing slow may happen here: a training event
+updates the annotation store (SQLite under ``MODEL_DIR``), maybe creates a retraining job
+(START_TRAINING, or ``RETRAIN_EVERY`` changed annotations; later triggers coalesce into
+the project's active job) and hands it to the broker; the workers do the rest.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
-import os
-import time
-import uuid
-from pathlib import Path
 from typing import Any
 
+from training.retrain import RetrainSettings
+from training.tasks import enqueue
+
 from .projects import project_key
-from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +25,6 @@ logger = logging.getLogger(__name__)
 TRAINING_EVENTS = frozenset(
     {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED", "START_TRAINING"}
 )
-EVENTS_FILE = "webhook-events.jsonl"
 
 
 def validate_webhook_payload(payload: Any) -> str:
@@ -52,73 +49,69 @@ def validate_webhook_payload(payload: Any) -> str:
         if not isinstance(annotation.get("result", []), list):
             raise ValueError(f"{action}: 'annotation.result' must be a list")
         task = payload.get("task")
-        if task is not None and not isinstance(task, dict):
-            raise ValueError(f"{action}: 'task' must be an object")
+        if not isinstance(task, dict) or "id" not in task or not isinstance(task.get("data"), dict):
+            raise ValueError(
+                f"{action} needs 'task': an object with its 'id' and 'data' (the image to "
+                "train on), as Label Studio sends it"
+            )
     if action == "ANNOTATIONS_DELETED":
         annotations = payload.get("annotations")
-        if annotations is not None and not isinstance(annotations, list):
-            raise ValueError("ANNOTATIONS_DELETED: 'annotations' must be a list")
+        if not isinstance(annotations, list) or not all(
+            isinstance(a, dict) and "id" in a for a in annotations
+        ):
+            raise ValueError(
+                "ANNOTATIONS_DELETED needs 'annotations': a list of objects with their 'id'"
+            )
     return action
 
 
-def handle_training_event(
-    payload: dict[str, Any], *, model_dir: Path | None = None
-) -> dict[str, Any]:
-    """Record one training event (``TRAINING_EVENTS``) and return the reply body.
-
-    Called by ``POST /webhook`` with a payload :func:`validate_webhook_payload` accepted.
-    Appends one JSON line ``{"event_id", "received_at", "action", "project",
-    "annotation_id", "task_id", "payload"}`` to ``MODEL_DIR/webhook-events.jsonl`` under an
-    exclusive file lock (several gunicorn workers append safely) and fsyncs it, so an
-    acknowledged event survives a crash. Must return well under Label Studio's 1 s webhook
-    timeout: anything slow (training) belongs to a worker this only enqueues for.
-
-    The active-learning issue extends this function (record in its job table + enqueue a
-    Celery task); the reply's ``status`` and ``event_id`` keys stay.
-    """
-    model_dir = Path(model_dir) if model_dir is not None else Settings.from_env().model_dir
+def handle_training_event(payload: dict[str, Any], settings: RetrainSettings) -> dict[str, Any]:
+    """Apply one training event (``TRAINING_EVENTS``, already validated) to the annotation
+    store and return the reply body: ``{"status", "action", "project", "changed", "job",
+    "enqueued"}``. A repeated event for the same annotation changes nothing."""
+    store = settings.store
     action = payload["action"]
-    raw_annotation, raw_task = payload.get("annotation"), payload.get("task")
-    annotation: dict[str, Any] = raw_annotation if isinstance(raw_annotation, dict) else {}
-    task: dict[str, Any] = raw_task if isinstance(raw_task, dict) else {}
-    event = {
-        "event_id": uuid.uuid4().hex,
-        "received_at": time.time(),
-        "action": action,
-        "project": project_key(payload.get("project")),
-        "annotation_id": annotation.get("id"),
-        "task_id": task.get("id", annotation.get("task")),
-        "payload": payload,
-    }
-    line = json.dumps(event, separators=(",", ":"), default=str) + "\n"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    path = model_dir / EVENTS_FILE
-    with open(path, "a", encoding="utf-8") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    project_raw = payload["project"]
+    project = project_key(project_raw)
+    assert project is not None  # validated
+    label_config = project_raw.get("label_config") if isinstance(project_raw, dict) else None
+    changed = 0
+    if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
+        annotation, task = payload["annotation"], payload["task"]
+        if annotation.get("was_cancelled"):  # a skipped task teaches nothing: forget it
+            changed = store.delete_annotations(project, [str(annotation["id"])])
+        else:
+            changed = int(
+                store.upsert_annotation(project, task, annotation, label_config=label_config)
+            )
+    elif action == "ANNOTATIONS_DELETED":
+        changed = store.delete_annotations(project, [str(a["id"]) for a in payload["annotations"]])
+    job = None
+    if action == "START_TRAINING":
+        job, _ = store.request_job(project, "START_TRAINING")
+    elif (
+        changed
+        and settings.retrain_every
+        and store.changes_since_training(project) >= settings.retrain_every
+    ):
+        job, _ = store.request_job(project, "threshold")
+    enqueued = False
+    if job is not None:
+        enqueued = job.enqueued or enqueue(store, job, settings.model_dir)
     logger.info(
-        "recorded %s for project %s (event %s)", action, event["project"], event["event_id"]
+        "%s for project %s: %d change(s)%s",
+        action,
+        project,
+        changed,
+        f", job {job.job_id} ({'enqueued' if enqueued else 'waiting for the broker'})"
+        if job
+        else "",
     )
-    return {"status": "recorded", "action": action, "event_id": event["event_id"]}
-
-
-def read_events(model_dir: Path) -> list[dict[str, Any]]:
-    """Every recorded event of ``MODEL_DIR/webhook-events.jsonl``, oldest first (a torn
-    last line from a crash mid-write is skipped)."""
-    path = Path(model_dir) / EVENTS_FILE
-    if not path.exists():
-        return []
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            logger.warning("%s:%d: skipping an unreadable event line", path, n)
-    return out
+    return {
+        "status": "recorded",
+        "action": action,
+        "project": project,
+        "changed": changed,
+        "job": job.job_id if job else None,
+        "enqueued": enqueued,
+    }

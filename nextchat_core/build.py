@@ -153,6 +153,16 @@ def from_pretrained(
     return LoadedCheckpoint(model, load_tokenizer(path, config), path, "own")
 
 
+def load_config(path: str | Path) -> NextChatConfig:
+    """The config of a checkpoint directory of either layout, without loading weights."""
+    path = Path(path)
+    if (path / RELEASED_INDEX).exists():
+        return released_config(json.loads((path / CONFIG_NAME).read_text()))
+    if not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint: {CONFIG_NAME} missing")
+    return NextChatConfig.load(path / CONFIG_NAME)
+
+
 # ------------------------------------------------------------------- released format
 
 

@@ -19,6 +19,7 @@ _COMMAND_MODULES: list[str] = [
     "training.commands",
     "backend.commands",
     "training.synth_commands",
+    "training.loop_commands",
 ]
 
 

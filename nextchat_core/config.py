@@ -42,6 +42,11 @@ class VisionConfig:
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     frozen: bool = True  # the released model never trains CLIP
+    # Add a learned 2-D position embedding to a conv backbone's feature map. Conv features
+    # carry no absolute position, and LLaMA's rotary embedding acts on queries and keys
+    # only, so without this the `<at>` state cannot read WHERE a referred cell is (ViTs such
+    # as CLIP already add position embeddings; the released model has none here).
+    position_embedding: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # forwarded to the HF config
 
     def validate(self) -> None:
@@ -92,6 +97,10 @@ class LLMConfig:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     attn_implementation: str = "sdpa"
+    # Init std of every LLaMA weight (transformers' default 0.02; irrelevant once weights
+    # are loaded). A small model trained from scratch wants ~1/sqrt(hidden_size), so word
+    # embeddings are not drowned by image tokens in the residual stream.
+    initializer_range: float = 0.02
 
     def validate(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -411,6 +420,7 @@ def _demo() -> NextChatConfig:
             select_layer=-1,
             drop_cls=False,
             frozen=False,
+            position_embedding=True,
             extra=convnext,
         ),
         llm=LLMConfig(

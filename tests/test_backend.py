@@ -30,12 +30,12 @@ from test_backend_support import (
 
 from backend.app import create_app
 from backend.label_config import plan_for
-from backend.model_cache import ModelStore, set_current_version, version_dir
+from backend.model_cache import ModelStore
 from backend.settings import Settings
-from backend.webhook import read_events
 from nextchat_core import frames
 from nextchat_core.ls_format import parse_label_config
 from nextchat_core.predictor import NextChatPredictor
+from nextchat_core.versions import set_current_version, version_dir
 
 CONFIGS = ["boxes", "boxes_masks", "polygons", "per_label_prompts", "region_caption", "chat"]
 TOKEN = "ls-token-0123456789abcdef"  # the Label Studio access token /setup hands over
@@ -590,13 +590,13 @@ def test_webhook_events(store, store_settings, tmp_path):
         {
             "action": "ANNOTATION_CREATED",
             "project": {"id": 3},
-            "task": {"id": 5},
+            "task": {"id": 5, "data": {"image": "x.png"}},
             "annotation": annotation,
         },
         {
             "action": "ANNOTATION_UPDATED",
             "project": {"id": 3},
-            "task": {"id": 5},
+            "task": {"id": 5, "data": {"image": "x.png"}},
             "annotation": annotation,
         },
         {"action": "ANNOTATIONS_DELETED", "project": {"id": 3}, "annotations": [{"id": 11}]},
@@ -606,19 +606,11 @@ def test_webhook_events(store, store_settings, tmp_path):
         assert reply.status_code == 201, reply.get_json()
         assert reply.get_json()["status"] == "recorded"
     assert (time.perf_counter() - t0) / 4 < 0.5  # Label Studio gives up after 1 s
-    events = read_events(tmp_path / "md")
-    assert [e["action"] for e in events] == [
-        "ANNOTATION_CREATED",
-        "ANNOTATION_UPDATED",
-        "ANNOTATIONS_DELETED",
-        "START_TRAINING",
-    ]
-    assert (
-        events[0]["project"] == "3"
-        and events[0]["annotation_id"] == 11
-        and events[0]["task_id"] == 5
-    )
-    assert events[0]["payload"]["annotation"] == annotation
+    from training.store import AnnotationStore
+
+    stored = AnnotationStore(tmp_path / "md")
+    assert stored.export_tasks("3") == []  # created, updated, then deleted
+    assert [j.reason for j in stored.jobs("3")] == ["START_TRAINING"]
     for body, message in (
         ({"project": {"id": 3}}, "'action'"),
         ({"action": "ANNOTATION_CREATED", "project": {"id": 3}}, "'annotation'"),

@@ -944,3 +944,34 @@ def to_samples(
             )
         )
     return samples
+
+
+def label_studio_task(
+    record: dict[str, Any],
+    task_id: int,
+    image_ref: str,
+    *,
+    annotation_id: int | None = None,
+    masks: bool = False,
+    label: str = "Object",
+) -> dict[str, Any]:
+    """A ``rec`` record as a Label Studio task with one corrected annotation (what an
+    annotator's submission looks like): the expression in the ``prompt`` TextArea and one
+    ``rectanglelabels`` region per box, or (``masks``) one ``brushlabels`` region per
+    mask. The active-learning demo, tests and bench feed these through ``/webhook``."""
+    from nextchat_core.ls_format import brush_result, rectangle_result, textarea_result
+
+    if record["task"] != "rec":
+        raise ValueError(f"only 'rec' records become annotations, got {record['task']!r}")
+    w, h = record["width"], record["height"]
+    results: list[dict[str, Any]] = []
+    for k, box in enumerate(record["boxes"]):
+        rid = f"r{task_id}-{k}"
+        if masks:
+            mask = frames.coco_segmentation_to_mask(record["masks"][k], w, h)
+            results.append(brush_result(mask, [label], from_name="brush", region_id=rid))
+        else:
+            results.append(rectangle_result(box, [label], width=w, height=h, region_id=rid))
+    results.append(textarea_result(record["expression"]))
+    annotation = {"id": annotation_id or 100_000 + task_id, "task": task_id, "result": results}
+    return {"id": task_id, "data": {"image": image_ref}, "annotations": [annotation]}

@@ -73,6 +73,7 @@ class NextChatModel(nn.Module):
             max_position_embeddings=llm.max_position_embeddings,
             rms_norm_eps=llm.rms_norm_eps,
             rope_theta=llm.rope_theta,
+            initializer_range=llm.initializer_range,
             tie_word_embeddings=llm.tie_word_embeddings,
             bos_token_id=config.tokens.bos_id,
             eos_token_id=config.tokens.eos_id,

@@ -33,6 +33,12 @@ class VisionTower(nn.Module):
         else:
             hf = AutoConfig.for_model(config.hf_model_type, **config.extra)
             self.model = AutoModel.from_config(hf)
+        self.pos_embed: nn.Parameter | None = None
+        if config.position_embedding:
+            if config.backbone == "clip":
+                raise ValueError("vision.position_embedding is for conv backbones; CLIP has its own")
+            grid = config.image_size // config.patch_size
+            self.pos_embed = nn.Parameter(sincos_2d(grid, config.hidden_size))
 
     @property
     def num_tokens(self) -> int:
@@ -53,7 +59,29 @@ class VisionTower(nn.Module):
         out = self.model(pixel_values=pixel_values, output_hidden_states=True)
         feats = out.hidden_states[self.config.select_layer]
         if feats.dim() == 4:  # conv backbones: BxCxhxw -> Bx(h*w)xC
-            return feats.flatten(2).transpose(1, 2)
+            feats = feats.flatten(2).transpose(1, 2)
+            if self.pos_embed is not None:
+                if feats.shape[1] != self.pos_embed.shape[0]:
+                    raise ValueError(
+                        f"vision tower yields {feats.shape[1]} cells but its position embedding "
+                        f"has {self.pos_embed.shape[0]}: vision.patch_size must be the "
+                        "backbone's total stride"
+                    )
+                feats = feats + self.pos_embed.to(feats.dtype)
+            return feats
         if self.config.drop_cls:
             feats = feats[:, 1:]
         return feats
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position codes (MAE's), ``(grid*grid) x dim``, row-major:
+    the starting point of the learned embedding, so position is readable from step 0."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos embedding needs a hidden size divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
+    )
+    out = [f(c.reshape(-1, 1) * omega) for c in (xs, ys) for f in (torch.sin, torch.cos)]
+    return torch.cat(out, dim=1)

@@ -36,8 +36,8 @@ import requests
 import requests.auth
 from PIL import Image
 
-from nextchat_core.image_processing import load_image
-from nextchat_core.ls_format import LabelConfig, LabelStudioFormatError, image_reference
+from .image_processing import load_image
+from .ls_format import LabelConfig, LabelStudioFormatError, image_reference
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +143,26 @@ def fetch_images(
         for i in groups[key]:
             out[i] = got if isinstance(got, FetchedImage) else _failed(tasks[i].get("id"), *got)
     return out  # type: ignore[return-value]
+
+
+def fetch_image_file(ref: str, task_id: Any, options: FetchOptions, dest_dir: str | Path) -> Path:
+    """The image ``ref`` of task ``task_id`` as a local file (downloaded into ``dest_dir``
+    when it is not one already): the retraining worker's image resolver, with the same
+    rules and safeguards as a ``/predict`` fetch. Raises ``OSError``/``ValueError``/
+    ``requests.RequestException`` naming the reference when it cannot be fetched."""
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        source = _fetch(ref, task_id, options, str(dest))
+    except (OSError, ValueError, requests.RequestException) as exc:
+        raise FileNotFoundError(
+            f"task {task_id}: cannot fetch image {_short(ref)}: {_why(exc)}"
+        ) from exc
+    if isinstance(source, bytes):
+        path = dest / f"task-{task_id}-inline.img"
+        path.write_bytes(source)
+        return path
+    return Path(source)
 
 
 def _failed(task_id: Any, kind: str, detail: str) -> TaskError:

@@ -1,0 +1,84 @@
+"""The Celery app of the retraining workers (``nextchat worker``), configured from the
+environment.
+
+``CELERY_BROKER_URL``: the broker, e.g. ``redis://127.0.0.1:6379/0`` (docker-compose).
+Unset: Celery's SQLAlchemy transport on SQLite under ``MODEL_DIR`` (``celery-broker.sqlite``),
+so a single machine needs no Redis. ``CELERY_RESULT_BACKEND``: default the Redis broker's
+URL, else SQLite under ``MODEL_DIR``. ``CELERY_QUEUE`` (default ``nextchat``) names the
+queue; ``CELERY_VISIBILITY_TIMEOUT`` (seconds, Redis; default ``RETRAIN_TIME_LIMIT`` + 5
+min) is how long an unacknowledged job waits before it is handed to another worker (a
+killed worker's job comes back then; workers look for such jobs every ~10 s after start,
+then every ~100 s).
+
+Tasks acknowledge late and are rejected (requeued) when their worker process is lost, so a
+killed worker's job runs again; one job at a time per worker process (prefetch 1).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from celery import Celery
+
+from nextchat_core.versions import default_model_dir
+
+DEFAULT_QUEUE = "nextchat"
+
+
+def model_dir_from_env() -> Path:
+    return Path(os.environ.get("MODEL_DIR") or default_model_dir())
+
+
+def broker_url() -> str:
+    url = os.environ.get("CELERY_BROKER_URL", "").strip()
+    if url:
+        return url
+    root = model_dir_from_env()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqla+sqlite:///{root / 'celery-broker.sqlite'}"
+
+
+def result_backend(broker: str) -> str:
+    url = os.environ.get("CELERY_RESULT_BACKEND", "").strip()
+    if url:
+        return url
+    if broker.startswith(("redis://", "rediss://")):
+        return broker
+    return f"db+sqlite:///{model_dir_from_env() / 'celery-results.sqlite'}"
+
+
+def make_app() -> Celery:
+    broker = broker_url()
+    app = Celery(
+        "nextchat", broker=broker, backend=result_backend(broker), include=["training.tasks"]
+    )
+    queue = os.environ.get("CELERY_QUEUE", "").strip() or DEFAULT_QUEUE
+    transport: dict[str, object] = {}
+    if broker.startswith(("redis://", "rediss://")):
+        visibility = os.environ.get("CELERY_VISIBILITY_TIMEOUT", "").strip()
+        # Default: longer than a job may run (RETRAIN_TIME_LIMIT), so a live job is not
+        # handed to a second worker; a killed worker's job comes back after this long.
+        limit = int(os.environ.get("RETRAIN_TIME_LIMIT", "").strip() or 6 * 3600)
+        transport["visibility_timeout"] = float(visibility) if visibility else limit + 300
+        # Fail fast when Redis is down: the web process records the job and enqueues later.
+        transport.update(socket_connect_timeout=2, socket_timeout=10)
+    app.conf.update(
+        task_default_queue=queue,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_track_started=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=2,
+        result_expires=7 * 24 * 3600,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+app = make_app()

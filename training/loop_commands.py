@@ -1,0 +1,152 @@
+"""The active-learning loop's commands: ``nextchat worker``, ``train-status``, ``retrain``,
+``versions``, ``promote``, ``rollback``. All read ``MODEL_DIR`` (``--model-dir`` wins)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    def add(name: str, help: str, func: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument(
+            "--model-dir", help="MODEL_DIR shared with the backend (default: $MODEL_DIR)"
+        )
+        p.set_defaults(func=func)
+        return p
+
+    p = add(
+        "worker",
+        "start a retraining worker (Celery; broker from CELERY_BROKER_URL, else SQLite "
+        "under MODEL_DIR; CUDA when present)",
+        _worker,
+    )
+    p.add_argument("--concurrency", type=int, default=1, help="jobs at once (default 1)")
+    p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--hostname", help="worker name (default nextchat@<host>)")
+    p = add("train-status", "show retraining jobs and their progress", _status)
+    p.add_argument("--project", help="only this project's jobs")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = add("retrain", "request a retraining job for a project (as START_TRAINING does)", _retrain)
+    p.add_argument("project", help="Label Studio project id")
+    p = add("versions", "list model versions (the served one marked with *)", _versions)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = add("promote", "serve VERSION from the next request on", _promote)
+    p.add_argument("version")
+    add("rollback", "serve the version promoted before the current one", _rollback)
+
+
+def _settings(args: argparse.Namespace):  # -> RetrainSettings (lazy import: fast --help)
+    from .retrain import RetrainSettings
+
+    if args.model_dir:
+        os.environ["MODEL_DIR"] = str(Path(args.model_dir).resolve())
+    return RetrainSettings.from_env()
+
+
+def _worker(args: argparse.Namespace) -> int:
+    settings = _settings(args)  # validates the environment before Celery starts
+    from .celery_app import app
+
+    argv = ["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.loglevel}"]
+    argv += ["--pool=prefork", "--without-gossip", "--without-mingle"]
+    argv.append(f"--hostname={args.hostname or 'nextchat@%h'}")
+    print(f"worker on MODEL_DIR {settings.model_dir}, broker {_redact(app.conf.broker_url)}")
+    app.worker_main(argv)
+    return 0
+
+
+def _redact(url: str) -> str:
+    from kombu.utils.url import maybe_sanitize_url
+
+    return maybe_sanitize_url(url)
+
+
+def _status(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    jobs = settings.store.jobs(args.project)
+    if args.json:
+        print(json.dumps([j.as_dict() for j in jobs], indent=2, default=str))
+        return 0
+    if not jobs:
+        print(f"no retraining jobs in {settings.model_dir}")
+        return 0
+    for j in jobs:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.created_at))
+        line = f"{j.job_id[:12]}  project {j.project_id}  {j.state:<9} {when}  ({j.reason})"
+        if j.state == "queued" and not j.enqueued:
+            line += "  not yet handed to the broker"
+        p = j.progress or {}
+        if j.state == "running" and p:
+            bits = [str(p.get("phase", ""))]
+            if "step" in p:
+                bits.append(f"step {p['step']}/{p.get('steps', '?')}")
+            if "loss" in p:
+                bits.append(f"loss {p['loss']:.4f}")
+            if "eta_s" in p:
+                bits.append(f"ETA {p['eta_s']:.0f} s")
+            line += "  " + ", ".join(b for b in bits if b)
+        if j.result:
+            r = j.result
+            line += (
+                f"  -> {r.get('version')} {'promoted' if r.get('promoted') else 'not promoted'}"
+                f" ({r.get('reason')})"
+            )
+        if j.error:
+            line += f"  error: {j.error}"
+        print(line)
+    return 0
+
+
+def _retrain(args: argparse.Namespace) -> int:
+    from .tasks import enqueue
+
+    settings = _settings(args)
+    job, created = settings.store.request_job(str(args.project), "manual")
+    sent = job.enqueued or enqueue(settings.store, job, settings.model_dir)
+    state = "created" if created else "already active"
+    broker = "enqueued" if sent else "broker unreachable: enqueued when it is back"
+    print(f"job {job.job_id} {state} for project {job.project_id} ({broker})")
+    return 0
+
+
+def _versions(args: argparse.Namespace) -> int:
+    from nextchat_core import versions
+
+    settings = _settings(args)
+    current = versions.read_current_version(settings.model_dir)
+    listed = versions.list_versions(settings.model_dir)
+    if args.json:
+        print(json.dumps({"current": current, "versions": listed}, indent=2, default=str))
+        return 0
+    if current is None:
+        print("* base checkpoint (nothing promoted)")
+    for v in listed:
+        mark = "*" if v["name"] == current else " "
+        new = v.get("eval_new") or {}
+        acc = f"held-out Acc@0.5 {new['rec_acc']:.3f}" if "rec_acc" in new else ""
+        print(f"{mark} {v['name']}  {acc}")
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from nextchat_core import versions
+
+    settings = _settings(args)
+    versions.promote(settings.model_dir, args.version, reason="nextchat promote")
+    print(f"serving {args.version} from the next request on")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from nextchat_core import versions
+
+    settings = _settings(args)
+    target = versions.rollback(settings.model_dir)
+    print(f"serving {target or 'the base checkpoint'} from the next request on")
+    return 0

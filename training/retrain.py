@@ -1,0 +1,456 @@
+"""One retraining job of the active-learning loop, from stored annotations to a served
+version. The Celery task (:mod:`training.tasks`) is a thin wrapper around :func:`run_job`.
+
+    corrected annotations (AnnotationStore, per project)
+      -> Label Studio export shape -> training samples (training.data.read_label_studio,
+         images fetched like /predict does: nextchat_core.image_fetch)
+      -> split: a held-out slice of tasks (by a hash of the task id: stable across jobs)
+      -> the configured stages (default 2 then 3), continuing from the served version;
+         LoRA + bf16 on CUDA for a large model
+      -> evaluate the served and the new version on the held-out slice
+      -> publish the new version (atomic rename into MODEL_DIR/versions)
+      -> promote it when the gate passes (policy), prune old versions
+
+A job is idempotent: a redelivered job (its worker was killed) resumes the trainer's last
+resumable checkpoint in ``MODEL_DIR/jobs/<job_id>``, finds a version it already
+published, and never promotes twice. A job whose heartbeat is fresh belongs to a live
+worker; a duplicate delivery of it is retried later instead of running twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from nextchat_core import versions
+from nextchat_core.checkpoints import resolve_checkpoint, resolve_device
+
+from .store import AnnotationStore, Job
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("not_worse", "always", "manual")
+Progress = Callable[[dict[str, Any]], None]
+
+
+class JobBusy(RuntimeError):
+    """The job is running in a live worker (fresh heartbeat): try again later."""
+
+
+@dataclass
+class RetrainSettings:
+    """How workers retrain; every field has an environment variable (named in comments)."""
+
+    model_dir: Path = field(default_factory=versions.default_model_dir)  # MODEL_DIR
+    checkpoint: str | None = None  # NEXTCHAT_CHECKPOINT: the base when nothing is promoted
+    device: str | None = None  # NEXTCHAT_DEVICE (default: cuda when present, else cpu)
+    retrain_every: int = 50  # RETRAIN_EVERY: changed annotations that trigger a job (0: off)
+    stages: tuple[int, ...] = (2, 3)  # RETRAIN_STAGES: e.g. "2,3"; 3 runs only with masks
+    epochs: float = 4.0  # RETRAIN_EPOCHS: passes over the training slice per stage
+    max_steps: int = 2000  # RETRAIN_MAX_STEPS: cap per stage
+    batch_size: int = 8  # RETRAIN_BATCH_SIZE
+    lr: float = 1e-4  # RETRAIN_LR
+    holdout: float = 0.2  # RETRAIN_HOLDOUT: fraction of tasks held out for the gate
+    min_tasks: int = 4  # RETRAIN_MIN_TASKS: fewer annotated tasks fail the job clearly
+    policy: str = "not_worse"  # PROMOTE_POLICY: not_worse | always | manual
+    tolerance: float = 0.0  # PROMOTE_TOLERANCE: Acc@0.5 the new version may lose
+    keep_versions: int = 5  # KEEP_VERSIONS: retention (current and rollback target kept)
+    lora: str = "auto"  # RETRAIN_LORA: auto (CUDA + a 7B-sized LLM) | on | off
+    time_limit: int = 6 * 3600  # RETRAIN_TIME_LIMIT: seconds before a job is killed
+    heartbeat_s: float = 10.0  # JOB_HEARTBEAT_S: a job's liveness beat; stale after 3 beats
+    label_studio_url: str | None = None  # LABEL_STUDIO_URL (image downloads)
+    label_studio_api_key: str | None = field(default=None, repr=False)  # LABEL_STUDIO_API_KEY
+    local_files_root: Path | None = None  # LOCAL_FILES_DOCUMENT_ROOT
+    torch_threads: int | None = None  # TORCH_THREADS
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> RetrainSettings:
+        env = os.environ if env is None else env
+
+        def get(key: str, cast: Callable[[str], Any], default: Any) -> Any:
+            raw = env.get(key, "").strip()
+            if not raw:
+                return default
+            try:
+                return cast(raw)
+            except ValueError:
+                raise ValueError(
+                    f"{key}={raw!r} is not valid: expected {cast.__name__} like {default!r}"
+                ) from None
+
+        def stages(raw: str) -> tuple[int, ...]:
+            return tuple(int(x) for x in raw.replace(" ", "").split(",") if x)
+
+        s = cls(
+            model_dir=Path(get("MODEL_DIR", str, None) or versions.default_model_dir()),
+            checkpoint=get("NEXTCHAT_CHECKPOINT", str, None),
+            device=get("NEXTCHAT_DEVICE", str, None),
+            retrain_every=get("RETRAIN_EVERY", int, 50),
+            stages=get("RETRAIN_STAGES", stages, (2, 3)),
+            epochs=get("RETRAIN_EPOCHS", float, 4.0),
+            max_steps=get("RETRAIN_MAX_STEPS", int, 2000),
+            batch_size=get("RETRAIN_BATCH_SIZE", int, 8),
+            lr=get("RETRAIN_LR", float, 1e-4),
+            holdout=get("RETRAIN_HOLDOUT", float, 0.2),
+            min_tasks=get("RETRAIN_MIN_TASKS", int, 4),
+            policy=get("PROMOTE_POLICY", str, "not_worse"),
+            tolerance=get("PROMOTE_TOLERANCE", float, 0.0),
+            keep_versions=get("KEEP_VERSIONS", int, 5),
+            lora=get("RETRAIN_LORA", str, "auto"),
+            time_limit=get("RETRAIN_TIME_LIMIT", int, 6 * 3600),
+            heartbeat_s=get("JOB_HEARTBEAT_S", float, 10.0),
+            label_studio_url=get("LABEL_STUDIO_URL", str, None),
+            label_studio_api_key=get("LABEL_STUDIO_API_KEY", str, None),
+            local_files_root=get("LOCAL_FILES_DOCUMENT_ROOT", Path, None),
+            torch_threads=get("TORCH_THREADS", int, None),
+        )
+        s = replace(s, **overrides)
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"PROMOTE_POLICY must be one of {POLICIES}, got {self.policy!r}")
+        if self.lora not in ("auto", "on", "off"):
+            raise ValueError(f"RETRAIN_LORA must be auto, on or off, got {self.lora!r}")
+        bad = [s for s in self.stages if s not in (1, 2, 3)]
+        if not self.stages or bad:
+            raise ValueError(
+                f"RETRAIN_STAGES must list stages among 1, 2, 3 (e.g. '2,3'), got {self.stages}"
+            )
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"RETRAIN_HOLDOUT must be in (0, 1), got {self.holdout}")
+        for name in ("batch_size", "max_steps", "keep_versions", "min_tasks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.upper()} must be >= 1, got {getattr(self, name)}")
+        if self.retrain_every < 0 or self.epochs <= 0 or self.lr <= 0 or self.heartbeat_s <= 0:
+            raise ValueError(
+                "RETRAIN_EVERY must be >= 0 and RETRAIN_EPOCHS, RETRAIN_LR, JOB_HEARTBEAT_S > 0"
+            )
+
+    @property
+    def store(self) -> AnnotationStore:
+        return AnnotationStore(self.model_dir)
+
+
+def served_checkpoint(settings: RetrainSettings) -> tuple[str, Path]:
+    """``(name, path)`` of the version being served: ``MODEL_DIR/current`` or the base."""
+    name = versions.read_current_version(settings.model_dir)
+    if name is not None:
+        return name, versions.version_dir(settings.model_dir, name)
+    path = resolve_checkpoint(settings.checkpoint).resolve()
+    return f"{path.name}-{versions.checkpoint_fingerprint(path)}", path
+
+
+def version_name(job: Job) -> str:
+    """The version a job publishes: stable for the job (a redelivery finds it)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(job.created_at))
+    return versions.check_version_name(f"p{job.project_id}-{stamp}-{job.job_id[:6]}")
+
+
+def split_tasks(
+    tasks: list[dict[str, Any]], holdout: float
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(train, held_out)`` by a hash of each task id, so a task stays on its side in every
+    job; at least one task on each side."""
+
+    def bucket(task: dict[str, Any]) -> float:
+        digest = hashlib.sha1(str(task.get("id")).encode()).digest()
+        return int.from_bytes(digest[:4], "big") / 2**32
+
+    ranked = sorted(tasks, key=bucket)
+    n_hold = min(len(tasks) - 1, max(1, round(holdout * len(tasks))))
+    return ranked[n_hold:], ranked[:n_hold]
+
+
+def run_job(
+    job_id: str, settings: RetrainSettings, *, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Run (or resume, or skip when done) retraining job ``job_id``; returns its result.
+
+    Failures are recorded in the job (state ``failed`` + the message) and re-raised, so
+    the worker's log and the Celery task state carry them too; the served version is
+    unchanged unless the job reached promotion."""
+    store = settings.store
+    job = store.job(job_id)
+    if job.state in ("succeeded", "failed"):
+        log.info("job %s is already %s: nothing to do", job_id, job.state)
+        return job.result or {"state": job.state, "error": job.error}
+    stale_after = 3 * settings.heartbeat_s
+    if job.state == "running" and time.time() - job.updated_at < stale_after:
+        raise JobBusy(f"job {job_id} is running in another worker (heartbeat {stale_after:.0f} s)")
+    store.set_state(job_id, "running", progress={"phase": "preparing"})
+    beat = _Heartbeat(store, job_id, settings.heartbeat_s)
+    try:
+        with beat:
+            result = _run(job, settings, store, progress, beat)
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        log.error("retraining job %s failed: %s", job_id, message)
+        store.set_state(job_id, "failed", error=message)
+        raise
+    store.set_state(job_id, "succeeded", result=result, progress={"phase": "done"})
+    return result
+
+
+def _run(
+    job: Job,
+    settings: RetrainSettings,
+    store: AnnotationStore,
+    progress: Progress | None,
+    beat: _Heartbeat,
+) -> dict[str, Any]:
+    import torch
+
+    from nextchat_core.build import load_config
+
+    from .data import read_label_studio
+    from .trainer import TrainConfig, train
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+
+    def report(update: dict[str, Any]) -> None:
+        beat.progress = {**update, "job_id": job.job_id}
+        if progress is not None:
+            progress(beat.progress)
+
+    name = version_name(job)
+    work = settings.model_dir / "jobs" / job.job_id
+    work.mkdir(parents=True, exist_ok=True)
+    published = versions.version_dir(settings.model_dir, name)
+    parent_name, parent_path = served_checkpoint(settings)
+    if (published / versions.VERSION_META).is_file():
+        # A redelivery after the version was published: finish the promotion step only.
+        meta = _read_json(published / versions.VERSION_META)
+        return _gate_and_promote(settings, name, meta, already=True)
+
+    tasks = store.export_tasks(job.project_id)
+    if len(tasks) < settings.min_tasks:
+        raise ValueError(
+            f"project {job.project_id} has {len(tasks)} annotated task(s); retraining needs "
+            f"at least {settings.min_tasks} (RETRAIN_MIN_TASKS) to hold some out for the gate"
+        )
+    report({"phase": "fetching images", "tasks": len(tasks)})
+    resolve = _image_resolver(settings, job.project_id, work / "images")
+    config = load_config(parent_path)
+    train_tasks, held_tasks = split_tasks(tasks, settings.holdout)
+    train_set = read_label_studio(train_tasks, config, resolve_image=resolve)
+    held_set = read_label_studio(held_tasks, config, resolve_image=resolve)
+    if len(train_set) == 0:
+        raise ValueError(
+            f"project {job.project_id}: the annotations hold no boxes, brushes or polygons to "
+            "train on"
+        )
+    has_masks = any(any(m is not None for m in (r.masks or [])) for r in train_set.records)
+    device = resolve_device(settings.device)
+    big = config.llm.hidden_size >= 2048
+    use_lora = settings.lora == "on" or (settings.lora == "auto" and device != "cpu" and big)
+    init, timings = str(parent_path), []
+    for stage in settings.stages:
+        if stage == 3 and not has_masks:
+            log.info("job %s: no masks among the annotations: stage 3 skipped", job.job_id)
+            continue
+        steps = min(
+            settings.max_steps,
+            max(10, math.ceil(settings.epochs * len(train_set) / settings.batch_size)),
+        )
+        cfg = TrainConfig(
+            stage=stage,
+            init=init,
+            steps=steps,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+            output_dir=str(work / f"stage{stage}"),
+            save_every=max(5, steps // 10),
+            log_every=max(1, steps // 20),
+            device=device,
+            precision="bf16" if device != "cpu" else "fp32",
+            gradient_checkpointing=big,
+            lora={"r": 16, "alpha": 32, "dropout": 0.05} if use_lora and stage != 3 else None,
+        )
+        stage_final = work / f"stage{stage}" / "final"
+        if (stage_final / "model.safetensors").is_file():  # a redelivered job: done before
+            init = str(stage_final)
+            continue
+        t0 = time.perf_counter()
+
+        def on_step(p: dict[str, Any], stage: int = stage) -> None:
+            report({"phase": f"stage {stage}", **p})
+
+        result = train(cfg, progress=on_step, samples=train_set)
+        seconds = time.perf_counter() - t0
+        timings.append(
+            {
+                "stage": stage,
+                "steps": steps,
+                "seconds": round(seconds, 2),
+                "samples_per_s": round(steps * settings.batch_size / max(seconds, 1e-9), 2),
+            }
+        )
+        init = str(result.final_dir)
+    if init == str(parent_path):
+        raise ValueError(f"no stage of {settings.stages} could run on these annotations")
+
+    report({"phase": "evaluating", "held_out": len(held_set)})
+    old = _evaluate(parent_path, held_set, device)
+    new = _evaluate(Path(init), held_set, device)
+    staged = versions.staging_dir(settings.model_dir, name)
+    staged.rmdir()
+    os.rename(init, staged)  # same file system (MODEL_DIR): no copy of the weights
+    meta = {
+        "job_id": job.job_id,
+        "project": job.project_id,
+        "parent": parent_name,
+        "created_at": time.time(),
+        "train_samples": len(train_set),
+        "held_out_samples": len(held_set),
+        "tasks": len(tasks),
+        "stages": timings,
+        "eval_old": old,
+        "eval_new": new,
+    }
+    versions.publish_version(settings.model_dir, staged, name, meta)
+    result = _gate_and_promote(settings, name, meta, already=False)
+    shutil.rmtree(work, ignore_errors=True)  # resumable checkpoints are not needed any more
+    return result
+
+
+def _gate_and_promote(
+    settings: RetrainSettings, name: str, meta: dict[str, Any], *, already: bool
+) -> dict[str, Any]:
+    old, new = meta["eval_old"], meta["eval_new"]
+    promote, why = gate(old, new, settings.policy, settings.tolerance)
+    served = versions.read_current_version(settings.model_dir)
+    if promote and served != name:
+        versions.promote(settings.model_dir, name, reason=f"retrain job {meta['job_id']}: {why}")
+    elif promote:
+        log.info("version %s is already served", name)
+    removed = versions.prune_versions(settings.model_dir, settings.keep_versions)
+    log.info(
+        "job %s: version %s %s (%s); Acc@0.5 %.3f -> %.3f",
+        meta["job_id"],
+        name,
+        "promoted" if promote else "kept, not served",
+        why,
+        old.get("rec_acc", float("nan")),
+        new.get("rec_acc", float("nan")),
+    )
+    return {
+        "version": name,
+        "promoted": promote,
+        "reason": why,
+        "eval_old": old,
+        "eval_new": new,
+        "stages": meta.get("stages", []),
+        "pruned": removed,
+        "resumed_after_publish": already,
+    }
+
+
+def gate(
+    old: dict[str, Any], new: dict[str, Any], policy: str, tolerance: float
+) -> tuple[bool, str]:
+    """Whether to serve the new version, and why. ``not_worse``: held-out Acc@0.5 and (when
+    both have masks) mask mIoU may drop by at most ``tolerance``."""
+    if policy == "always":
+        return True, "policy 'always'"
+    if policy == "manual":
+        return False, "policy 'manual': promote with `nextchat promote`"
+    worse = []
+    for key in ("rec_acc", "mask_miou"):
+        a, b = old.get(key), new.get(key)
+        if a is None or b is None or (isinstance(a, float) and math.isnan(a)):
+            continue
+        if b < a - tolerance:
+            worse.append(f"{key} {a:.3f} -> {b:.3f}")
+    if worse:
+        return False, "worse on the held-out slice: " + ", ".join(worse)
+    return True, (
+        f"not worse on the held-out slice (Acc@0.5 {old.get('rec_acc', 0):.3f} -> "
+        f"{new.get('rec_acc', 0):.3f})"
+    )
+
+
+def _evaluate(path: Path, samples: Any, device: str) -> dict[str, Any]:
+    from nextchat_core.predictor import NextChatPredictor
+
+    from .evaluation import evaluate_predictor
+
+    if not any(r.task == "rec" for r in samples.records):
+        return {}
+    predictor = NextChatPredictor.from_pretrained(path, device=device)
+    report = evaluate_predictor(predictor, samples)
+    keep = (
+        "rec_acc",
+        "mean_box_iou",
+        "mask_miou",
+        "mask_ciou",
+        "n_records",
+        "multi_instance_recall",
+    )
+    return {k: report[k] for k in keep if k in report}
+
+
+def _image_resolver(
+    settings: RetrainSettings, project_id: str, cache: Path
+) -> Callable[[str, dict], str]:
+    """Image references -> local files, fetched with the same rules as ``/predict`` and the
+    Label Studio address/token that ``/setup`` stored for the project."""
+    from backend.projects import ProjectStore
+    from nextchat_core.image_fetch import FetchOptions, fetch_image_file
+
+    state = ProjectStore(settings.model_dir).get(project_id)
+    options = FetchOptions(
+        hostname=(state.hostname if state else None) or settings.label_studio_url,
+        access_token=(state.access_token if state else None) or settings.label_studio_api_key,
+        local_files_root=settings.local_files_root,
+    )
+
+    def resolve(ref: str, task: dict) -> str:
+        return str(fetch_image_file(ref, task.get("id"), options, cache / str(task.get("id"))))
+
+    return resolve
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(path.read_text())
+
+
+class _Heartbeat:
+    """Touches the job's row every ``interval`` seconds (with the latest progress) while the
+    job runs: a fresh heartbeat means a live worker owns the job."""
+
+    def __init__(self, store: AnnotationStore, job_id: str, interval: float) -> None:
+        self.store, self.job_id, self.interval = store, job_id, interval
+        self.progress: dict[str, Any] = {"phase": "preparing"}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"heartbeat-{job_id[:6]}", daemon=True
+        )
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.store.set_state(self.job_id, "running", progress=self.progress)
+            except Exception as exc:  # a missed beat must not kill training
+                log.warning("job %s: heartbeat not recorded: %s", self.job_id, exc)
