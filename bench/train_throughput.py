@@ -20,7 +20,9 @@ import fullscale
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--presets", nargs="+", default=["tiny", "demo"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--iters", type=int, default=4)
@@ -30,9 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     stages = [(0, False), (1, False), (2, False), (3, False)] + ([(2, True)] if args.lora else [])
-    print(f"\ntraining throughput on {args.device} ({dtype}), batch {args.batch}, torch {torch.__version__}")
+    print(
+        f"\ntraining throughput on {args.device} ({dtype}), batch {args.batch}, torch {torch.__version__}"
+    )
     for preset in args.presets:
-        ns = argparse.Namespace(preset=preset, iters=args.iters, train_batch=args.batch, attn="sdpa")
+        ns = argparse.Namespace(
+            preset=preset, iters=args.iters, train_batch=args.batch, attn="sdpa"
+        )
         rows: list[tuple[str, str]] = []
         fullscale.bench_training(ns, device, dtype, rows, {}, stages=stages)
         for name, value in rows:

@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
-from loop_support import REDIS_URL, Loop, annotation_event, free_port, make_tasks
 
 from backend.app import create_app
 from backend.settings import Settings
 from nextchat_core import versions
 from nextchat_core.build import build_model, save_pretrained
+from training.loop_demo import REDIS_URL, Loop, annotation_event, free_port, make_tasks
 from training.retrain import RetrainSettings, gate, split_tasks
 from training.store import AnnotationStore
 
@@ -42,7 +42,15 @@ def loop_factory(tmp_path, base):
     loops: list[Loop] = []
 
     def make(broker: str | None = REDIS_URL, **env) -> Loop:
-        loop = Loop(tmp_path, base, broker=broker, **env)
+        small = {  # tiny jobs: the mechanics, not the accuracy, are under test here
+            "TORCH_THREADS": "1",
+            "JOB_HEARTBEAT_S": "1",
+            "RETRAIN_STAGES": "2",
+            "RETRAIN_MAX_STEPS": "6",
+            "RETRAIN_BATCH_SIZE": "4",
+            "PROMOTE_POLICY": "always",
+        }
+        loop = Loop(tmp_path, base, broker=broker, **{**small, **env})
         loops.append(loop)
         return loop
 

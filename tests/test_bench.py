@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,10 +51,60 @@ def test_fullscale_runs_at_tiny_on_cpu(tmp_path):
 
 def test_train_throughput_runs_every_stage_at_tiny():
     out = subprocess.run(
-        [sys.executable, "bench/train_throughput.py", "--presets", "tiny", "--iters", "2", "--batch", "2"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "bench/train_throughput.py",
+            "--presets",
+            "tiny",
+            "--iters",
+            "2",
+            "--batch",
+            "2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     for stage in range(4):
         assert f"train stage {stage} " in out.stdout, out.stdout
     assert "samples/s" in out.stdout
+
+
+def test_retrain_bench_runs_real_jobs_at_tiny(tmp_path, tiny_config, tiny_tokenizer):
+    import json
+
+    from nextchat_core.build import build_model, save_pretrained
+
+    base = tmp_path / "tiny-base"
+    save_pretrained(build_model(tiny_config), base, tiny_tokenizer)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "bench/retrain.py",
+            "--checkpoint",
+            str(base),
+            "--sizes",
+            "5",
+            "6",
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+            "--json",
+            str(tmp_path / "rows.json"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TORCH_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["n"] for r in rows] == [5, 6]
+    for r in rows:  # both stages ran (brush masks), each 2 steps, and the job promoted
+        assert [(s["stage"], s["steps"]) for s in r["stages"]] == [(2, 2), (3, 2)]
+        assert r["promoted"] and r["total_s"] >= sum(s["seconds"] for s in r["stages"])
+    assert "samples/s" in out.stdout and "fixed cost" in out.stdout

@@ -370,7 +370,7 @@ def test_clear_errors_for_bad_inputs(tiny_model, tiny_tokenizer, tiny_config):
         predictor.predict("   ")
     with pytest.raises(ValueError, match="characters"):
         predictor.predict("x" * 5000)
-    with pytest.raises(ValueError, match="input box .* outside the 96x64 image"):
+    with pytest.raises(ValueError, match=r"input box .* outside the 96x64 image"):
         predictor.predict("x", task="caption", boxes=[[0, 0, 200, 10]])
     with pytest.raises(ValueError, match=r"0 image\(s\)|1 image\(s\)"):
         encode_conversation(

@@ -244,16 +244,16 @@ def default_phases(scale: float = 1.0) -> list[Phase]:
         return max(2, int(x * scale))
 
     return [
-        Phase("stage0", 0, n(500), 1e-3, easy_steps=n(150)),
+        Phase("stage0", 0, n(7000), 1e-3, easy_steps=n(1000)),
         Phase(
             "stage2",
             2,
-            n(250),
+            n(1500),
             3e-4,
             trainable=["mm_projector", "language_model", "loc_encoder", "loc_decoder"],
             vision_aux=False,
         ),
-        Phase("stage3", 3, n(150), 1e-3, vision_aux=False),
+        Phase("stage3", 3, n(1500), 1e-3, vision_aux=False),
     ]
 
 
@@ -274,7 +274,7 @@ def run(
     phases: list[Phase],
     batch_size: int = 8,
     eval_scenes: int = 300,
-    eval_every: int = 250,
+    eval_every: int = 500,
     eval_max: int = 100,
     ship: Path | None = None,
 ) -> dict[str, Any]:
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-scenes", type=int, default=300)
-    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--eval-every", type=int, default=500)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     metrics = run(

@@ -122,10 +122,10 @@ class RetrainSettings:
             raise ValueError(f"PROMOTE_POLICY must be one of {POLICIES}, got {self.policy!r}")
         if self.lora not in ("auto", "on", "off"):
             raise ValueError(f"RETRAIN_LORA must be auto, on or off, got {self.lora!r}")
-        bad = [s for s in self.stages if s not in (1, 2, 3)]
+        bad = [s for s in self.stages if s not in (0, 1, 2, 3)]
         if not self.stages or bad:
             raise ValueError(
-                f"RETRAIN_STAGES must list stages among 1, 2, 3 (e.g. '2,3'), got {self.stages}"
+                f"RETRAIN_STAGES must list stages among 0-3 (e.g. '2,3'), got {self.stages}"
             )
         if not 0.0 < self.holdout < 1.0:
             raise ValueError(f"RETRAIN_HOLDOUT must be in (0, 1), got {self.holdout}")

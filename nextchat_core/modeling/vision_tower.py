@@ -36,7 +36,9 @@ class VisionTower(nn.Module):
         self.pos_embed: nn.Parameter | None = None
         if config.position_embedding:
             if config.backbone == "clip":
-                raise ValueError("vision.position_embedding is for conv backbones; CLIP has its own")
+                raise ValueError(
+                    "vision.position_embedding is for conv backbones; CLIP has its own"
+                )
             grid = config.image_size // config.patch_size
             self.pos_embed = nn.Parameter(sincos_2d(grid, config.hidden_size))
 
@@ -81,7 +83,9 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
         raise ValueError(f"a 2-D sin-cos embedding needs a hidden size divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
     ys, xs = torch.meshgrid(
-        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
+        torch.arange(grid, dtype=torch.float32),
+        torch.arange(grid, dtype=torch.float32),
+        indexing="ij",
     )
     out = [f(c.reshape(-1, 1) * omega) for c in (xs, ys) for f in (torch.sin, torch.cos)]
     return torch.cat(out, dim=1)
