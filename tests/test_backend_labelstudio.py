@@ -10,7 +10,6 @@ Skipped only when pip cannot install ``label-studio`` (the reason carries pip's 
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -37,6 +36,7 @@ from test_backend_support import (
 )
 
 from nextchat_core import frames
+from training.store import AnnotationStore
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
 
@@ -186,7 +186,21 @@ def backend(ls, tmp_path_factory) -> Iterator[dict]:
     ckpt = overfit_checkpoint(tmp_path_factory.getbasetemp())
     root = tmp_path_factory.mktemp("backend")
     port = _free_port()
-    env = {**os.environ, "MODEL_DIR": str(root / "models"), "THREADS": "4"}
+    env = {
+        **os.environ,
+        "MODEL_DIR": str(root / "models"),
+        "THREADS": "4",
+        # the active-learning loop, for real: Redis broker, a worker started by the test
+        "CELERY_BROKER_URL": "redis://127.0.0.1:6379/0",
+        "CELERY_QUEUE": f"ls-test-{port}",
+        "RETRAIN_EVERY": "0",
+        "RETRAIN_MIN_TASKS": "1",
+        "RETRAIN_STAGES": "2",
+        "RETRAIN_MAX_STEPS": "3",
+        "RETRAIN_BATCH_SIZE": "2",
+        "PROMOTE_POLICY": "always",
+        "TORCH_THREADS": "1",
+    }
     for key in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
         env.pop(key, None)
     server = Process(
@@ -208,7 +222,13 @@ def backend(ls, tmp_path_factory) -> Iterator[dict]:
     try:
         url = f"http://127.0.0.1:{port}"
         server.wait_for(f"{url}/health", timeout=120)
-        yield {"url": url, "model_dir": root / "models", "process": server}
+        yield {
+            "url": url,
+            "model_dir": root / "models",
+            "process": server,
+            "env": env,
+            "root": root,
+        }
     finally:
         server.stop()
 
@@ -375,22 +395,47 @@ def test_predictions_stored_in_label_studio(ls, backend, images):
         ]
     }
     api(ls, "POST", f"/api/tasks/{tasks[0]['id']}/annotations", json=annotation)
-    api(ls, "POST", f"/api/ml/{ml_id}/train", json={})
-    events_file = backend["model_dir"] / "webhook-events.jsonl"
-    deadline = time.time() + 20
-    actions: list[str] = []
-    while time.time() < deadline:
-        if events_file.exists():
-            actions = [
-                json.loads(line)["action"] for line in events_file.read_text().splitlines() if line
-            ]
-            if {"ANNOTATION_CREATED", "START_TRAINING"} <= set(actions):
-                break
-        time.sleep(0.5)
-    assert {"ANNOTATION_CREATED", "START_TRAINING"} <= set(actions), (
-        actions,
-        backend["process"].tail(),
+    worker = Process(
+        [str(Path(sys.executable).with_name("nextchat")), "worker"],
+        backend["env"],
+        backend["root"] / "worker.log",
     )
+    try:
+        api(ls, "POST", f"/api/ml/{ml_id}/train", json={})
+        store = AnnotationStore(backend["model_dir"])
+        deadline = time.time() + 240
+        jobs = []
+        while time.time() < deadline:
+            jobs = store.jobs(str(project))
+            if jobs and jobs[0].state in ("succeeded", "failed"):
+                break
+            time.sleep(0.5)
+        assert jobs and jobs[0].state == "succeeded", (
+            jobs,
+            worker.tail(),
+            backend["process"].tail(),
+        )
+    finally:
+        worker.stop()
+    # the webhook's annotation (with the task's data) is what the job trained on
+    stored_tasks = store.export_tasks(str(project))
+    assert [t["id"] for t in stored_tasks] == [tasks[0]["id"]]
+    assert stored_tasks[0]["data"]["image"] == tasks[0]["data"]["image"]
+    assert jobs[0].reason == "START_TRAINING" and jobs[0].result["promoted"]
+    new_version = requests.get(f"{backend['url']}/health", timeout=10).json()["model_version"]
+    assert new_version == jobs[0].result["version"] != version
+    # the new model_version makes Label Studio predict again: a second prediction per task
+    api(
+        ls,
+        "POST",
+        f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
+        json={"selectedItems": {"all": True, "excluded": []}},
+    )
+    for t in tasks:
+        versions_seen = {
+            p["model_version"] for p in api(ls, "GET", f"/api/predictions?task={t['id']}").json()
+        }
+        assert versions_seen == {version, new_version}, (t["id"], versions_seen)
 
     # the access token /setup received was used (the upload) but never logged
     log = backend["process"].log.read_text()
