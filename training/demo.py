@@ -5,7 +5,8 @@
 Three phases through the ordinary stages of :mod:`training.trainer` (each resumable: a
 rerun continues where an interrupted one stopped):
 
-1. **stage 0** (everything trains): the paper's losses plus two auxiliary signals a small
+1. **stage 0** (everything but SAM trains; no masks yet, which doubles the steps per
+   second): the paper's box and text losses plus two auxiliary signals a small
    model without pretrained encoders needs (measured in the issue: without them a model
    from scratch stays near "predict the average box"):
    * *vision cells* - on the vision tower's 8x8 feature map, each cell predicts the color,
@@ -17,7 +18,8 @@ rerun continues where an interrupted one stopped):
    The first ``easy_steps`` steps use easy scenes (1-2 large objects).
 2. **stage 2** (all but the vision tower and SAM): the task mix with chats and captions,
    grounding cells kept on.
-3. **stage 3** (``seg_prompt_mlp`` + SAM mask decoder only): masks.
+3. **stage 3** (``seg_prompt_mlp`` + all of SAM: there is no pretrained SAM to start
+   from): masks, SAM prompted by the ``<at>`` state as in NExT-Chat.
 
 The answer path stays NExT-Chat's: boxes from the ``<at>`` hidden state through
 ``loc_decoder``, masks from SAM prompted by it. The auxiliary heads are dropped from the
@@ -235,6 +237,7 @@ class Phase:
     easy_steps: int = 0
     trainable: list[str] | None = None
     vision_aux: bool = True
+    masks: bool | None = None  # None: the stage's choice
 
 
 def default_phases(scale: float = 1.0) -> list[Phase]:
@@ -244,7 +247,8 @@ def default_phases(scale: float = 1.0) -> list[Phase]:
         return max(2, int(x * scale))
 
     return [
-        Phase("stage0", 0, n(7000), 1e-3, easy_steps=n(1000)),
+        # Boxes first, without SAM (twice the steps per second); SAM learns in stage 3.
+        Phase("stage0", 0, n(9000), 1e-3, easy_steps=n(1500), masks=False),
         Phase(
             "stage2",
             2,
@@ -253,7 +257,10 @@ def default_phases(scale: float = 1.0) -> list[Phase]:
             trainable=["mm_projector", "language_model", "loc_encoder", "loc_decoder"],
             vision_aux=False,
         ),
-        Phase("stage3", 3, n(1500), 1e-3, vision_aux=False),
+        # All of SAM trains here (no pretrained SAM to start from), prompted by <at>.
+        Phase(
+            "stage3", 3, n(2000), 1e-3, trainable=["seg_prompt_mlp", "sam"], vision_aux=False
+        ),
     ]
 
 
@@ -385,6 +392,7 @@ def _phase(
         eval_max=eval_max,
         log_every=25,
         trainable=phase.trainable,
+        masks=phase.masks,
         tokenizer=tokenizer_dir if init == "demo" else None,
     )
     aux = DemoAux(

@@ -52,7 +52,7 @@ class RetrainSettings:
 
     model_dir: Path = field(default_factory=versions.default_model_dir)  # MODEL_DIR
     checkpoint: str | None = None  # NEXTCHAT_CHECKPOINT: the base when nothing is promoted
-    device: str | None = None  # NEXTCHAT_DEVICE (default: cuda when present, else cpu)
+    device: str | None = None  # NEXTCHAT_DEVICE (default here: cuda when present, else cpu)
     retrain_every: int = 50  # RETRAIN_EVERY: changed annotations that trigger a job (0: off)
     stages: tuple[int, ...] = (2, 3)  # RETRAIN_STAGES: e.g. "2,3"; 3 runs only with masks
     epochs: float = 4.0  # RETRAIN_EPOCHS: passes over the training slice per stage
@@ -252,7 +252,8 @@ def _run(
             "train on"
         )
     has_masks = any(any(m is not None for m in (r.masks or [])) for r in train_set.records)
-    device = resolve_device(settings.device)
+    # Workers train on CUDA when present (NEXTCHAT_DEVICE overrides), the backend on cpu.
+    device = resolve_device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     big = config.llm.hidden_size >= 2048
     use_lora = settings.lora == "on" or (settings.lora == "auto" and device != "cpu" and big)
     init, timings = str(parent_path), []

@@ -74,6 +74,7 @@ class TrainConfig:
     lr: float = 2e-5  # NExT-Chat: 2e-5 cosine, warmup 0.03, no weight decay
     lr_scale: dict[str, float] = field(default_factory=dict)  # per-module lr multipliers
     trainable: list[str] | None = None  # override the stage's trainable module prefixes
+    masks: bool | None = None  # feed mask targets (SAM runs); default: the stage's choice
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     clip_norm: float = 1.0
@@ -302,7 +303,7 @@ def train(
             config=mcfg,
             num_image_tokens=num_image_tokens,
             processor=processor,
-            with_masks=spec.masks,
+            with_masks=spec.masks if config.masks is None else config.masks,
         )
         return {k: v.to(accelerator.device) for k, v in batch.items()}
 

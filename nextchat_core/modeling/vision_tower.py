@@ -77,8 +77,9 @@ class VisionTower(nn.Module):
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position codes (MAE's), ``(grid*grid) x dim``, row-major:
-    the starting point of the learned embedding, so position is readable from step 0."""
+    """Fixed 2-D sine-cosine position codes (MAE's), ``(grid*grid) x dim``, row-major,
+    scaled by 1/4: the starting point of the learned embedding, so position is readable
+    from step 0 while the cells' content still dominates what attention matches on."""
     if dim % 4:
         raise ValueError(f"a 2-D sin-cos embedding needs a hidden size divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
@@ -88,4 +89,4 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
         indexing="ij",
     )
     out = [f(c.reshape(-1, 1) * omega) for c in (xs, ys) for f in (torch.sin, torch.cos)]
-    return torch.cat(out, dim=1)
+    return 0.25 * torch.cat(out, dim=1)
