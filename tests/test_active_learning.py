@@ -382,3 +382,23 @@ def test_training_route_on_a_fresh_model_dir(webhook_client):
     body = client.get("/training").get_json()
     assert body["jobs"] == [] and body["model_version"].startswith("tiny-base-")
     assert body["policy"] == "not_worse"
+
+
+def test_a_job_whose_worker_keeps_dying_fails_after_three_attempts(tmp_path, base):
+    from training.retrain import JobBusy, run_job
+
+    settings = RetrainSettings.from_env(
+        {}, model_dir=tmp_path / "md", checkpoint=str(base), heartbeat_s=0.05
+    )
+    store = settings.store
+    job, _ = store.request_job("9", "START_TRAINING")
+    for _ in range(3):  # three deliveries whose worker died mid-job
+        store.start_attempt(job.job_id)
+    with pytest.raises(JobBusy):  # a fresh heartbeat: a live worker has it
+        run_job(job.job_id, settings)
+    time.sleep(0.2)  # the heartbeat goes stale: the worker is dead
+    result = run_job(job.job_id, settings)
+    stored = store.job(job.job_id)
+    assert result["state"] == "failed" and stored.state == "failed" and stored.attempts == 4
+    assert "started 3 times" in stored.error and "RETRAIN_TIME_LIMIT" in stored.error
+    assert versions.read_current_version(settings.model_dir) is None

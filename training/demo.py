@@ -258,9 +258,7 @@ def default_phases(scale: float = 1.0) -> list[Phase]:
             vision_aux=False,
         ),
         # All of SAM trains here (no pretrained SAM to start from), prompted by <at>.
-        Phase(
-            "stage3", 3, n(2000), 1e-3, trainable=["seg_prompt_mlp", "sam"], vision_aux=False
-        ),
+        Phase("stage3", 3, n(2000), 1e-3, trainable=["seg_prompt_mlp", "sam"], vision_aux=False),
     ]
 
 

@@ -39,6 +39,7 @@ from .store import AnnotationStore, Job
 log = logging.getLogger(__name__)
 
 POLICIES = ("not_worse", "always", "manual")
+MAX_ATTEMPTS = 3  # deliveries of one job (a worker killed mid-job counts one)
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -188,7 +189,17 @@ def run_job(
     stale_after = 3 * settings.heartbeat_s
     if job.state == "running" and time.time() - job.updated_at < stale_after:
         raise JobBusy(f"job {job_id} is running in another worker (heartbeat {stale_after:.0f} s)")
-    store.set_state(job_id, "running", progress={"phase": "preparing"})
+    attempt = store.start_attempt(job_id)
+    if attempt > MAX_ATTEMPTS:
+        message = (
+            f"job {job_id} was started {attempt - 1} times and its worker died each time "
+            f"(killed, out of memory, or over RETRAIN_TIME_LIMIT={settings.time_limit} s); "
+            "giving up - see the worker logs, then `nextchat retrain PROJECT` to try again"
+        )
+        log.error(message)
+        store.set_state(job_id, "failed", error=message)
+        return {"state": "failed", "error": message}
+    store.set_state(job_id, "running", progress={"phase": "preparing", "attempt": attempt})
     beat = _Heartbeat(store, job_id, settings.heartbeat_s)
     try:
         with beat:

@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     celery_id TEXT,
     progress_json TEXT,
     result_json TEXT,
-    error TEXT
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0   -- deliveries that started running it
 );
 CREATE INDEX IF NOT EXISTS jobs_project ON jobs (project_id, state);
 """
@@ -73,6 +74,7 @@ class Job:
     progress: dict[str, Any] | None
     result: dict[str, Any] | None
     error: str | None
+    attempts: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -88,6 +90,10 @@ class AnnotationStore:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)  # commits by itself
+            columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            if "attempts" not in columns:  # a store written before job attempts were counted
+                db.execute("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+                db.commit()
         finally:
             db.close()
 
@@ -221,6 +227,19 @@ class AnnotationStore:
             row = db.execute("SELECT * FROM jobs WHERE job_id=?", (job_id,)).fetchone()
         return _job(row), True
 
+    def start_attempt(self, job_id: str) -> int:
+        """Mark the job running for one more delivery; returns how many have started."""
+        with self._connect() as db:
+            n = db.execute(
+                "UPDATE jobs SET state='running', attempts=attempts+1, updated_at=? WHERE job_id=?",
+                (time.time(), job_id),
+            ).rowcount
+            if n == 0:
+                raise ValueError(f"unknown retraining job {job_id!r}")
+            return int(
+                db.execute("SELECT attempts FROM jobs WHERE job_id=?", (job_id,)).fetchone()[0]
+            )
+
     def mark_enqueued(self, job_id: str, celery_id: str) -> None:
         self._update(job_id, enqueued=1, celery_id=celery_id)
 
@@ -294,6 +313,7 @@ def _job(row: tuple) -> Job:
         progress,
         result,
         error,
+        attempts,
     ) = row
     return Job(
         job_id,
@@ -307,4 +327,5 @@ def _job(row: tuple) -> Job:
         json.loads(progress) if progress else None,
         json.loads(result) if result else None,
         error,
+        int(attempts),
     )
