@@ -250,7 +250,11 @@ class Loop:
         out = []
         for i in range(0, len(tasks), batch):
             chunk = [{"id": t["id"], "data": t["data"]} for t in tasks[i : i + batch]]
-            body = {"tasks": chunk, "project": "7.1700000000", "label_config": LABEL_CONFIG}
+            body: dict[str, Any] = {
+                "tasks": chunk,
+                "project": "7.1700000000",
+                "label_config": LABEL_CONFIG,
+            }
             reply = requests.post(self.url + "/predict", json=body, timeout=600)
             reply.raise_for_status()
             out.extend(reply.json()["results"])
@@ -294,7 +298,7 @@ def run_demo(
     """The documented demo: pre-label the team's held-out tasks, feed ``n_train``
     corrected annotations through ``/webhook``, retrain in a real worker, pre-label again."""
     out.mkdir(parents=True, exist_ok=True)
-    scenes = {"min_side": 160, "max_side": 512}
+    scenes: dict[str, Any] = {"min_side": 160, "max_side": 512}
     train_tasks = make_tasks(out / "images", n_train, seed=31, words=TEAM_WORDS, **scenes)
     eval_tasks = make_tasks(
         out / "images", n_eval, seed=32, first_id=100_000, words=TEAM_WORDS, **scenes

@@ -332,9 +332,9 @@ def _run(
         "eval_new": new,
     }
     versions.publish_version(settings.model_dir, staged, name, meta)
-    result = _gate_and_promote(settings, name, meta, already=False)
+    outcome = _gate_and_promote(settings, name, meta, already=False)
     shutil.rmtree(work, ignore_errors=True)  # resumable checkpoints are not needed any more
-    return result
+    return outcome
 
 
 def _gate_and_promote(
