@@ -395,9 +395,15 @@ def test_predictions_stored_in_label_studio(ls, backend, images):
         ]
     }
     api(ls, "POST", f"/api/tasks/{tasks[0]['id']}/annotations", json=annotation)
+    # The worker pulls the project from Label Studio (label-studio-sdk) before training.
+    worker_env = {
+        **backend["env"],
+        "LABEL_STUDIO_URL": ls["url"],
+        "LABEL_STUDIO_API_KEY": ls["token"],
+    }
     worker = Process(
         [str(Path(sys.executable).with_name("nextchat")), "worker"],
-        backend["env"],
+        worker_env,
         backend["root"] / "worker.log",
     )
     try:
@@ -422,6 +428,11 @@ def test_predictions_stored_in_label_studio(ls, backend, images):
     assert [t["id"] for t in stored_tasks] == [tasks[0]["id"]]
     assert stored_tasks[0]["data"]["image"] == tasks[0]["data"]["image"]
     assert jobs[0].reason == "START_TRAINING" and jobs[0].result["promoted"]
+    assert jobs[0].result["synced_from_label_studio"] == {
+        "tasks": 1,
+        "annotations": 1,
+        "removed": 0,
+    }
     new_version = requests.get(f"{backend['url']}/health", timeout=10).json()["model_version"]
     assert new_version == jobs[0].result["version"] != version
     # the new model_version makes Label Studio predict again: a second prediction per task

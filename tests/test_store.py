@@ -79,3 +79,28 @@ def test_concurrent_writers_do_not_lose_events(tmp_path):
         t.join()
     assert len(store.export_tasks("1")) == 80
     assert store.changes_since_training("1") == 80
+
+
+def test_sync_mirrors_a_label_studio_export(tmp_path):
+    store = AnnotationStore(tmp_path)
+    store.upsert_annotation("1", {"id": 7, "data": {"image": "a.png"}}, ann(1))
+    store.upsert_annotation("1", {"id": 9, "data": {"image": "c.png"}}, ann(3))  # gone in LS
+    store.upsert_annotation("2", {"id": 7, "data": {"image": "a.png"}}, ann(1))  # other project
+    before = store.changes_since_training("1")
+    export = [
+        {"id": 7, "data": {"image": "a.png"}, "annotations": [ann(1, "Truck")], "predictions": []},
+        {
+            "id": 8,
+            "data": {"image": "b.png"},
+            "annotations": [ann(2), {**ann(4), "was_cancelled": True}],
+        },
+        {"id": 10, "data": {"image": "d.png"}, "annotations": []},
+    ]
+    assert store.sync_project("1", export) == {"tasks": 2, "annotations": 2, "removed": 1}
+    tasks = store.export_tasks("1")
+    assert [t["id"] for t in tasks] == [7, 8]
+    assert tasks[0]["annotations"][0]["result"][0]["value"]["rectanglelabels"] == ["Truck"]
+    assert "predictions" not in tasks[0] and [a["id"] for a in tasks[1]["annotations"]] == [2]
+    assert [t["id"] for t in store.export_tasks("2")] == [7]  # untouched
+    assert store.changes_since_training("1") == before
+    assert store.sync_project("1", export) == {"tasks": 2, "annotations": 2, "removed": 0}

@@ -245,6 +245,22 @@ def _run(
         meta = _read_json(published / versions.VERSION_META)
         return _gate_and_promote(settings, name, meta, already=True)
 
+    synced = None
+    if settings.label_studio_url and settings.label_studio_api_key:
+        # Pull mode: Label Studio is the source of truth; the store mirrors the project
+        # (annotations made before this backend was connected are included).
+        from nextchat_core.coco.export import fetch_project
+
+        report({"phase": "pulling annotations from Label Studio"})
+        exported, _ = fetch_project(
+            int(job.project_id),
+            base_url=settings.label_studio_url,
+            api_key=settings.label_studio_api_key,
+        )
+        synced = store.sync_project(job.project_id, exported)
+        log.info(
+            "job %s: synced project %s from Label Studio: %s", job.job_id, job.project_id, synced
+        )
     tasks = store.export_tasks(job.project_id)
     if len(tasks) < settings.min_tasks:
         raise ValueError(
@@ -327,6 +343,7 @@ def _run(
         "train_samples": len(train_set),
         "held_out_samples": len(held_set),
         "tasks": len(tasks),
+        "synced_from_label_studio": synced,
         "stages": timings,
         "eval_old": old,
         "eval_new": new,
@@ -364,6 +381,7 @@ def _gate_and_promote(
         "eval_old": old,
         "eval_new": new,
         "stages": meta.get("stages", []),
+        "synced_from_label_studio": meta.get("synced_from_label_studio"),
         "pruned": removed,
         "resumed_after_publish": already,
     }

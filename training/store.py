@@ -189,6 +189,48 @@ class AnnotationStore:
             task["annotations"].append(json.loads(ann_json))
         return list(tasks.values())
 
+    def sync_project(self, project_id: str, tasks: list[dict[str, Any]]) -> dict[str, int]:
+        """Make the project's stored annotations equal to a Label Studio JSON export
+        (``tasks`` with ``annotations``): upsert each submitted one, drop cancelled ones
+        and those Label Studio no longer has. Returns ``{"tasks", "annotations",
+        "removed"}``. Does not count as changes toward ``RETRAIN_EVERY``."""
+        keep: dict[str, tuple[str, str, str]] = {}
+        n_tasks = 0
+        for task in tasks:
+            if not isinstance(task, dict) or "id" not in task:
+                raise ValueError("a Label Studio export is a list of tasks with their 'id'")
+            anns = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+            n_tasks += bool(anns)
+            bare = {
+                k: v for k, v in task.items() if k not in ("annotations", "predictions", "drafts")
+            }
+            for ann in anns:
+                keep[str(ann["id"])] = (
+                    str(task["id"]),
+                    json.dumps(bare, sort_keys=True),
+                    json.dumps(ann, sort_keys=True),
+                )
+        now = time.time()
+        with self._connect() as db:
+            stored = {
+                r[0]
+                for r in db.execute(
+                    "SELECT annotation_id FROM annotations WHERE project_id=?", (project_id,)
+                )
+            }
+            gone = sorted(stored - set(keep))
+            for ann_id in gone:
+                db.execute(
+                    "DELETE FROM annotations WHERE project_id=? AND annotation_id=?",
+                    (project_id, ann_id),
+                )
+            for ann_id, (task_id, task_json, ann_json) in keep.items():
+                db.execute(
+                    "INSERT OR REPLACE INTO annotations VALUES (?, ?, ?, ?, ?, ?)",
+                    (project_id, task_id, ann_id, task_json, ann_json, now),
+                )
+        return {"tasks": n_tasks, "annotations": len(keep), "removed": len(gone)}
+
     def changes_since_training(self, project_id: str) -> int:
         with self._connect() as db:
             row = db.execute(
