@@ -176,6 +176,20 @@ class DemoAux(nn.Module):
         self.ground = nn.Linear(config.llm.hidden_size, 1)
         self.im_patch_id = config.tokens.im_patch_id
         self.vision_weight, self.ground_weight = vision_weight, ground_weight
+        # Grounding is supervised on the output of a MIDDLE LLM layer: the layers above can
+        # then attend from <at> to the cells flagged as referred. (On the last layer's
+        # output, as first tried, no layer above could use it: the box stayed the average.)
+        self.ground_layer = max(0, config.llm.num_layers // 2 - 1)
+        self._captured: torch.Tensor | None = None
+
+    def attach(self, model: nn.Module) -> None:
+        """Capture the hidden states of LLM layer ``ground_layer`` on every forward."""
+        layer = model.language_model.model.layers[self.ground_layer]
+
+        def keep(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            self._captured = output[0] if isinstance(output, tuple) else output
+
+        layer.register_forward_hook(keep)
 
     def forward(
         self, out: NextChatOutput, inputs: dict[str, torch.Tensor], aux: dict[str, torch.Tensor]
@@ -210,11 +224,11 @@ class DemoAux(nn.Module):
             losses["aux_vision"] = self.vision_weight * (
                 color_ce + shape_ce + size_ce + 5.0 * edges
             )
-        if self.ground_weight and out.hidden_states is not None:
+        hidden = self._captured if self._captured is not None else out.hidden_states
+        self._captured = None
+        if self.ground_weight and hidden is not None:
             patches = inputs["input_ids"] == self.im_patch_id
-            h = out.hidden_states[patches].reshape(
-                patches.shape[0], -1, out.hidden_states.shape[-1]
-            )
+            h = hidden[patches].reshape(patches.shape[0], -1, hidden.shape[-1])
             logit = self.ground(h.float())[..., 0]  # B x N
             target = aux["aux_ref"]
             keep = target >= 0
@@ -248,7 +262,7 @@ def default_phases(scale: float = 1.0) -> list[Phase]:
 
     return [
         # Boxes first, without SAM (twice the steps per second); SAM learns in stage 3.
-        Phase("stage0", 0, n(9000), 1e-3, easy_steps=n(1500), masks=False),
+        Phase("stage0", 0, n(7000), 1e-3, easy_steps=n(1500), masks=False),
         Phase(
             "stage2",
             2,

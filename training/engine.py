@@ -77,6 +77,7 @@ def prepare(model: NextChatModel, spec: StageSpec, settings: EngineSettings) -> 
 
 
 # An auxiliary objective: (model output, the ``aux_*`` batch tensors) -> weighted losses.
+# An nn.Module objective may define ``attach(model)``; the trainer calls it once first.
 AuxObjective = Callable[
     [NextChatOutput, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]
 ]

@@ -261,6 +261,9 @@ def train(
     groups = prepare(model, spec, settings)
     if aux is not None:
         aux.to(device).train()
+        attach = getattr(aux, "attach", None)
+        if callable(attach):  # e.g. forward hooks on the layers it supervises
+            attach(model)
         groups.append(
             {
                 "name": "aux",
