@@ -360,6 +360,10 @@ class NextChatBackend:
             if job.query_task != "caption"
             for det in answer.detections
             if det.score >= self.settings.score_threshold
+            # a box clipped to nothing (predicted outside the image) is no region at all;
+            # Label Studio would reject a zero-size rectangle
+            and det.box[2] - det.box[0] >= 1.0
+            and det.box[3] - det.box[1] >= 1.0
         ]
         return deduplicate(items, plan, iou=self.settings.dedup_iou)
 

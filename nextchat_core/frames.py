@@ -201,6 +201,17 @@ def original_mask_to_sam(mask: np.ndarray, geometry: SamGeometry) -> np.ndarray:
 # ------------------------------------------------------------------- pixel <-> percent
 
 
+def sort_corners(boxes: Any) -> Any:
+    """xyxy boxes with ``x1 <= x2`` and ``y1 <= y2`` (a decoded box may come out inverted:
+    NExT-Chat's ``loc_decoder`` has no sigmoid or ordering)."""
+    out = boxes * 1.0
+    out[..., 0] = _minimum(boxes[..., 0], boxes[..., 2])
+    out[..., 2] = _maximum(boxes[..., 0], boxes[..., 2])
+    out[..., 1] = _minimum(boxes[..., 1], boxes[..., 3])
+    out[..., 3] = _maximum(boxes[..., 1], boxes[..., 3])
+    return out
+
+
 def clip_boxes(boxes: Any, width: Any, height: Any) -> Any:
     """Clamp original-pixel xyxy boxes to ``[0, width] x [0, height]``."""
     out = boxes * 1.0
@@ -628,6 +639,14 @@ def _maximum(a: Any, b: Any) -> Any:
 
         return torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
     return np.maximum(a, b)
+
+
+def _minimum(a: Any, b: Any) -> Any:
+    if hasattr(a, "clamp"):  # torch
+        import torch
+
+        return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
+    return np.minimum(a, b)
 
 
 def _floor(a: Any) -> Any:

@@ -358,7 +358,8 @@ class NextChatPredictor:
         ids = [t for t in sequence if t not in (tk.eos_id, tk.pad_id)]
         text = self.tokenizer.decode(ids, skip_special_tokens=False).strip()
         text = text.replace(tk.at + tk.boxes, f"{tk.at} {tk.boxes}")
-        px = frames.square_to_pixel(boxes.float().cpu().numpy(), p.width, p.height, clip=True)
+        square = frames.sort_corners(boxes.float().cpu().numpy())
+        px = frames.square_to_pixel(square, p.width, p.height, clip=True)
         dets = [Detection(box=px[j], score=float(scores[j])) for j in range(len(px))]
         if with_masks and len(dets):
             if enc.sam_embedding is None:

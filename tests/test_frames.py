@@ -90,3 +90,10 @@ def test_rle_round_trips():
     with pytest.raises(ValueError, match="does not match the image"):
         frames.coco_segmentation_to_mask(rle, w + 1, h)
     np.testing.assert_allclose(frames.mask_to_box(mask), [1, 5, 40, 30])
+
+
+def test_sort_corners_orders_inverted_boxes():
+    boxes = np.array([[0.6, 0.2, 0.1, 0.5], [0.1, 0.9, 0.4, 0.3]])
+    assert frames.sort_corners(boxes).tolist() == [[0.1, 0.2, 0.6, 0.5], [0.1, 0.3, 0.4, 0.9]]
+    t = frames.sort_corners(torch.tensor([[3.0, 4.0, 1.0, 2.0]]))
+    assert t.tolist() == [[1.0, 2.0, 3.0, 4.0]]
