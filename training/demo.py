@@ -180,16 +180,25 @@ class DemoAux(nn.Module):
         # then attend from <at> to the cells flagged as referred. (On the last layer's
         # output, as first tried, no layer above could use it: the box stayed the average.)
         self.ground_layer = max(0, config.llm.num_layers // 2 - 1)
+        self.at_id = config.tokens.at_id
         self._captured: torch.Tensor | None = None
+        self._attention: torch.Tensor | None = None
 
     def attach(self, model: nn.Module) -> None:
-        """Capture the hidden states of LLM layer ``ground_layer`` on every forward."""
-        layer = model.language_model.model.layers[self.ground_layer]
+        """Capture the hidden states of LLM layer ``ground_layer`` and the attention
+        weights of the last layer on every forward. Training runs the LLM's attention in
+        eager mode to have the weights (the same numbers as SDPA; inference keeps SDPA)."""
+        lm = model.language_model
+        lm.config._attn_implementation = "eager"
 
         def keep(_module: nn.Module, _inputs: Any, output: Any) -> None:
             self._captured = output[0] if isinstance(output, tuple) else output
 
-        layer.register_forward_hook(keep)
+        def keep_attention(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            self._attention = output[1]
+
+        lm.model.layers[self.ground_layer].register_forward_hook(keep)
+        lm.model.layers[-1].self_attn.register_forward_hook(keep_attention)
 
     def forward(
         self, out: NextChatOutput, inputs: dict[str, torch.Tensor], aux: dict[str, torch.Tensor]
@@ -225,7 +234,26 @@ class DemoAux(nn.Module):
                 color_ce + shape_ce + size_ce + 5.0 * edges
             )
         hidden = self._captured if self._captured is not None else out.hidden_states
-        self._captured = None
+        attention, self._captured, self._attention = self._attention, None, None
+        if self.ground_weight and attention is not None:
+            # Pointing: the last layer's first head, at each <at>, puts its attention on
+            # the referred cells (-log of that mass). It teaches the routing the box needs
+            # - <at> reading the referred cells' position and edges - directly.
+            ids = inputs["input_ids"]
+            patches = ids == self.im_patch_id
+            target = aux["aux_ref"]
+            terms = []
+            for b in range(ids.shape[0]):
+                if target[b].max() <= 0:
+                    continue
+                cols = patches[b].nonzero()[:, 0]
+                for p in (ids[b] == self.at_id).nonzero()[:, 0]:
+                    if p <= cols[-1]:
+                        continue  # an <at> in the question (region captions)
+                    mass = (attention[b, 0, p, cols].float() * target[b]).sum()
+                    terms.append(-torch.log(mass + 1e-6))
+            if terms:
+                losses["aux_point"] = 0.5 * self.ground_weight * torch.stack(terms).mean()
         if self.ground_weight and hidden is not None:
             patches = inputs["input_ids"] == self.im_patch_id
             h = hidden[patches].reshape(patches.shape[0], -1, hidden.shape[-1])
@@ -262,17 +290,17 @@ def default_phases(scale: float = 1.0) -> list[Phase]:
 
     return [
         # Boxes first, without SAM (twice the steps per second); SAM learns in stage 3.
-        Phase("stage0", 0, n(7000), 1e-3, easy_steps=n(1500), masks=False),
+        Phase("stage0", 0, n(6000), 1e-3, easy_steps=n(1500), masks=False),
         Phase(
             "stage2",
             2,
-            n(1500),
+            n(1000),
             3e-4,
             trainable=["mm_projector", "language_model", "loc_encoder", "loc_decoder"],
             vision_aux=False,
         ),
         # All of SAM trains here (no pretrained SAM to start from), prompted by <at>.
-        Phase("stage3", 3, n(2000), 1e-3, trainable=["seg_prompt_mlp", "sam"], vision_aux=False),
+        Phase("stage3", 3, n(1200), 1e-3, trainable=["seg_prompt_mlp", "sam"], vision_aux=False),
     ]
 
 
