@@ -81,8 +81,9 @@ class NextChatModel(nn.Module):
         )
         lm_config._attn_implementation = llm.attn_implementation
         self.language_model = LlamaForCausalLM(lm_config)
-        self.loc_encoder = _mlp([4, loc.hidden_size, llm.hidden_size], nn.ReLU)
-        self.loc_decoder = _mlp([llm.hidden_size, loc.hidden_size, 4], nn.ReLU)
+        act = nn.GELU if loc.activation == "gelu" else nn.ReLU
+        self.loc_encoder = _mlp([4, loc.hidden_size, llm.hidden_size], act)
+        self.loc_decoder = _mlp([llm.hidden_size, loc.hidden_size, 4], act)
         self.seg_prompt_mlp = _mlp(
             [llm.hidden_size, sam.prompt_mlp_hidden, sam.num_prompt_tokens * sam.prompt_dim],
             nn.ReLU,
