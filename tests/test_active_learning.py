@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from backend.app import create_app
@@ -408,44 +407,8 @@ def test_a_job_whose_worker_keeps_dying_fails_after_three_attempts(tmp_path, bas
 # ------------------------------------------------- the loop changes what is served
 
 
-def _team_tasks(root: Path, n: int, first_id: int, seed: int) -> list[dict]:
-    """The new domain of the tiny loop test: one large shape per image, which this team's
-    camera always frames right of center (jittered), named "the part". The tiny base
-    model was never trained on anything; what retraining must learn here is the team's
-    box distribution from its corrections, measured on held-out images."""
-    from PIL import Image, ImageDraw
-
-    from nextchat_core.ls_format import rectangle_result, textarea_result
-
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    tasks = []
-    for i in range(first_id, first_id + n):
-        w, h = int(rng.integers(80, 112)), int(rng.integers(64, 96))
-        img = Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(0, 90, 3)))
-        side = 0.45 * min(w, h) * rng.uniform(0.9, 1.1)
-        cx, cy = w * rng.uniform(0.62, 0.7), h * rng.uniform(0.45, 0.55)
-        box = [cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2]
-        color = tuple(int(v) for v in rng.integers(150, 256, 3))
-        ImageDraw.Draw(img).rectangle(box, fill=color)
-        path = root / f"team-{i}.png"
-        img.save(path)
-        result = [
-            rectangle_result(box, ["Object"], width=w, height=h, region_id=f"r{i}"),
-            textarea_result("the part"),
-        ]
-        tasks.append(
-            {
-                "id": i,
-                "data": {"image": str(path), "prompt": "the part"},
-                "annotations": [{"id": 50_000 + i, "task": i, "result": result}],
-            }
-        )
-    return tasks
-
-
 def test_loop_improves_held_out_prelabels_on_a_new_domain(loop_factory, tmp_path):
-    from training.loop_demo import prelabel_accuracy
+    from training.loop_demo import prelabel_accuracy, team_tasks
 
     loop = loop_factory(
         broker=None,  # the README's no-Redis setup
@@ -456,8 +419,10 @@ def test_loop_improves_held_out_prelabels_on_a_new_domain(loop_factory, tmp_path
         PROMOTE_POLICY="not_worse",
     )
     loop.serve()
-    train_tasks = _team_tasks(tmp_path / "images", 150, first_id=1, seed=1)
-    held_out = _team_tasks(tmp_path / "images", 40, first_id=10_000, seed=2)
+    # The tiny model was never trained: what it must learn here from the corrections is the
+    # team's framing (training/loop_demo.py), measured on held-out images.
+    train_tasks = team_tasks(tmp_path / "images", 150, first_id=1, seed=1)
+    held_out = team_tasks(tmp_path / "images", 40, first_id=10_000, seed=2)
     before = prelabel_accuracy(held_out, loop.predict(held_out))
     _feed(loop, train_tasks)
     loop.worker()

@@ -280,6 +280,7 @@ class Phase:
     trainable: list[str] | None = None
     vision_aux: bool = True
     masks: bool | None = None  # None: the stage's choice
+    loss: dict[str, float] | None = None  # loss-weight overrides
 
 
 def default_phases(scale: float = 1.0) -> list[Phase]:
@@ -290,7 +291,9 @@ def default_phases(scale: float = 1.0) -> list[Phase]:
 
     return [
         # Boxes first, without SAM (twice the steps per second); SAM learns in stage 3.
-        Phase("stage0", 0, n(6000), 1e-3, easy_steps=n(1500), masks=False),
+        # No cycle1 while boxes are poor: it pulls the <at> state towards loc_encoder of the
+        # (constant, average) predicted box, and the <at> state collapsed to a constant.
+        Phase("stage0", 0, n(3800), 1e-3, easy_steps=n(1500), masks=False, loss={"cycle1": 0.0}),
         Phase(
             "stage2",
             2,
@@ -433,6 +436,7 @@ def _phase(
         log_every=25,
         trainable=phase.trainable,
         masks=phase.masks,
+        loss=phase.loss or {},
         tokenizer=tokenizer_dir if init == "demo" else None,
     )
     aux = DemoAux(

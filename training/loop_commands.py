@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add("rollback", "serve the version promoted before the current one", _rollback)
     p = sub.add_parser(
         "loop-demo",
-        help="run the active-learning loop end to end on a new synthetic domain and measure it",
+        help="run the active-learning loop end to end on a new domain and measure it",
         description=(
             "Start a backend and a worker (embedded SQLite broker unless --broker), pre-label "
             "held-out tasks, send corrected annotations through /webhook, retrain, promote, "
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", default="runs/loop-demo", help="work directory (MODEL_DIR, images, logs)"
     )
-    p.add_argument("--annotations", type=int, default=160, help="corrected annotations to send")
+    p.add_argument("--annotations", type=int, default=150, help="corrected annotations to send")
     p.add_argument("--eval", type=int, default=100, help="held-out tasks pre-labeled before/after")
     p.add_argument("--broker", default=None, help="CELERY_BROKER_URL (default: embedded SQLite)")
     p.set_defaults(func=_loop_demo)

@@ -75,6 +75,7 @@ class TrainConfig:
     lr_scale: dict[str, float] = field(default_factory=dict)  # per-module lr multipliers
     trainable: list[str] | None = None  # override the stage's trainable module prefixes
     masks: bool | None = None  # feed mask targets (SAM runs); default: the stage's choice
+    loss: dict[str, float] = field(default_factory=dict)  # loss-weight overrides (LossConfig)
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     clip_norm: float = 1.0
@@ -254,7 +255,11 @@ def train(
         accumulate=config.accumulate,
         compile=config.compile,
     )
-    spec = dataclasses.replace(spec, lr_scale={**spec.lr_scale, **config.lr_scale})
+    spec = dataclasses.replace(
+        spec,
+        lr_scale={**spec.lr_scale, **config.lr_scale},
+        loss={**spec.loss, **config.loss},
+    )
     if config.trainable is not None:
         spec = dataclasses.replace(spec, trainable=tuple(config.trainable))
     model.to(device)
