@@ -1,0 +1,66 @@
+"""The bundled demo checkpoint (models/demo): it loads by default, answers generated
+scenes through `nextchat predict` with boxes and an overlay, and the numbers it ships in
+metrics.json are what its weights score on the held-out split (re-measured here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from nextchat_core.checkpoints import resolve_checkpoint
+from nextchat_core.config import get_preset
+from nextchat_core.predictor import NextChatPredictor
+from training import demo, synth
+from training.data import read_refexp_jsonl
+from training.evaluation import evaluate_predictor
+
+DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
+
+
+def test_the_default_checkpoint_is_the_bundled_demo():
+    assert resolve_checkpoint(None).resolve() == DEMO.resolve()
+    assert (DEMO / "model.safetensors").stat().st_size < 40 * 2**20  # the issue's budget
+
+
+def test_nextchat_predict_on_a_generated_scene(tmp_path):
+    scene, records = next(synth.generate(20261127, 1, synth.SynthConfig()))
+    Image.fromarray(scene.image).save(tmp_path / "scene.png")
+    prompt = next(r["expression"] for r in records if r["task"] == "rec")
+    overlay = tmp_path / "overlay.png"
+    argv = ["predict", str(tmp_path / "scene.png"), prompt, "--json", "--overlay", str(overlay)]
+    out = subprocess.run(
+        [sys.executable, "-m", "nextchat_core.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    answers = json.loads(out.stdout[: out.stdout.rindex("]") + 1])
+    assert answers[0]["prompt"] == prompt and "<at>" in answers[0]["text"]
+    (det,) = answers[0]["detections"][:1]
+    x1, y1, x2, y2 = det["box"]
+    assert 0 <= x1 < x2 <= scene.width and 0 <= y1 < y2 <= scene.height
+    with Image.open(overlay) as im:
+        assert im.size == (scene.width, scene.height)
+
+
+@pytest.mark.timeout(600)
+def test_shipped_metrics_are_what_the_weights_score(tmp_path):
+    shipped = json.loads((DEMO / "metrics.json").read_text())
+    assert shipped["eval_seed"] == demo.EVAL_SEED
+    split = demo.eval_split(tmp_path, shipped["eval_records"])
+    report = evaluate_predictor(
+        NextChatPredictor.from_pretrained(DEMO), read_refexp_jsonl(split, get_preset("demo"))
+    )
+    # The same weights and scenes; thread counts may move a box by float rounding, so a
+    # record may flip at the IoU 0.5 boundary.
+    final = shipped["final"]
+    assert report["n_gt_boxes"] == final["n_gt_boxes"]
+    assert report["rec_acc"] == pytest.approx(final["rec_acc"], abs=1.01 / final["n_records"])
+    assert report["mean_box_iou"] == pytest.approx(final["mean_box_iou"], abs=0.002)
+    assert report["mask_miou"] == pytest.approx(final["mask_miou"], abs=0.002)
