@@ -64,3 +64,30 @@ def test_shipped_metrics_are_what_the_weights_score(tmp_path):
     assert report["rec_acc"] == pytest.approx(final["rec_acc"], abs=1.01 / final["n_records"])
     assert report["mean_box_iou"] == pytest.approx(final["mean_box_iou"], abs=0.002)
     assert report["mask_miou"] == pytest.approx(final["mask_miou"], abs=0.002)
+
+
+@pytest.mark.timeout(600)
+def test_the_recipe_runs_end_to_end_at_small_scale(tmp_path):
+    phases = demo.default_phases(scale=0.002)  # 2 steps per phase
+    metrics = demo.run(
+        tmp_path / "run",
+        phases=phases,
+        batch_size=2,
+        eval_scenes=4,
+        eval_every=1000,
+        ship=tmp_path / "shipped",
+    )
+    assert metrics["final"]["n_records"] == 4
+    assert (tmp_path / "shipped" / "model.safetensors").is_file()
+    shipped = json.loads((tmp_path / "shipped" / "metrics.json").read_text())
+    assert shipped["final"] == metrics["final"]
+    logged = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "stage0" / "metrics.jsonl").read_text().splitlines()
+    ]
+    train_rows = [r for r in logged if not r.get("eval")]
+    # every auxiliary objective of stage 0 ran (hooks attached, pointing, norm, cells)
+    for key in ("aux_vision", "aux_ground", "aux_point", "aux_norm"):
+        assert any(key in r for r in train_rows), key
+    config = json.loads((tmp_path / "shipped" / "config.json").read_text())
+    assert config["location"]["activation"] == "gelu" and config["vision"]["position_embedding"]

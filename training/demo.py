@@ -183,6 +183,7 @@ class DemoAux(nn.Module):
         self.at_id = config.tokens.at_id
         self._captured: torch.Tensor | None = None
         self._attention: torch.Tensor | None = None
+        self._last: torch.Tensor | None = None
 
     def attach(self, model: nn.Module) -> None:
         """Capture the hidden states of LLM layer ``ground_layer`` and the attention
@@ -197,8 +198,12 @@ class DemoAux(nn.Module):
         def keep_attention(_module: nn.Module, _inputs: Any, output: Any) -> None:
             self._attention = output[1]
 
+        def keep_last(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            self._last = output[0] if isinstance(output, tuple) else output
+
         lm.model.layers[self.ground_layer].register_forward_hook(keep)
         lm.model.layers[-1].self_attn.register_forward_hook(keep_attention)
+        lm.model.layers[-1].register_forward_hook(keep_last)
 
     def forward(
         self, out: NextChatOutput, inputs: dict[str, torch.Tensor], aux: dict[str, torch.Tensor]
@@ -235,6 +240,15 @@ class DemoAux(nn.Module):
             )
         hidden = self._captured if self._captured is not None else out.hidden_states
         attention, self._captured, self._attention = self._attention, None, None
+        last, self._last = self._last, None
+        if last is not None:
+            # Keep the <at> state's residual norm near sqrt(hidden): it grew to ~3,200 (x200)
+            # in the first run, and the final RMSNorm then squashed what attention brought
+            # to it (the box stayed the average one).
+            at = inputs["input_ids"] == self.at_id
+            if at.any():
+                h = last[at].float()
+                losses["aux_norm"] = 0.01 * (h.pow(2).mean(-1)).mean()
         if self.ground_weight and attention is not None:
             # Pointing: the last layer's first head, at each <at>, puts its attention on
             # the referred cells (-log of that mass). It teaches the routing the box needs
@@ -281,6 +295,8 @@ class Phase:
     vision_aux: bool = True
     masks: bool | None = None  # None: the stage's choice
     loss: dict[str, float] | None = None  # loss-weight overrides
+    lr_scale: dict[str, float] | None = None  # per-module learning-rate multipliers
+    weight_decay: float = 0.0
 
 
 def default_phases(scale: float = 1.0) -> list[Phase]:
@@ -293,17 +309,27 @@ def default_phases(scale: float = 1.0) -> list[Phase]:
         # Boxes first, without SAM (twice the steps per second); SAM learns in stage 3.
         # No cycle1 while boxes are poor: it pulls the <at> state towards loc_encoder of the
         # (constant, average) predicted box, and the <at> state collapsed to a constant.
-        Phase("stage0", 0, n(3800), 1e-3, easy_steps=n(1500), masks=False, loss={"cycle1": 0.0}),
+        Phase(
+            "stage0",
+            0,
+            n(3000),
+            1e-3,
+            easy_steps=n(1000),
+            masks=False,
+            loss={"cycle1": 0.0},
+            lr_scale={"language_model": 0.3},
+            weight_decay=0.01,
+        ),
         Phase(
             "stage2",
             2,
-            n(1000),
+            n(600),
             3e-4,
             trainable=["mm_projector", "language_model", "loc_encoder", "loc_decoder"],
             vision_aux=False,
         ),
         # All of SAM trains here (no pretrained SAM to start from), prompted by <at>.
-        Phase("stage3", 3, n(1200), 1e-3, trainable=["seg_prompt_mlp", "sam"], vision_aux=False),
+        Phase("stage3", 3, n(800), 1e-3, trainable=["seg_prompt_mlp", "sam"], vision_aux=False),
     ]
 
 
@@ -437,6 +463,8 @@ def _phase(
         trainable=phase.trainable,
         masks=phase.masks,
         loss=phase.loss or {},
+        lr_scale=phase.lr_scale or {},
+        weight_decay=phase.weight_decay,
         tokenizer=tokenizer_dir if init == "demo" else None,
     )
     aux = DemoAux(
