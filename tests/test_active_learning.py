@@ -146,7 +146,7 @@ def test_webhooks_retrain_promote_and_hot_swap_with_redis(loop_factory, tmp_path
 def test_killed_worker_job_is_redelivered_and_completes(loop_factory, tmp_path):
     _redis_answers(REDIS_URL)
     loop = loop_factory(
-        RETRAIN_MAX_STEPS="400", RETRAIN_EPOCHS="400", CELERY_VISIBILITY_TIMEOUT="3"
+        RETRAIN_MAX_STEPS="1500", RETRAIN_EPOCHS="1500", CELERY_VISIBILITY_TIMEOUT="3"
     )
     loop.serve()
     base_version = loop.health()["model_version"]
