@@ -129,7 +129,9 @@ class LocationConfig:
         if self.hidden_size < 1:
             raise ValueError(f"location.hidden_size must be >= 1, got {self.hidden_size}")
         if self.activation not in ("relu", "gelu"):
-            raise ValueError(f"location.activation must be 'relu' or 'gelu', got {self.activation!r}")
+            raise ValueError(
+                f"location.activation must be 'relu' or 'gelu', got {self.activation!r}"
+            )
 
 
 @dataclass
