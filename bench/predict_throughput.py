@@ -23,10 +23,8 @@ import functools
 import http.server
 import json
 import os
-import socket
 import socketserver
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,6 +41,7 @@ sys.path.insert(0, str(REPO))
 from nextchat_core.checkpoints import DEMO_CHECKPOINT  # noqa: E402
 from nextchat_core.image_processing import load_image  # noqa: E402
 from nextchat_core.predictor import NextChatPredictor, Query  # noqa: E402
+from training.loop_demo import start_backend  # noqa: E402
 
 
 def make_images(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> list[str]:
@@ -76,12 +75,6 @@ def serve_folder(folder: Path) -> tuple[socketserver.TCPServer, str]:
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mib(pid: int) -> float:
@@ -190,7 +183,6 @@ def main() -> int:
     bare(1)  # warm-up
 
     # ---- the real server
-    port = free_port()
     env = {
         **os.environ,
         "MODEL_DIR": str(work / "models"),
@@ -199,38 +191,19 @@ def main() -> int:
         "TORCH_THREADS": str(args.torch_threads),
         "NEXTCHAT_DEVICE": args.device,
     }
-    nextchat = Path(sys.executable).with_name("nextchat")
-    log = open(work / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [
-            str(nextchat),
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--checkpoint",
-            str(checkpoint),
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
+    try:  # waits until the weights are loaded (/health lists them)
+        server, url = start_backend(
+            env,
+            work / "server.log",
+            checkpoint=checkpoint,
+            extra=["--log-level", "warning"],
+            ready=lambda r: bool(r.json().get("loaded")),
+        )
+    except AssertionError as exc:
+        print(exc)
+        return 1
+    proc = server.popen
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=5).json().get("loaded"):
-                    break
-            except requests.RequestException:
-                pass
-            if time.time() > deadline or proc.poll() is not None:
-                print((work / "server.log").read_text()[-3000:])
-                return 1
-            time.sleep(0.5)
         rss_idle = rss_mib(proc.pid)
 
         def http(n: int) -> None:
@@ -283,9 +256,7 @@ def main() -> int:
             ).json()["results"]
         )
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+        server.stop()
         image_server.shutdown()
 
     print(

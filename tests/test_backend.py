@@ -827,44 +827,14 @@ def _env(service: dict) -> dict[str, str]:
 
 def test_nextchat_serve_runs_under_gunicorn(ckpt, server, tmp_path):
     """``nextchat serve`` as a subprocess: gunicorn answers /health and /predict."""
-    import socket
-    import subprocess
-    import sys
-
     import requests
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from training.loop_demo import start_backend
+
     env = {**os.environ, "MODEL_DIR": str(tmp_path / "md"), "THREADS": "2"}
-    nextchat = Path(sys.executable).with_name("nextchat")
-    proc = subprocess.Popen(
-        [
-            str(nextchat),
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--checkpoint",
-            str(ckpt),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc, url = start_backend(env, tmp_path / "serve.log", checkpoint=ckpt, timeout=60)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                health = requests.get(f"{url}/health", timeout=10).json()
-                break
-            except requests.ConnectionError:
-                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-                assert time.time() < deadline, "nextchat serve did not answer /health in 60 s"
-                time.sleep(0.3)
+        health = requests.get(f"{url}/health", timeout=10).json()
         assert health["status"] == "UP"
         body = {
             "tasks": [task(server, 1)],
@@ -877,10 +847,6 @@ def test_nextchat_serve_runs_under_gunicorn(ckpt, server, tmp_path):
         assert len(regions_of(result, "rectanglelabels")) == 2
         assert len(regions_of(result, "brushlabels")) == 2
     finally:
-        proc.terminate()
-        try:
-            out, _ = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
+        proc.stop()
+    out = proc.text()
     assert "Booting worker" in out and "gthread" in out

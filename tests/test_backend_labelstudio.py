@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from test_backend_support import (
 )
 
 from nextchat_core import frames
+from training.loop_demo import Proc, free_port, start_backend
 from training.store import AnnotationStore
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
@@ -43,12 +43,6 @@ pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
 LS_VERSION = "1.23.2"
 LS_VENV = REPO / ".lsenv"
 USER, PASSWORD = "admin@example.com", "nextchat-test-pass"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ls_installed() -> bool:
@@ -91,49 +85,11 @@ def ls_venv() -> Path:
     return LS_VENV
 
 
-class Process:
-    """A subprocess whose output goes to a log file; stopped by the fixture's teardown."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self._fh = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, env=env, stdout=self._fh, stderr=subprocess.STDOUT)
-
-    def wait_for(self, url: str, timeout: float, **kwargs) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{url}: process exited ({self.proc.returncode}):\n{self.tail()}"
-                )
-            try:
-                if requests.get(url, timeout=5, **kwargs).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"{url} did not answer within {timeout} s:\n{self.tail()}")
-
-    def tail(self, n: int = 40) -> str:
-        self._fh.flush()
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
-        self._fh.close()
-
-
 @pytest.fixture(scope="module")
 def ls(ls_venv, tmp_path_factory) -> Iterator[dict]:
     """A Label Studio server on a free port, data and HOME in a temp dir."""
     home = tmp_path_factory.mktemp("ls-home")
-    port = _free_port()
+    port = free_port()
     token = secrets.token_hex(20)
     env = {
         k: v
@@ -147,7 +103,7 @@ def ls(ls_venv, tmp_path_factory) -> Iterator[dict]:
         ML_BLOCK_LOCAL_IP="false",
         USE_DEFAULT_BANNED_SUBNETS="false",
     )
-    server = Process(
+    server = Proc(
         [
             str(ls_venv / "bin" / "label-studio"),
             "start",
@@ -169,7 +125,7 @@ def ls(ls_venv, tmp_path_factory) -> Iterator[dict]:
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        server.wait_for(f"{url}/health", timeout=240)
+        server.wait_for_url(f"{url}/health", timeout=240)
         yield {
             "url": url,
             "token": token,
@@ -185,7 +141,7 @@ def backend(ls, tmp_path_factory) -> Iterator[dict]:
     """``nextchat serve`` on the tiny overfit checkpoint, debug logging to a file."""
     ckpt = overfit_checkpoint(tmp_path_factory.getbasetemp())
     root = tmp_path_factory.mktemp("backend")
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "MODEL_DIR": str(root / "models"),
@@ -203,25 +159,10 @@ def backend(ls, tmp_path_factory) -> Iterator[dict]:
     }
     for key in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
         env.pop(key, None)
-    server = Process(
-        [
-            str(Path(sys.executable).with_name("nextchat")),
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--checkpoint",
-            str(ckpt),
-            "--log-level",
-            "debug",
-        ],
-        env,
-        root / "backend.log",
+    server, url = start_backend(
+        env, root / "backend.log", checkpoint=ckpt, extra=["--log-level", "debug"]
     )
     try:
-        url = f"http://127.0.0.1:{port}"
-        server.wait_for(f"{url}/health", timeout=120)
         yield {
             "url": url,
             "model_dir": root / "models",
@@ -401,8 +342,8 @@ def test_predictions_stored_in_label_studio(ls, backend, images):
         "LABEL_STUDIO_URL": ls["url"],
         "LABEL_STUDIO_API_KEY": ls["token"],
     }
-    worker = Process(
-        [str(Path(sys.executable).with_name("nextchat")), "worker"],
+    worker = Proc(
+        [sys.executable, "-m", "nextchat_core.cli", "worker"],
         worker_env,
         backend["root"] / "worker.log",
     )

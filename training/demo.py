@@ -366,36 +366,11 @@ def run(
         if (phase_dir / "final" / "model.safetensors").exists():
             init = str(phase_dir / "final")
             continue
+        common = (tokenizer_dir, mcfg, grid, batch_size, eval_set, eval_every, eval_max)
         if phase.easy_steps and not (phase_dir / "easy" / "final" / "model.safetensors").exists():
-            _phase(
-                phase,
-                phase_dir / "easy",
-                init,
-                tokenizer_dir,
-                mcfg,
-                grid,
-                batch_size,
-                eval_set,
-                eval_every,
-                eval_max,
-                steps=phase.easy_steps,
-                easy=True,
-            )
+            _phase(phase, phase_dir / "easy", init, *common, steps=phase.easy_steps, easy=True)
         start = str(phase_dir / "easy" / "final") if phase.easy_steps else init
-        _phase(
-            phase,
-            phase_dir,
-            start,
-            tokenizer_dir,
-            mcfg,
-            grid,
-            batch_size,
-            eval_set,
-            eval_every,
-            eval_max,
-            steps=phase.steps,
-            easy=False,
-        )
+        _phase(phase, phase_dir, start, *common, steps=phase.steps, easy=False)
         init = str(phase_dir / "final")
     ckpt = from_pretrained(init)
     from nextchat_core.predictor import NextChatPredictor

@@ -143,6 +143,31 @@ class Proc:
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.text().splitlines()[-n:])
+
+    def wait_for_url(
+        self,
+        url: str,
+        timeout: float,
+        ready: Callable[[requests.Response], bool] = lambda r: r.ok,
+    ) -> None:
+        """Poll ``url`` until ``ready(reply)``; an error with the log's tail if the
+        process exits or the time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise AssertionError(
+                    f"{url}: process exited ({self.popen.returncode}):\n{self.tail()}"
+                )
+            try:
+                if ready(requests.get(url, timeout=10)):
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"{url} not ready within {timeout} s:\n{self.tail()}")
+
     def wait_for_log(self, needle: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -171,6 +196,30 @@ class Proc:
         self._fh.close()
 
 
+def start_backend(
+    env: dict[str, str],
+    log: Path,
+    *,
+    checkpoint: Path | None = None,
+    extra: list[str] | None = None,
+    timeout: float = 120,
+    ready: Callable[[requests.Response], bool] = lambda r: r.ok,
+) -> tuple[Proc, str]:
+    """``nextchat serve`` (gunicorn) on a free local port, waited for until ``/health``
+    is ``ready``; returns the process and its URL."""
+    port = free_port()
+    argv = [sys.executable, "-m", "nextchat_core.cli", "serve", "--host", "127.0.0.1"]
+    argv += ["--port", str(port), *(["--checkpoint", str(checkpoint)] if checkpoint else [])]
+    proc = Proc(argv + (extra or []), env, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_for_url(url + "/health", timeout, ready)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, url
+
+
 class Loop:
     """A backend + workers sharing one MODEL_DIR and broker, as a user deploys them."""
 
@@ -195,20 +244,9 @@ class Loop:
         self.url: str | None = None
 
     def serve(self) -> str:
-        port = free_port()
-        proc = self._start(["serve", "--host", "127.0.0.1", "--port", str(port)], "serve")
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(self.url + "/health", timeout=10).ok:
-                    return self.url
-            except (requests.ConnectionError, requests.Timeout):
-                pass
-            if proc.popen.poll() is not None:
-                raise AssertionError(f"backend exited:\n{proc.text()[-4000:]}")
-            time.sleep(0.3)
-        raise AssertionError(f"backend did not answer /health:\n{proc.text()[-4000:]}")
+        proc, self.url = start_backend(self.env, self.tmp / f"serve-{len(self.procs)}.log")
+        self.procs.append(proc)
+        return self.url
 
     def worker(self, name: str = "w1") -> Proc:
         proc = self._start(["worker", "--hostname", f"{name}-{uuid.uuid4().hex[:6]}@%h"], name)

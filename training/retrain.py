@@ -19,7 +19,9 @@ worker; a duplicate delivery of it is retried later instead of running twice.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import logging
 import math
 import os
@@ -138,8 +140,9 @@ class RetrainSettings:
                 "RETRAIN_EVERY must be >= 0 and RETRAIN_EPOCHS, RETRAIN_LR, JOB_HEARTBEAT_S > 0"
             )
 
-    @property
+    @functools.cached_property
     def store(self) -> AnnotationStore:
+        """The annotation store under ``model_dir``, opened (schema checked) once."""
         return AnnotationStore(self.model_dir)
 
 
@@ -242,7 +245,7 @@ def _run(
     parent_name, parent_path = served_checkpoint(settings)
     if (published / versions.VERSION_META).is_file():
         # A redelivery after the version was published: finish the promotion step only.
-        meta = _read_json(published / versions.VERSION_META)
+        meta = json.loads((published / versions.VERSION_META).read_text())
         return _gate_and_promote(settings, name, meta, already=True)
 
     synced = None
@@ -450,12 +453,6 @@ def _image_resolver(
         return str(fetch_image_file(ref, task.get("id"), options, cache / str(task.get("id"))))
 
     return resolve
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    return json.loads(path.read_text())
 
 
 class _Heartbeat:
