@@ -153,9 +153,13 @@ def test_killed_worker_job_is_redelivered_and_completes(loop_factory, tmp_path):
     _feed(loop, make_tasks(tmp_path / "images", 6))
     first = loop.worker("w1")
     job_id = loop.post({"action": "START_TRAINING", "project": {"id": PROJECT}})["job"]
-    # Kill it (SIGKILL, main process and pool child) once it is past a resumable checkpoint.
-    loop.wait_job(job_id, lambda j: (j.get("progress") or {}).get("step", 0) >= 45, timeout=300)
+    # Kill it (SIGKILL, main process and pool child) once it has written a resumable
+    # checkpoint (saved atomically: a half-written one is a dot-named .partial folder).
+    work = loop.model_dir / "jobs" / job_id
+    loop.wait_job(job_id, lambda j: any(work.glob("stage*/checkpoints/step-*")), timeout=300)
     first.kill()
+    state = {j["job_id"]: j for j in loop.training()["jobs"]}[job_id]["state"]
+    assert state not in ("succeeded", "failed"), state  # the kill landed mid-training
     assert loop.health()["model_version"] == base_version
     assert versions.list_versions(loop.model_dir) == []  # no partial version visible
     second = loop.worker("w2")

@@ -83,9 +83,11 @@ def cell_targets(
     """Per-cell targets on the vision tower's ``grid x grid`` map over the padded square.
 
     ``color``/``shape``/``size``: class of the object covering most of the cell (at least
-    15 %), ``-1`` elsewhere (color and shape use class ``N`` for background);
+    15 %, or the cell an object covers most), ``-1`` elsewhere (color and shape use class ``N`` for background);
     ``edges``: that object's box ``(cx - x1, cy - y1, x2 - cx, y2 - cy)`` around the cell
-    center, divided by the square side; ``ref``: 1 where the cell overlaps a referred
+    center, divided by the square side; ``box``: that object's box in the padded square
+    frame, divided by its side (what the `<at>` state must output: averaging it over the
+    referred cells, as attention does, gives the answer); ``ref``: 1 where the cell overlaps a referred
     object, 0 elsewhere, -1 when the record has no referring target (captions).
     """
     dense = synth.dense_annotations(scene)
@@ -98,18 +100,27 @@ def cell_targets(
     )
     best = frac.argmax(0) if len(frac) else np.zeros((grid, grid), dtype=int)
     has = (frac.max(0) >= 0.15) if len(frac) else np.zeros((grid, grid), dtype=bool)
+    for i in range(len(frac)):
+        # A small object (6 % of the short side) covers under 15 % of any 32-px cell; its
+        # most-covered cell still describes it, or small referred objects have no features.
+        cell = np.unravel_index(frac[i].argmax(), frac[i].shape)
+        if frac[i][cell] > 0 and not has[cell]:
+            best[cell], has[cell] = i, True
     color = np.where(has, dense.color_ids[best] if len(frac) else 0, N_COLORS)
     shape = np.where(has, dense.shape_ids[best] if len(frac) else 0, N_SHAPES)
     size = np.where(has, dense.size_ids[best] if len(frac) else 0, -1)
     centers = (np.arange(grid) + 0.5) * side / grid
     cx, cy = np.meshgrid(centers - g.pad_x, centers - g.pad_y)  # original pixels
     edges = np.zeros((grid, grid, 4), dtype=np.float32)
+    absolute = np.zeros((grid, grid, 4), dtype=np.float32)
     if len(frac):
         b = dense.boxes[best]  # (grid, grid, 4)
         edges = (
             np.stack([cx - b[..., 0], cy - b[..., 1], b[..., 2] - cx, b[..., 3] - cy], -1) / side
         )
         edges = np.where(has[..., None], edges, 0.0).astype(np.float32)
+        pad = np.array([g.pad_x, g.pad_y, g.pad_x, g.pad_y], dtype=np.float32)
+        absolute = np.where(has[..., None], (b + pad) / side, 0.0).astype(np.float32)
     if referred is None:
         ref = np.full((grid, grid), -1.0, dtype=np.float32)
     else:
@@ -122,6 +133,7 @@ def cell_targets(
         "shape": shape.reshape(-1).astype(np.int64),
         "size": size.reshape(-1).astype(np.int64),
         "edges": edges.reshape(-1, 4),
+        "box": absolute.reshape(-1, 4),
         "has": has.reshape(-1).astype(np.float32),
         "ref": ref.reshape(-1),
     }
@@ -171,7 +183,7 @@ class DemoAux(nn.Module):
     ) -> None:
         super().__init__()
         self.vision = nn.Linear(
-            config.vision.hidden_size, (N_COLORS + 1) + (N_SHAPES + 1) + N_SIZES + 4
+            config.vision.hidden_size, (N_COLORS + 1) + (N_SHAPES + 1) + N_SIZES + 8
         )
         self.ground = nn.Linear(config.llm.hidden_size, 1)
         self.im_patch_id = config.tokens.im_patch_id
@@ -231,7 +243,8 @@ class DemoAux(nn.Module):
                 else pred.sum() * 0
             )
             edges = (
-                F.l1_loss(pred[..., -4:][has], aux["aux_edges"][has])
+                F.l1_loss(pred[..., -8:-4][has], aux["aux_edges"][has])
+                + F.l1_loss(pred[..., -4:][has], aux["aux_box"][has])
                 if has.any()
                 else pred.sum() * 0
             )
@@ -312,9 +325,9 @@ def default_phases(scale: float = 1.0) -> list[Phase]:
         Phase(
             "stage0",
             0,
-            n(3000),
+            n(12000),
             1e-3,
-            easy_steps=n(1000),
+            easy_steps=n(1500),
             masks=False,
             loss={"cycle1": 0.0},
             lr_scale={"language_model": 0.3},
@@ -329,7 +342,7 @@ def default_phases(scale: float = 1.0) -> list[Phase]:
             vision_aux=False,
         ),
         # All of SAM trains here (no pretrained SAM to start from), prompted by <at>.
-        Phase("stage3", 3, n(800), 1e-3, trainable=["seg_prompt_mlp", "sam"], vision_aux=False),
+        Phase("stage3", 3, n(1200), 1e-3, trainable=["seg_prompt_mlp", "sam"], vision_aux=False),
     ]
 
 
