@@ -88,7 +88,8 @@ def cell_targets(
     center, divided by the square side; ``box``: that object's box in the padded square
     frame, divided by its side (what the `<at>` state must output: averaging it over the
     referred cells, as attention does, gives the answer); ``ref``: 1 where the cell overlaps a referred
-    object, 0 elsewhere, -1 when the record has no referring target (captions).
+    object, 0 elsewhere, -1 when the record has no referring target (captions); ``point``:
+    1 where the cell's own object (as for ``box``) is a referred one.
     """
     dense = synth.dense_annotations(scene)
     side = max(scene.width, scene.height)
@@ -123,11 +124,21 @@ def cell_targets(
         absolute = np.where(has[..., None], (b + pad) / side, 0.0).astype(np.float32)
     if referred is None:
         ref = np.full((grid, grid), -1.0, dtype=np.float32)
+        point = np.zeros((grid, grid), dtype=np.float32)
     else:
         union = np.zeros((scene.height, scene.width), dtype=bool)
         for m in referred:
             union |= m
         ref = (_cell_fractions(union, grid) > 0.02).astype(np.float32)
+        # Cells that DESCRIBE a referred object (it is their object): attention on these
+        # alone averages to the referred box; a cell the object merely touches carries
+        # another object's box, or none.
+        described = [
+            i
+            for i in range(len(frac))
+            if (union & (dense.label_map == i)).sum() > 0.5 * (dense.label_map == i).sum()
+        ]
+        point = (has & np.isin(best, described)).astype(np.float32)
     return {
         "color": color.reshape(-1).astype(np.int64),
         "shape": shape.reshape(-1).astype(np.int64),
@@ -136,6 +147,7 @@ def cell_targets(
         "box": absolute.reshape(-1, 4),
         "has": has.reshape(-1).astype(np.float32),
         "ref": ref.reshape(-1),
+        "point": point.reshape(-1),
     }
 
 
@@ -293,7 +305,7 @@ class DemoAux(nn.Module):
             picked = [
                 ks[0]
                 for b, ks in answer_ats.items()
-                if len(ks) == 1 and aux["aux_ref"][b].max() > 0
+                if len(ks) == 1 and aux["aux_point"][b].max() > 0
             ]
             if picked:
                 rows = torch.tensor([at_rows[k] for k in picked], device=ids.device)
@@ -310,11 +322,11 @@ class DemoAux(nn.Module):
                 losses["aux_norm"] = 0.01 * (h.pow(2).mean(-1)).mean()
         if self.ground_weight and attention is not None:
             # Pointing: the last layer's first head, at each <at>, puts its attention on
-            # the referred cells (-log of that mass). It teaches the routing the box needs
-            # - <at> reading the referred cells' position and edges - directly.
+            # the cells that describe the referred objects (-log of that mass). It teaches
+            # the routing the box needs - <at> reading those cells' boxes - directly.
             ids = inputs["input_ids"]
             patches = ids == self.im_patch_id
-            target = aux["aux_ref"]
+            target = aux["aux_point"]
             terms = []
             for b in range(ids.shape[0]):
                 if target[b].max() <= 0:
@@ -371,7 +383,7 @@ def default_phases(scale: float = 1.0) -> list[Phase]:
         Phase(
             "stage0",
             0,
-            n(10000),
+            n(9000),
             1e-3,
             easy_steps=n(1500),
             masks=False,
