@@ -188,7 +188,8 @@ class SynthStream(SampleSet):
 
 
 class DemoAux(nn.Module):
-    """The two auxiliary heads (vision cells, grounding cells) and their losses."""
+    """The auxiliary heads of the demo recipe and their losses (stand-ins for what the
+    released model's pretrained encoders bring; dropped from the shipped checkpoint)."""
 
     def __init__(
         self, config: NextChatConfig, *, vision_weight: float = 1.0, ground_weight: float = 1.0
@@ -206,141 +207,74 @@ class DemoAux(nn.Module):
         self.cell_box = nn.Linear(config.llm.hidden_size, 4)
         self.head_dim = config.llm.hidden_size // config.llm.num_heads
         self.read_box = nn.Linear(self.head_dim, 4)
-        self.im_patch_id = config.tokens.im_patch_id
+        self.im_patch_id, self.at_id = config.tokens.im_patch_id, config.tokens.at_id
         self.vision_weight, self.ground_weight = vision_weight, ground_weight
         # Grounding is supervised on the output of a MIDDLE LLM layer: the layers above can
         # then attend from <at> to the cells flagged as referred. (On the last layer's
         # output, as first tried, no layer above could use it: the box stayed the average.)
         self.ground_layer = max(0, config.llm.num_layers // 2 - 1)
-        self.at_id = config.tokens.at_id
-        self._captured: torch.Tensor | None = None
-        self._attention: torch.Tensor | None = None
-        self._last: torch.Tensor | None = None
-        self._pre_last: torch.Tensor | None = None
-        self._heads: torch.Tensor | None = None
+        self._seen: dict[str, torch.Tensor] = {}  # what the hooks captured this forward
 
     def attach(self, model: nn.Module) -> None:
-        """Capture the hidden states of LLM layer ``ground_layer`` and the attention
-        weights of the last layer on every forward. Training runs the LLM's attention in
-        eager mode to have the weights (the same numbers as SDPA; inference keeps SDPA)."""
+        """Capture, on every forward, the outputs of LLM layers ``ground_layer`` (``mid``),
+        ``-2`` (``pre_last``) and ``-1`` (``last``), the last layer's attention weights
+        (``attention``) and its per-head outputs before ``o_proj`` (``heads``). Training runs
+        the LLM's attention in eager mode to have the weights (the same numbers as SDPA;
+        inference keeps SDPA)."""
         lm = model.language_model
         lm.config._attn_implementation = "eager"
+        layers: Any = lm.model.layers
 
-        def keep(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            self._captured = output[0] if isinstance(output, tuple) else output
+        def keep(name: str, index: int) -> Any:
+            def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+                self._seen[name] = output[index] if isinstance(output, tuple) else output
 
-        def keep_attention(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            self._attention = output[1]
-
-        def keep_last(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            self._last = output[0] if isinstance(output, tuple) else output
-
-        def keep_pre_last(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            self._pre_last = output[0] if isinstance(output, tuple) else output
+            return hook
 
         def keep_heads(_module: nn.Module, inputs: Any) -> None:
-            self._heads = inputs[0]  # B x T x (heads * head_dim), before o_proj
+            self._seen["heads"] = inputs[0]  # B x T x (heads * head_dim)
 
-        lm.model.layers[self.ground_layer].register_forward_hook(keep)
-        lm.model.layers[-2].register_forward_hook(keep_pre_last)
-        lm.model.layers[-1].self_attn.o_proj.register_forward_pre_hook(keep_heads)
-        lm.model.layers[-1].self_attn.register_forward_hook(keep_attention)
-        lm.model.layers[-1].register_forward_hook(keep_last)
+        layers[self.ground_layer].register_forward_hook(keep("mid", 0))
+        layers[-2].register_forward_hook(keep("pre_last", 0))
+        layers[-1].self_attn.o_proj.register_forward_pre_hook(keep_heads)
+        layers[-1].self_attn.register_forward_hook(keep("attention", 1))
+        layers[-1].register_forward_hook(keep("last", 0))
 
     def forward(
         self, out: NextChatOutput, inputs: dict[str, torch.Tensor], aux: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
+        seen, self._seen = self._seen, {}
+        ids = inputs["input_ids"]
+        patches = ids == self.im_patch_id
         losses: dict[str, torch.Tensor] = {}
         if (
             self.vision_weight
             and out.vision_features is not None
             and out.vision_features.requires_grad
         ):
-            pred = self.vision(out.vision_features.float())  # B x N x K
-            c, s = N_COLORS + 1, N_SHAPES + 1
-            has = aux["aux_has"] > 0
-            color_ce = F.cross_entropy(pred[..., :c].reshape(-1, c), aux["aux_color"].reshape(-1))
-            shape_ce = F.cross_entropy(
-                pred[..., c : c + s].reshape(-1, s), aux["aux_shape"].reshape(-1)
-            )
-            size_ce = (
-                F.cross_entropy(
-                    pred[..., c + s : c + s + N_SIZES].reshape(-1, N_SIZES),
-                    aux["aux_size"].reshape(-1),
-                    ignore_index=-1,
-                )
-                if has.any()
-                else pred.sum() * 0
-            )
-            edges = (
-                F.l1_loss(pred[..., -8:-4][has], aux["aux_edges"][has])
-                + F.l1_loss(pred[..., -4:][has], aux["aux_box"][has])
-                if has.any()
-                else pred.sum() * 0
-            )
-            losses["aux_vision"] = self.vision_weight * (
-                color_ce + shape_ce + size_ce + 5.0 * edges
-            )
-        hidden = self._captured if self._captured is not None else out.hidden_states
-        attention, self._captured, self._attention = self._attention, None, None
-        last, self._last = self._last, None
-        pre_last, heads, self._pre_last, self._heads = self._pre_last, self._heads, None, None
-        if self.ground_weight and pre_last is not None and "aux_box" in aux:
-            patches = inputs["input_ids"] == self.im_patch_id
-            h = pre_last[patches].reshape(patches.shape[0], -1, pre_last.shape[-1])
+            losses["aux_vision"] = self.vision_weight * self._vision_loss(out.vision_features, aux)
+        if self.ground_weight and "pre_last" in seen:
+            h = seen["pre_last"][patches].reshape(patches.shape[0], -1, self.cell_box.in_features)
             has = aux["aux_has"] > 0
             if has.any():
                 cells = self.cell_box(h.float())
                 losses["aux_cell_box"] = 5.0 * F.l1_loss(cells[has], aux["aux_box"][has])
-        if self.ground_weight and heads is not None and inputs.get("boxes") is not None:
-            # One box per <at>, row-major (as the model's boxes); only single-object answers
-            # (the pointing head reads the union of a multi-object answer's cells).
-            ids = inputs["input_ids"]
-            at_rows = (ids == self.at_id).nonzero().tolist()
-            last_patch = [int(r.nonzero()[-1, 0]) for r in ids == self.im_patch_id]
-            answer_ats: dict[int, list[int]] = {}
-            for k, (b, p) in enumerate(at_rows):
-                if p > last_patch[b]:
-                    answer_ats.setdefault(b, []).append(k)
-            picked = [
-                ks[0]
-                for b, ks in answer_ats.items()
-                if len(ks) == 1 and aux["aux_point"][b].max() > 0
-            ]
-            if picked:
-                rows = torch.tensor([at_rows[k] for k in picked], device=ids.device)
-                read = self.read_box(heads[rows[:, 0], rows[:, 1], : self.head_dim].float())
-                target = inputs["boxes"][torch.tensor(picked, device=ids.device)].float()
-                losses["aux_read"] = 5.0 * F.l1_loss(read, target)
-        if last is not None:
+        if self.ground_weight and "heads" in seen and inputs.get("boxes") is not None:
+            read = self._read_loss(seen["heads"], ids, patches, inputs["boxes"], aux["aux_point"])
+            if read is not None:
+                losses["aux_read"] = read
+        at = ids == self.at_id
+        if "last" in seen and at.any():
             # Keep the <at> state's residual norm near sqrt(hidden): it grew to ~3,200 (x200)
             # in the first run, and the final RMSNorm then squashed what attention brought
             # to it (the box stayed the average one).
-            at = inputs["input_ids"] == self.at_id
-            if at.any():
-                h = last[at].float()
-                losses["aux_norm"] = 0.01 * (h.pow(2).mean(-1)).mean()
-        if self.ground_weight and attention is not None:
-            # Pointing: the last layer's first head, at each <at>, puts its attention on
-            # the cells that describe the referred objects (-log of that mass). It teaches
-            # the routing the box needs - <at> reading those cells' boxes - directly.
-            ids = inputs["input_ids"]
-            patches = ids == self.im_patch_id
-            target = aux["aux_point"]
-            terms = []
-            for b in range(ids.shape[0]):
-                if target[b].max() <= 0:
-                    continue
-                cols = patches[b].nonzero()[:, 0]
-                for p in (ids[b] == self.at_id).nonzero()[:, 0]:
-                    if p <= cols[-1]:
-                        continue  # an <at> in the question (region captions)
-                    mass = (attention[b, 0, p, cols].float() * target[b]).sum()
-                    terms.append(-torch.log(mass + 1e-6))
-            if terms:
-                losses["aux_point"] = 0.5 * self.ground_weight * torch.stack(terms).mean()
+            losses["aux_norm"] = 0.01 * seen["last"][at].float().pow(2).mean(-1).mean()
+        if self.ground_weight and "attention" in seen:
+            point = self._point_loss(seen["attention"], ids, patches, aux["aux_point"])
+            if point is not None:
+                losses["aux_point"] = 0.5 * self.ground_weight * point
+        hidden = seen.get("mid", out.hidden_states)
         if self.ground_weight and hidden is not None:
-            patches = inputs["input_ids"] == self.im_patch_id
             h = hidden[patches].reshape(patches.shape[0], -1, hidden.shape[-1])
             logit = self.ground(h.float())[..., 0]  # B x N
             target = aux["aux_ref"]
@@ -350,6 +284,75 @@ class DemoAux(nn.Module):
                     logit[keep], target[keep]
                 )
         return losses
+
+    def _vision_loss(self, features: torch.Tensor, aux: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per cell: color, shape (class ``N`` = background) and size of its object, and
+        that object's box edges around the cell center and its box in the square frame."""
+        pred = self.vision(features.float())  # B x N x K
+        c, s = N_COLORS + 1, N_SHAPES + 1
+        has = aux["aux_has"] > 0
+        color_ce = F.cross_entropy(pred[..., :c].reshape(-1, c), aux["aux_color"].reshape(-1))
+        shape_ce = F.cross_entropy(
+            pred[..., c : c + s].reshape(-1, s), aux["aux_shape"].reshape(-1)
+        )
+        if not has.any():
+            return color_ce + shape_ce + pred.sum() * 0
+        size_ce = F.cross_entropy(
+            pred[..., c + s : c + s + N_SIZES].reshape(-1, N_SIZES),
+            aux["aux_size"].reshape(-1),
+            ignore_index=-1,
+        )
+        edges = F.l1_loss(pred[..., -8:-4][has], aux["aux_edges"][has]) + F.l1_loss(
+            pred[..., -4:][has], aux["aux_box"][has]
+        )
+        return color_ce + shape_ce + size_ce + 5.0 * edges
+
+    def _read_loss(
+        self,
+        heads: torch.Tensor,
+        ids: torch.Tensor,
+        patches: torch.Tensor,
+        boxes: torch.Tensor,
+        point: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """The box from the pointing head's output at a single-object answer's ``<at>``
+        (for several objects the head reads the union of their cells)."""
+        ats = self._at_positions(ids, patches)
+        rows = [b for _, b, _ in ats]
+        picked = [(k, b, p) for k, b, p in ats if rows.count(b) == 1 and point[b].max() > 0]
+        if not picked:
+            return None
+        k, b, p = (torch.tensor(x, device=ids.device) for x in zip(*picked, strict=True))
+        read = self.read_box(heads[b, p, : self.head_dim].float())
+        return 5.0 * F.l1_loss(read, boxes[k].float())
+
+    def _point_loss(
+        self,
+        attention: torch.Tensor,
+        ids: torch.Tensor,
+        patches: torch.Tensor,
+        point: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """Pointing: the last layer's first head, at each answer ``<at>``, puts its
+        attention on the cells that describe the referred objects (-log of that mass). It
+        teaches the routing the box needs - ``<at>`` reading those cells' boxes - directly."""
+        terms = []
+        for _, b, p in self._at_positions(ids, patches):
+            if point[b].max() > 0:
+                mass = (attention[b, 0, p, patches[b]].float() * point[b]).sum()
+                terms.append(-torch.log(mass + 1e-6))
+        return torch.stack(terms).mean() if terms else None
+
+    def _at_positions(self, ids: torch.Tensor, patches: torch.Tensor) -> list[tuple[int, int, int]]:
+        """``(k, row, position)`` of every ``<at>`` after the image (the answer's; a region
+        caption's ``<at>`` is in the question), ``k`` its index among all ``<at>`` in
+        row-major order (the order of the model's boxes)."""
+        last_patch = [int(r.nonzero()[-1, 0]) for r in patches]
+        return [
+            (k, b, p)
+            for k, (b, p) in enumerate((ids == self.at_id).nonzero().tolist())
+            if p > last_patch[b]
+        ]
 
 
 # ------------------------------------------------------------------------ recipe
