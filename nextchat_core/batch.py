@@ -106,6 +106,7 @@ def collate(
         for key in samples[0].extras or {}:
             batch[f"aux_{key}"] = torch.from_numpy(np.stack([s.extras[key] for s in samples]))  # type: ignore[index]
     if mask_targets:
+        assert sam_pixel_values is not None  # tensors(sam=True) when there are mask targets
         batch["sam_pixel_values"] = sam_pixel_values
         batch["mask_targets"] = torch.from_numpy(np.stack(mask_targets))
         batch["mask_box_index"] = torch.tensor(mask_index)

@@ -36,13 +36,13 @@ def draw_overlay(
     draw = ImageDraw.Draw(out)
     width = max(2, round(max(out.size) / 250))
     for i, answer in enumerate(answers):
-        color = _COLORS[i % len(_COLORS)]
+        outline = _COLORS[i % len(_COLORS)]
         for det in answer.detections:
             x1, y1, x2, y2 = (float(v) for v in det.box)
-            draw.rectangle([x1, y1, x2, y2], outline=color, width=width)
+            draw.rectangle([x1, y1, x2, y2], outline=outline, width=width)
             label = f"{answer.prompt} {det.score:.2f}"
             tx, ty = x1 + 2, max(0.0, y1 - 12)
             bbox = draw.textbbox((tx, ty), label)
             draw.rectangle(bbox, fill=(0, 0, 0))
-            draw.text((tx, ty), label, fill=color)
+            draw.text((tx, ty), label, fill=outline)
     return out

@@ -225,8 +225,9 @@ class NextChatPredictor:
     def _encode_sam(self, encoded: list[_Encoded]) -> None:
         """SAM image embeddings for ``encoded`` (chunked; asynchronous on CUDA)."""
         side = self._side_stream
-        main = torch.cuda.current_stream(self.device) if side is not None else None
+        main = None
         if side is not None:
+            main = torch.cuda.current_stream(self.device)
             side.wait_stream(main)
         with (
             self._context(),
@@ -237,6 +238,7 @@ class NextChatPredictor:
                 _, sam_pixels = self.processor.tensors(
                     [e.processed for e in chunk], device=self.device, dtype=self._input_dtype
                 )
+                assert sam_pixels is not None  # tensors(sam=True) always returns them
                 emb = self.model.encode_sam_images(sam_pixels)
                 if main is not None:
                     emb.record_stream(main)  # used on the main stream after the event
@@ -356,7 +358,7 @@ class NextChatPredictor:
         tk = self.config.tokens
         p = enc.processed
         ids = [t for t in sequence if t not in (tk.eos_id, tk.pad_id)]
-        text = self.tokenizer.decode(ids, skip_special_tokens=False).strip()
+        text = str(self.tokenizer.decode(ids, skip_special_tokens=False)).strip()
         text = text.replace(tk.at + tk.boxes, f"{tk.at} {tk.boxes}")
         square = frames.sort_corners(boxes.float().cpu().numpy())
         px = frames.square_to_pixel(square, p.width, p.height, clip=True)
@@ -364,7 +366,9 @@ class NextChatPredictor:
         if with_masks and len(dets):
             if enc.sam_embedding is None:
                 self._encode_sam([enc])
-            m = self.model.predict_masks(enc.sam(), hidden, boxes, width=p.width, height=p.height)
+            embedding = enc.sam()
+            assert embedding is not None  # encoded just above when missing
+            m = self.model.predict_masks(embedding, hidden, boxes, width=p.width, height=p.height)
             geometry = SamGeometry(p.width, p.height, self.config.sam.image_size)
             full = frames.sam_mask_to_original(m.logits, geometry) > 0
             for j, det in enumerate(dets):

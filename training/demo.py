@@ -112,8 +112,8 @@ def cell_targets(
     size = np.where(has, dense.size_ids[best] if len(frac) else 0, -1)
     centers = (np.arange(grid) + 0.5) * side / grid
     cx, cy = np.meshgrid(centers - g.pad_x, centers - g.pad_y)  # original pixels
-    edges = np.zeros((grid, grid, 4), dtype=np.float32)
-    absolute = np.zeros((grid, grid, 4), dtype=np.float32)
+    edges: np.ndarray = np.zeros((grid, grid, 4), dtype=np.float32)
+    absolute: np.ndarray = np.zeros((grid, grid, 4), dtype=np.float32)
     if len(frac):
         b = dense.boxes[best]  # (grid, grid, 4)
         edges = (
@@ -123,8 +123,8 @@ def cell_targets(
         pad = np.array([g.pad_x, g.pad_y, g.pad_x, g.pad_y], dtype=np.float32)
         absolute = np.where(has[..., None], (b + pad) / side, 0.0).astype(np.float32)
     if referred is None:
-        ref = np.full((grid, grid), -1.0, dtype=np.float32)
-        point = np.zeros((grid, grid), dtype=np.float32)
+        ref: np.ndarray = np.full((grid, grid), -1.0, dtype=np.float32)
+        point: np.ndarray = np.zeros((grid, grid), dtype=np.float32)
     else:
         union = np.zeros((scene.height, scene.width), dtype=bool)
         for m in referred:
@@ -221,9 +221,9 @@ class DemoAux(nn.Module):
         (``attention``) and its per-head outputs before ``o_proj`` (``heads``). Training runs
         the LLM's attention in eager mode to have the weights (the same numbers as SDPA;
         inference keeps SDPA)."""
-        lm = model.language_model
+        lm: Any = model.language_model
         lm.config._attn_implementation = "eager"
-        layers: Any = lm.model.layers
+        layers = lm.model.layers
 
         def keep(name: str, index: int) -> Any:
             def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
@@ -532,7 +532,7 @@ def domain_tokenizer(out: Path, mcfg: NextChatConfig) -> str:
     path = out / "tokenizer"
     if not (path / "tokenizer.json").exists():
         cfg = synth.SynthConfig()
-        texts = []
+        texts: list[str] = []
         for scene, records in synth.generate(TRAIN_SEED + 99, 1500, cfg):
             for s in synth.to_samples(scene, records, mcfg):
                 texts.extend(

@@ -32,7 +32,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings = LoraSettings()) -> nn.
         lora_dropout=settings.dropout,
         target_modules=list(settings.targets),
     )
-    inject_adapter_in_model(config, model.language_model)
+    inject_adapter_in_model(config, model.get_submodule("language_model"))
     return model
 
 

@@ -385,7 +385,7 @@ def train(
                 and config.eval_every
                 and state["step"] % config.eval_every == 0
             )
-            if evaluate_now and state["step"] < config.steps:
+            if evaluate_now and eval_set is not None and state["step"] < config.steps:
                 last_metrics = _evaluate(raw_model, tokenizer, eval_set, config, log_file, state)
                 raw_model.train()
                 last_tick = time.perf_counter()  # evaluation time is not training time

@@ -16,7 +16,7 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 from torch import nn
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers import Cache, DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 from .. import frames, losses
 from ..config import LossConfig, NextChatConfig
@@ -72,7 +72,7 @@ class NextChatModel(nn.Module):
             num_key_value_heads=llm.num_kv_heads,
             max_position_embeddings=llm.max_position_embeddings,
             rms_norm_eps=llm.rms_norm_eps,
-            rope_theta=llm.rope_theta,
+            rope_parameters={"rope_type": "default", "rope_theta": llm.rope_theta},
             initializer_range=llm.initializer_range,
             tie_word_embeddings=llm.tie_word_embeddings,
             bos_token_id=config.tokens.bos_id,
@@ -406,6 +406,7 @@ class NextChatModel(nn.Module):
         mask = attention_mask.clone()
         position = (mask.long().cumsum(-1) - 1).clamp(min=0)
         static_cache = static_cache or compile_decoder
+        cache: Cache
         if static_cache:
             length = input_ids.shape[1]
             # Rounded up so that prompts of similar length share one compiled graph.
@@ -498,7 +499,7 @@ class NextChatModel(nn.Module):
         )
 
     def _decode_step(
-        self, embeds: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: StaticCache
+        self, embeds: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: Cache
     ) -> torch.Tensor:
         """One cached decode step with fixed shapes: ``Bx1xH`` in, ``BxH`` out."""
         out = self.language_model.model(

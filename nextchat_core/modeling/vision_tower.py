@@ -31,8 +31,8 @@ class VisionTower(nn.Module):
             )
             self.model = CLIPVisionModel(hf)
         else:
-            hf = AutoConfig.for_model(config.hf_model_type, **config.extra)
-            self.model = AutoModel.from_config(hf)
+            auto_config = AutoConfig.for_model(config.hf_model_type, **config.extra)
+            self.model = AutoModel.from_config(auto_config)
         self.pos_embed: nn.Parameter | None = None
         if config.position_embedding:
             if config.backbone == "clip":
