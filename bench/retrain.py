@@ -53,6 +53,8 @@ def bench_one(n: int, base: Path, root: Path, args: argparse.Namespace) -> dict:
     }
     if args.steps:
         overrides["max_steps"] = args.steps
+    if args.lr:
+        overrides["lr"] = args.lr
     if os.environ.get("TORCH_THREADS"):
         overrides["torch_threads"] = int(os.environ["TORCH_THREADS"])
     settings = RetrainSettings.from_env({}, **overrides)
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--epochs", type=float, default=4.0)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=None, help="RETRAIN_LR (default: the setting's)")
     ap.add_argument("--steps", type=int, default=0, help="cap steps per stage (0: by epochs)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
