@@ -115,5 +115,13 @@ def test_the_recipe_runs_end_to_end_at_small_scale(tmp_path):
     # every auxiliary objective of stage 0 ran (hooks attached, pointing, norm, cells)
     for key in ("aux_vision", "aux_ground", "aux_point", "aux_norm", "aux_cell_box", "aux_read"):
         assert any(key in r for r in train_rows), key
+    # stage 2 keeps stage 0's grounding only without the aux objectives and cycle1 (measured)
+    stage2 = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "stage2" / "metrics.jsonl").read_text().splitlines()
+    ]
+    stage2_train = [r for r in stage2 if not r.get("eval")]
+    assert stage2_train and all("l1_loss" in r for r in stage2_train)
+    assert not any(k.startswith("aux_") or k == "cycle1_loss" for r in stage2_train for k in r)
     config = json.loads((tmp_path / "shipped" / "config.json").read_text())
     assert config["location"]["activation"] == "gelu" and config["vision"]["position_embedding"]

@@ -380,11 +380,7 @@ def train(
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 last_metrics = record
-            evaluate_now = (
-                eval_set is not None
-                and config.eval_every
-                and state["step"] % config.eval_every == 0
-            )
+            evaluate_now = config.eval_every and state["step"] % config.eval_every == 0
             if evaluate_now and eval_set is not None and state["step"] < config.steps:
                 last_metrics = _evaluate(raw_model, tokenizer, eval_set, config, log_file, state)
                 raw_model.train()
