@@ -41,7 +41,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nextchat_core.batch import Sample
@@ -59,7 +58,6 @@ log = logging.getLogger(__name__)
 
 N_COLORS, N_SHAPES, N_SIZES = len(synth.COLORS), len(synth.SHAPES), len(synth.SIZES)
 TRAIN_SEED, EVAL_SEED = 1, 20261126
-AUX_FILE = "demo_aux.safetensors"  # the auxiliary heads, next to a phase's final model
 
 
 # ------------------------------------------------------------------ cell targets
@@ -284,21 +282,10 @@ class DemoAux(nn.Module):
         pred = self.vision(features.float())  # B x N x K
         c, s = N_COLORS + 1, N_SHAPES + 1
         has = aux["aux_has"] > 0
-        # Class-balanced: object cells weigh as much in total as background cells (~90 % of
-        # cells). Unweighted, the CE is mostly "background" and the object classes are learned
-        # late (measured, tower only, 270 steps on easy scenes: color 0.52-0.76 with the
-        # balance vs 0.06-0.43 without; shape 0.05-0.30 vs 0.00-0.22).
-        obj = has.reshape(-1).float()
-        weight = obj / obj.sum().clamp(min=1) + (1 - obj) / (1 - obj).sum().clamp(min=1)
-        weight = weight / weight.sum()
-
-        def balanced_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            n = logits.shape[-1]
-            ce = F.cross_entropy(logits.reshape(-1, n), target.reshape(-1), reduction="none")
-            return (ce * weight).sum()
-
-        color_ce = balanced_ce(pred[..., :c], aux["aux_color"])
-        shape_ce = balanced_ce(pred[..., c : c + s], aux["aux_shape"])
+        color_ce = F.cross_entropy(pred[..., :c].reshape(-1, c), aux["aux_color"].reshape(-1))
+        shape_ce = F.cross_entropy(
+            pred[..., c : c + s].reshape(-1, s), aux["aux_shape"].reshape(-1)
+        )
         if not has.any():
             return color_ce + shape_ce + pred.sum() * 0
         size_ce = F.cross_entropy(
@@ -390,7 +377,7 @@ def default_phases(scale: float = 1.0) -> list[Phase]:
         Phase(
             "stage0",
             0,
-            n(10000),
+            n(9000),
             1e-3,
             easy_steps=n(1500),
             masks=False,
@@ -474,7 +461,7 @@ def run(
     if ship is not None:
         if ship.exists():
             shutil.rmtree(ship)
-        shutil.copytree(init, ship, ignore=shutil.ignore_patterns("train_metrics.json", AUX_FILE))
+        shutil.copytree(init, ship, ignore=shutil.ignore_patterns("train_metrics.json"))
         (ship / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -527,20 +514,7 @@ def _phase(
         tokenizer=tokenizer_dir if init == "demo" else None,
     )
     log.info("phase %s%s: %d steps from %s", phase.name, " (easy)" if easy else "", steps, init)
-    heads = DemoAux(mcfg) if phase.aux else None
-    carried = Path(init) / AUX_FILE
-    if heads is not None and carried.exists():
-        # The heads the easy part trained go on into the main part (a resumed run reloads
-        # its checkpoint's heads instead). In the first shipped run they restarted untrained
-        # at the handoff, where held-out Acc@0.5 fell from 0.12 to 0.01 and took 4,500 steps
-        # to pass 0.12 again (the restarted schedule is the other suspect).
-        heads.load_state_dict(load_file(str(carried)))
-    result = train(config, samples=stream, eval_samples=eval_set, aux=heads)
-    if heads is not None:
-        save_file(
-            {k: v.contiguous() for k, v in heads.state_dict().items()},
-            str(result.final_dir / AUX_FILE),
-        )
+    train(config, samples=stream, eval_samples=eval_set, aux=DemoAux(mcfg) if phase.aux else None)
 
 
 def domain_tokenizer(out: Path, mcfg: NextChatConfig) -> str:
