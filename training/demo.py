@@ -400,7 +400,7 @@ def default_phases(scale: float = 1.0) -> list[Phase]:
             loss={"cycle1": 0.0},
         ),
         # All of SAM trains here (no pretrained SAM to start from), prompted by <at>.
-        Phase("stage3", 3, n(1200), 1e-3, trainable=["seg_prompt_mlp", "sam"], aux=False),
+        Phase("stage3", 3, n(3000), 1e-3, trainable=["seg_prompt_mlp", "sam"], aux=False),
     ]
 
 
