@@ -399,7 +399,9 @@ def default_phases(scale: float = 1.0) -> list[Phase]:
             aux=False,
             loss={"cycle1": 0.0},
         ),
-        # All of SAM trains here (no pretrained SAM to start from), prompted by <at>.
+        # All of SAM trains here (no pretrained SAM to start from), prompted by <at>. Held-out
+        # mask mIoU (first 100 records) by step: 1,000 0.22, 2,000 0.46, 3,000 0.48; the
+        # first shipped run stopped at 1,200 with 0.20.
         Phase("stage3", 3, n(3000), 1e-3, trainable=["seg_prompt_mlp", "sam"], aux=False),
     ]
 
