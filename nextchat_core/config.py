@@ -47,6 +47,19 @@ class VisionConfig:
     # only, so without this the `<at>` state cannot read WHERE a referred cell is (ViTs such
     # as CLIP already add position embeddings; the released model has none here).
     position_embedding: bool = False
+    # Conv backbones: fuse the map of the stage BEFORE ``select_layer`` (twice the
+    # resolution) with the upsampled ``select_layer`` map (3x3 conv + BatchNorm + ReLU, then
+    # 1x1 conv to ``hidden_size``): a stride-16 token grid whose cells still see stride-32
+    # context. ``patch_size`` is then half the backbone's total stride. The demo uses it
+    # because its small objects are 5-22 px at 256 px (docs/perception-trial.md).
+    fuse_previous_stage: bool = False
+    # Conv backbones: merge each ``token_merge x token_merge`` block of the feature map into
+    # one token (space-to-depth: channels concatenated, row-major within the block), so the
+    # LLM sees ``1/token_merge^2`` as many tokens, each ``hidden_size`` wide; the map itself
+    # then has ``hidden_size / token_merge^2`` channels and ``patch_size`` is the stride of
+    # the merged tokens. (As Qwen2-VL's 2x2 merge: the LLM's cost is linear in the tokens,
+    # and on the demo's CPU 256 tokens made an LLM step ~3x slower than 64.)
+    token_merge: int = 1
     extra: dict[str, Any] = field(default_factory=dict)  # forwarded to the HF config
 
     def validate(self) -> None:
@@ -58,6 +71,17 @@ class VisionConfig:
             raise ValueError(
                 f"vision.image_size ({self.image_size}) must be a multiple of "
                 f"vision.patch_size ({self.patch_size})"
+            )
+        if (self.fuse_previous_stage or self.token_merge != 1) and self.backbone == "clip":
+            raise ValueError(
+                "vision.fuse_previous_stage and vision.token_merge are for conv backbones, "
+                f"not CLIP (got fuse_previous_stage={self.fuse_previous_stage}, "
+                f"token_merge={self.token_merge})"
+            )
+        if self.token_merge < 1 or self.hidden_size % (self.token_merge**2):
+            raise ValueError(
+                f"vision.token_merge must be >= 1 and its square must divide hidden_size "
+                f"({self.hidden_size}), got {self.token_merge}"
             )
         if not -self.num_layers <= self.select_layer <= self.num_layers:
             raise ValueError(
@@ -407,29 +431,37 @@ def _tiny() -> NextChatConfig:
 
 def _demo() -> NextChatConfig:
     # The shipped demo model (trained by `make demo-model` on the synthetic shapes domain,
-    # see training/demo.py). It has no pretrained CLIP to start from, so its vision tower
-    # is a small ConvNeXt (transformers) whose stride-32 map gives 8x8 = 64 image tokens at
-    # 256 px: convolutions see whole shapes, which a 4-layer ViT from scratch did not.
-    convnext = {
+    # see training/demo.py and docs/demo-recipe.md). It has no pretrained CLIP, so its
+    # vision tower is a small BatchNorm ResNet (transformers, basic blocks) pre-trained ALONE
+    # on the domain with dense object-level targets and then FROZEN, as CLIP is. Its stage-3
+    # (stride 16) and stage-4 (stride 32) maps are fused into a 16x16 map at 256 px:
+    # the domain's small objects are 5-22 px in this frame (docs/perception-trial.md
+    # measured ConvNeXt never learning shape here, and stride 32 losing small objects).
+    # Each 2x2 block of cells is one LLM token (64 tokens): measured here, an LLM step at
+    # 256 image tokens took ~3x as long as at 64, which the CPU budget cannot pay.
+    resnet = {
         "num_channels": 3,
+        "embedding_size": 32,
         "hidden_sizes": [32, 64, 128, 256],
         "depths": [2, 2, 2, 2],
-        "image_size": 256,
+        "layer_type": "basic",
     }
     return NextChatConfig(
         preset="demo",
         vision=VisionConfig(
             backbone="hf",
-            hf_model_type="convnext",
+            hf_model_type="resnet",
             image_size=256,
-            patch_size=32,
-            hidden_size=256,
+            patch_size=32,  # 8x8 merged tokens of the 16x16 stride-16 map
+            hidden_size=1024,  # 2x2 cells x 256 channels per token
             num_layers=4,
             select_layer=-1,
             drop_cls=False,
-            frozen=False,
+            frozen=True,
             position_embedding=True,
-            extra=convnext,
+            fuse_previous_stage=True,
+            token_merge=2,
+            extra=resnet,
         ),
         llm=LLMConfig(
             hidden_size=256,

@@ -1,6 +1,18 @@
-"""Evaluating a model on a referring-expression split: run the predictor, score with
-:func:`nextchat_core.coco.evaluate.evaluate_refexp` (the one implementation of REC
-Acc@0.5, mean IoU, mask mIoU / cIoU and multi-instance recall)."""
+"""Evaluating a model on a split of records: run the predictor, score each task.
+
+* ``rec`` records with boxes: :func:`nextchat_core.coco.evaluate.evaluate_refexp` (the one
+  implementation of REC Acc@0.5, mean IoU, mask mIoU / cIoU and multi-instance recall);
+* ``rec`` records WITHOUT boxes (an expression naming something that is not there, e.g.
+  the synthetic domain's ``absent`` task): ``absent_no_box_rate``, the share answered
+  without any box;
+* ``caption`` records (one input box): ``caption_acc``, exact match of the answer text
+  (case, surrounding space and a final period ignored);
+* ``chat`` records whose answer starts with "Yes" or "No": ``yes_no_acc``, whether the
+  model's answer starts with the same word.
+
+A split without records of a kind reports ``None`` and a count of 0 for it, so the
+numbers of a ``rec``-only split are exactly those it always had.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +25,7 @@ from nextchat_core.coco.evaluate import RefExpRecord, evaluate_refexp
 from nextchat_core.image_processing import load_image
 from nextchat_core.predictor import NextChatPredictor, Query
 
-from .data import SampleSet, _decode_mask, _size
+from .data import Record, SampleSet, _decode_mask, _size
 
 
 def evaluate_predictor(
@@ -24,15 +36,83 @@ def evaluate_predictor(
     batch_size: int = 16,
     with_masks: bool = True,
 ) -> dict[str, Any]:
-    """Predict every ``rec`` record of ``samples`` (up to ``max_records``) and score it.
-
-    Multi-box records compare the union of ground-truth masks with the union of
-    predicted masks. Returns the :func:`evaluate_refexp` report plus ``seconds``.
-    """
-    recs = [r for r in samples.records if r.task == "rec"][: max_records or None]
-    if not recs:
-        raise ValueError("the evaluation split has no referring-expression ('rec') records")
+    """Predict the records of ``samples`` (the first ``max_records`` of each kind) and
+    score them (see the module docstring). Multi-box records compare the union of
+    ground-truth masks with the union of predicted masks. Returns the
+    :func:`evaluate_refexp` report of the boxed ``rec`` records plus the task scores
+    (``n_absent``/``absent_no_box_rate``, ``n_captions``/``caption_acc``,
+    ``n_yes_no``/``yes_no_acc``) and ``seconds``."""
+    limit = max_records or None
+    recs = [r for r in samples.records if r.task == "rec" and r.boxes][:limit]
+    absent = [r for r in samples.records if r.task == "rec" and not r.boxes][:limit]
+    captions = [r for r in samples.records if r.task == "caption" and r.boxes][:limit]
+    yes_no = [r for r in samples.records if r.task == "chat" and _yes_no(r.answer)][:limit]
+    if not (recs or absent or captions or yes_no):
+        raise ValueError(
+            "the evaluation split has no records to score: expected 'rec' records (with or "
+            "without boxes), 'caption' records or yes/no 'chat' records"
+        )
     start = time.perf_counter()
+    report: dict[str, Any] = (
+        _score_rec(predictor, recs, batch_size=batch_size, with_masks=with_masks)
+        if recs
+        else evaluate_refexp([])
+    )
+    answers = _answers(predictor, absent, "ground", batch_size)
+    report["n_absent"] = len(absent)
+    report["absent_no_box_rate"] = (
+        float(np.mean([not a.detections for a in answers])) if absent else None
+    )
+    answers = _answers(predictor, captions, "caption", batch_size)
+    report["n_captions"] = len(captions)
+    report["caption_acc"] = (
+        float(
+            np.mean(
+                [
+                    _norm(a.text) == _norm(r.answer or "")
+                    for r, a in zip(captions, answers, strict=True)
+                ]
+            )
+        )
+        if captions
+        else None
+    )
+    answers = _answers(predictor, yes_no, "chat", batch_size)
+    report["n_yes_no"] = len(yes_no)
+    report["yes_no_acc"] = (
+        float(
+            np.mean(
+                [_yes_no(a.text) == _yes_no(r.answer) for r, a in zip(yes_no, answers, strict=True)]
+            )
+        )
+        if yes_no
+        else None
+    )
+    report["seconds"] = time.perf_counter() - start
+    return report
+
+
+def format_task_report(report: dict[str, Any]) -> str:
+    """Lines for the task scores of an :func:`evaluate_predictor` report (for the CLI)."""
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    return "\n".join(
+        [
+            f"absent: no box        {fmt(report.get('absent_no_box_rate'))} "
+            f"({report.get('n_absent', 0)} prompts naming nothing in the image)",
+            f"caption exact match   {fmt(report.get('caption_acc'))} "
+            f"({report.get('n_captions', 0)} regions)",
+            f"yes/no chat           {fmt(report.get('yes_no_acc'))} "
+            f"({report.get('n_yes_no', 0)} questions)",
+        ]
+    )
+
+
+def _score_rec(
+    predictor: NextChatPredictor, recs: list[Record], *, batch_size: int, with_masks: bool
+) -> dict[str, Any]:
     scored: list[RefExpRecord] = []
     for i in range(0, len(recs), batch_size):
         chunk = recs[i : i + batch_size]
@@ -68,6 +148,34 @@ def evaluate_predictor(
                     pred_mask=pred_mask,
                 )
             )
-    report = evaluate_refexp(scored)
-    report["seconds"] = time.perf_counter() - start
-    return report
+    return evaluate_refexp(scored)
+
+
+def _answers(
+    predictor: NextChatPredictor, records: list[Record], task: str, batch_size: int
+) -> list[Any]:
+    """The predictor's answers (boxes only, no masks) to ``records`` as ``task`` queries."""
+    out = []
+    for i in range(0, len(records), batch_size):
+        chunk = records[i : i + batch_size]
+        images = [load_image(r.image) for r in chunk]
+        queries = [
+            Query(
+                k, "" if task == "caption" else r.text, task, r.boxes if task == "caption" else None
+            )  # type: ignore[arg-type]
+            for k, r in enumerate(chunk)
+        ]
+        out.extend(
+            predictor.predict_batch(images, queries, with_masks=False, batch_size=batch_size)
+        )
+    return out
+
+
+def _norm(text: str) -> str:
+    return text.strip().rstrip(".").strip().lower()
+
+
+def _yes_no(text: str | None) -> str | None:
+    """``"yes"``/``"no"`` when ``text`` starts with that word, else ``None``."""
+    words = (text or "").strip().lower().replace(",", " ").replace(".", " ").split()
+    return words[0] if words and words[0] in ("yes", "no") else None

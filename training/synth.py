@@ -112,10 +112,22 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "black": (15, 15, 15),
 }
 SIZES: tuple[str, ...] = ("small", "large")
-BACKGROUNDS: tuple[str, ...] = ("plain", "gradient", "noise")
+BACKGROUNDS: tuple[str, ...] = ("plain", "gradient", "noise", "texture")
+# What SynthConfig() draws from (the held-out split's renderer): "texture" is opt-in.
+DEFAULT_BACKGROUNDS: tuple[str, ...] = ("plain", "gradient", "noise")
+# The answer to a referring expression that matches nothing in the image ("absent" task).
+ABSENT_ANSWER = "There is none."
 # "multi" is a rec record with several boxes; it has its own weight in the mix.
-TASKS: tuple[str, ...] = ("rec", "multi", "caption", "chat")
-DEFAULT_TASK_MIX: dict[str, float] = {"rec": 0.5, "multi": 0.15, "caption": 0.15, "chat": 0.2}
+# "absent" is a rec record naming a color + shape that is not in the scene: no boxes, the
+# answer ABSENT_ANSWER (the model must learn to answer in text, without <at>).
+TASKS: tuple[str, ...] = ("rec", "multi", "caption", "chat", "absent")
+DEFAULT_TASK_MIX: dict[str, float] = {
+    "rec": 0.5,
+    "multi": 0.15,
+    "caption": 0.15,
+    "chat": 0.2,
+    "absent": 0.0,
+}
 # position word -> (axis of the visible-box centre: 0 = x, 1 = y; +1 largest, -1 smallest)
 POSITION_WORDS: dict[str, tuple[int, int]] = {
     "leftmost": (0, -1),
@@ -149,8 +161,20 @@ class SynthConfig:
     small_prob: float = 0.5  # probability that an object is small
     shapes: tuple[str, ...] = SHAPES  # restrict for curricula; names from SHAPES
     colors: tuple[str, ...] = tuple(COLORS)  # names from COLORS
-    backgrounds: tuple[str, ...] = BACKGROUNDS  # drawn uniformly
+    backgrounds: tuple[str, ...] = DEFAULT_BACKGROUNDS  # drawn uniformly
     noise_amplitude: int = 24  # "noise": uniform per-channel noise in [-a, a]
+    # "texture": a smooth random field (a coarse grid of cells of ~texture_scale px,
+    # bicubic-upsampled) within [-a, a] per channel around the base color
+    texture_amplitude: int = 40
+    texture_scale: int = 24
+    # Rendering variation (all 0 by default: flat, aliased, lossless). Per scene:
+    antialias_prob: float = 0.0  # shapes supersampled 4x, edges alpha-blended (mask: >= 50 %)
+    blur_prob: float = 0.0  # Gaussian blur, sigma uniform in blur_sigma
+    blur_sigma: tuple[float, float] = (0.4, 1.2)
+    noise_prob: float = 0.0  # additive Gaussian pixel noise, sigma uniform in pixel_noise
+    pixel_noise: tuple[float, float] = (2.0, 8.0)
+    jpeg_prob: float = 0.0  # JPEG round trip, quality uniform in jpeg_quality
+    jpeg_quality: tuple[int, int] = (50, 95)
     gradient_span: int = 90  # "gradient": max per-channel difference between the two ends
     min_contrast: float = 80.0  # min RGB distance from an object color to any background pixel
     min_visible: float = 0.75  # fraction of its drawn pixels every object keeps visible
@@ -163,11 +187,12 @@ class SynthConfig:
     max_attempts: int = 60  # placement tries per object before the scene keeps fewer objects
 
     def __post_init__(self) -> None:
-        for name in ("small_range", "large_range"):
+        for name in ("small_range", "large_range", "blur_sigma", "pixel_noise", "jpeg_quality"):
             value = getattr(self, name)
             if len(value) != 2:
                 raise ValueError(f"{name} must be (low, high) fractions, got {value}")
-            setattr(self, name, (float(value[0]), float(value[1])))
+            kind = int if name == "jpeg_quality" else float
+            setattr(self, name, (kind(value[0]), kind(value[1])))
         self.shapes = tuple(self.shapes)
         self.colors = tuple(self.colors)
         self.backgrounds = tuple(self.backgrounds)
@@ -211,7 +236,15 @@ class SynthConfig:
                 f"task_mix must map task names from {list(TASKS)} to non-negative weights "
                 f"with a positive sum, got {self.task_mix}"
             )
-        for name in ("small_prob", "repeat_prob", "chat_yes_prob"):
+        for name in (
+            "small_prob",
+            "repeat_prob",
+            "chat_yes_prob",
+            "antialias_prob",
+            "blur_prob",
+            "noise_prob",
+            "jpeg_prob",
+        ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if not 0.0 < self.min_visible <= 1.0:
@@ -226,6 +259,21 @@ class SynthConfig:
             raise ValueError(
                 "need 0 <= noise_amplitude <= 64 and 0 <= gradient_span <= 255, got "
                 f"{self.noise_amplitude} and {self.gradient_span}"
+            )
+        if not 1 <= self.jpeg_quality[0] <= self.jpeg_quality[1] <= 100:
+            raise ValueError(
+                f"jpeg_quality must be (low, high) in [1, 100], got {self.jpeg_quality}"
+            )
+        for name in ("blur_sigma", "pixel_noise"):
+            lo, hi = getattr(self, name)
+            if not 0.0 <= lo <= hi:
+                raise ValueError(
+                    f"{name} must be (low, high) with 0 <= low <= high, got {(lo, hi)}"
+                )
+        if not 0 <= self.texture_amplitude <= 64 or self.texture_scale < 2:
+            raise ValueError(
+                "need 0 <= texture_amplitude <= 64 and texture_scale >= 2, got "
+                f"{self.texture_amplitude} and {self.texture_scale}"
             )
         if self.records_per_scene < 1 or self.max_attempts < 1:
             raise ValueError(
@@ -328,7 +376,7 @@ def background_contrast(rgb: Sequence[int], background: Background) -> float:
     c = np.asarray(rgb, dtype=np.float64)
     if background.kind == "plain":
         return float(np.linalg.norm(c - np.asarray(background.colors[0], dtype=np.float64)))
-    if background.kind == "noise":
+    if background.kind in ("noise", "texture"):
         base = np.asarray(background.colors[0], dtype=np.float64)
         lo = np.clip(base - background.noise_amplitude, 0, 255)
         hi = np.clip(base + background.noise_amplitude, 0, 255)
@@ -354,7 +402,8 @@ def render_scene(rng: np.random.Generator, config: SynthConfig, *, scene_id: int
     width = int(rng.integers(config.min_side, config.max_side + 1))
     height = int(rng.integers(config.min_side, config.max_side + 1))
     background, palette = _draw_background(rng, config)
-    image = _render_background(rng, background, width, height)
+    image = _render_background(rng, background, width, height, config.texture_scale)
+    antialias = bool(config.antialias_prob) and bool(rng.random() < config.antialias_prob)
 
     if config.easy:
         n_target = int(rng.integers(1, 3))
@@ -364,7 +413,7 @@ def render_scene(rng: np.random.Generator, config: SynthConfig, *, scene_id: int
     placed: list[_Placed] = []
     for _ in range(n_target):
         for _attempt in range(config.max_attempts):
-            candidate = _propose(rng, config, placed, palette, width, height, short)
+            candidate = _propose(rng, config, placed, palette, width, height, short, antialias)
             if candidate is not None and _fits(candidate, placed, config):
                 for other in placed:  # the new object is drawn on top of the earlier ones
                     covered = other.visible[candidate.slices] & candidate.crop
@@ -379,7 +428,14 @@ def render_scene(rng: np.random.Generator, config: SynthConfig, *, scene_id: int
 
     objects = []
     for p in placed:
-        image[p.slices][p.crop] = COLORS[p.color]
+        if p.alpha is None:
+            image[p.slices][p.crop] = COLORS[p.color]
+        else:  # anti-aliased edge: blend by coverage
+            region = image[p.slices].astype(np.float32)
+            a = p.alpha[..., None]
+            color = np.asarray(COLORS[p.color], dtype=np.float32)
+            image[p.slices] = np.rint(region * (1.0 - a) + color * a).astype(np.uint8)
+    image = _degrade(rng, image, config)
     for p in placed:
         # The visible mask lies inside the drawn crop: its tight box there, shifted by the
         # crop's corner, is the full-canvas box at a fraction of the cost.
@@ -432,6 +488,31 @@ class _Placed:
     area: int
     visible: np.ndarray
     visible_count: int
+    alpha: np.ndarray | None = None  # anti-aliased coverage of the crop, float32 in [0, 1]
+
+
+def _degrade(rng: np.random.Generator, image: np.ndarray, config: SynthConfig) -> np.ndarray:
+    """The per-scene rendering variation of ``config`` (blur, pixel noise, JPEG), drawn
+    in that order; masks and boxes stay those of the clean scene. Draws nothing from
+    ``rng`` when every probability is 0, so default scenes are unchanged."""
+    if config.blur_prob and rng.random() < config.blur_prob:
+        from PIL import ImageFilter
+
+        sigma = float(rng.uniform(*config.blur_sigma))
+        image = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(sigma)))
+    if config.noise_prob and rng.random() < config.noise_prob:
+        sigma = float(rng.uniform(*config.pixel_noise))
+        noisy = image.astype(np.float32) + rng.normal(0.0, sigma, size=image.shape)
+        image = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+    if config.jpeg_prob and rng.random() < config.jpeg_prob:
+        import io
+
+        quality = int(rng.integers(config.jpeg_quality[0], config.jpeg_quality[1] + 1))
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+        buf.seek(0)
+        image = np.asarray(Image.open(buf).convert("RGB"))
+    return np.ascontiguousarray(image)
 
 
 def _rgb(values: Any) -> tuple[int, int, int]:
@@ -449,6 +530,8 @@ def _draw_background(rng: np.random.Generator, config: SynthConfig) -> tuple[Bac
             bg = Background("plain", (base,))
         elif kind == "noise":
             bg = Background("noise", (base,), noise_amplitude=config.noise_amplitude)
+        elif kind == "texture":
+            bg = Background("texture", (base,), noise_amplitude=config.texture_amplitude)
         else:
             offset = rng.integers(-config.gradient_span, config.gradient_span + 1, size=3)
             end = _rgb(np.clip(np.asarray(base) + offset, 0, 255))
@@ -464,9 +547,20 @@ def _draw_background(rng: np.random.Generator, config: SynthConfig) -> tuple[Bac
 
 
 def _render_background(
-    rng: np.random.Generator, bg: Background, width: int, height: int
+    rng: np.random.Generator, bg: Background, width: int, height: int, scale: int = 24
 ) -> np.ndarray:
     """``HxWx3`` uint8 background in original pixels."""
+    if bg.kind == "texture":
+        a = bg.noise_amplitude
+        gw, gh = max(2, width // scale + 2), max(2, height // scale + 2)
+        grid = rng.integers(0, 256, size=(gh, gw, 3), dtype=np.uint8)
+        field_ = np.asarray(
+            Image.fromarray(grid).resize((width, height), Image.Resampling.BICUBIC),
+            dtype=np.float64,
+        )
+        offset = (field_ / 255.0 * 2.0 - 1.0) * a  # within [-a, a], smooth
+        base = np.asarray(bg.colors[0], dtype=np.float64)
+        return np.clip(np.rint(base + offset), 0, 255).astype(np.uint8)
     if bg.kind == "plain":
         row = np.tile(np.asarray(bg.colors[0], dtype=np.uint8), width)  # np.full is 50x slower
         return np.tile(row, (height, 1)).reshape(height, width, 3)
@@ -501,8 +595,10 @@ def _propose(
     width: int,
     height: int,
     short: int,
+    antialias: bool = False,
 ) -> _Placed | None:
-    """Draw one candidate object (attributes, extent, position) and rasterize it."""
+    """Draw one candidate object (attributes, extent, position) and rasterize it
+    (``antialias``: at 4x, box-filtered down to a coverage ``alpha``; drawn = >= 50 %)."""
     small = False if config.easy else bool(rng.random() < config.small_prob)
     lo, hi = config.small_range if small else config.large_range
     extent = float(rng.uniform(lo, hi)) * short
@@ -522,9 +618,19 @@ def _propose(
             shape = src.shape
     x0, y0 = max(0, math.floor(cx - r) - 1), max(0, math.floor(cy - r) - 1)
     x1, y1 = min(width, math.ceil(cx + r) + 2), min(height, math.ceil(cy + r) + 2)
-    crop_img = Image.new("1", (x1 - x0, y1 - y0), 0)
-    _draw_shape(ImageDraw.Draw(crop_img), shape, cx - x0, cy - y0, r)
-    crop = np.asarray(crop_img, dtype=bool)
+    alpha = None
+    if antialias:
+        k = 4
+        big = Image.new("L", ((x1 - x0) * k, (y1 - y0) * k), 0)
+        _draw_shape(ImageDraw.Draw(big), shape, (cx - x0) * k, (cy - y0) * k, r * k, fill=255)
+        small_img = big.resize((x1 - x0, y1 - y0), Image.Resampling.BOX)
+        alpha = np.asarray(small_img, dtype=np.float32) / 255.0
+        crop = alpha >= 0.5
+        alpha = np.where(crop | (alpha > 0), alpha, 0.0).astype(np.float32)
+    else:
+        crop_img = Image.new("1", (x1 - x0, y1 - y0), 0)
+        _draw_shape(ImageDraw.Draw(crop_img), shape, cx - x0, cy - y0, r)
+        crop = np.asarray(crop_img, dtype=bool)
     area = int(np.count_nonzero(crop))
     if area == 0:
         return None
@@ -542,6 +648,7 @@ def _propose(
         area=area,
         visible=visible,
         visible_count=area,
+        alpha=alpha,
     )
 
 
@@ -572,11 +679,13 @@ def _regular_polygon(
     ]
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: int = 1
+) -> None:
     """Rasterize ``shape`` inscribed in the square of half-side ``r`` centred at
     ``(cx, cy)`` (pixels of ``draw``'s image), upright, fill 1, no anti-aliasing."""
     if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         return
     if shape == "square":
         pts = [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
@@ -592,7 +701,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         pts = [p for pair in zip(outer, inner, strict=True) for p in pair]
     else:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-    draw.polygon(pts, fill=1)
+    draw.polygon(pts, fill=fill)
 
 
 # ---------------------------------------------------------------------------- records
@@ -804,9 +913,41 @@ def _draw_chat(
     return None
 
 
+def _draw_absent(
+    scene: Scene, rng: np.random.Generator, config: SynthConfig, used: set[str]
+) -> dict[str, Any] | None:
+    """``the {color} {shape}`` for a combination that is not in the scene, answered
+    :data:`ABSENT_ANSWER` with no boxes. Mostly near misses (the color is there on another
+    shape, or the shape in another color): those are what a model that matches one word
+    alone gets wrong."""
+    present = {(o.color, o.shape) for o in scene.objects}
+    colors = {o.color for o in scene.objects}
+    shapes = {o.shape for o in scene.objects}
+    pairs = [
+        (c, sh)
+        for c in config.colors
+        for sh in config.shapes
+        if (c, sh) not in present and f"rec:the {c} {sh}" not in used
+    ]
+    near = [(c, sh) for c, sh in pairs if c in colors or sh in shapes]
+    pool = near if near and rng.random() < 0.8 else pairs
+    if not pool:
+        return None
+    color, shape = pool[int(rng.integers(len(pool)))]
+    expr = f"the {color} {shape}"
+    used.add(f"rec:{expr}")
+    return _record(scene, "rec", [], expression=expr, answer=ABSENT_ANSWER)
+
+
 _DRAWERS: dict[
     str, Callable[[Scene, np.random.Generator, SynthConfig, set[str]], dict[str, Any] | None]
-] = {"rec": _draw_rec, "multi": _draw_multi, "caption": _draw_caption, "chat": _draw_chat}
+] = {
+    "rec": _draw_rec,
+    "multi": _draw_multi,
+    "caption": _draw_caption,
+    "chat": _draw_chat,
+    "absent": _draw_absent,
+}
 
 
 def make_records(
@@ -910,6 +1051,17 @@ def write_dataset(
     return DatasetSummary(out, jsonl, n_scenes, n_records, seconds, tasks)
 
 
+def rec_turns(expression: str, nextchat_config: NextChatConfig, *, num_boxes: int) -> list[Any]:
+    """A referring expression's training turns: the template's REC question and answer with
+    ``num_boxes`` box pairs, or (``num_boxes == 0``: the expression matches nothing) the
+    text answer :data:`ABSENT_ANSWER`, without ``<at>``."""
+    from nextchat_core.conversation import Turn, grounding_turns
+
+    if num_boxes:
+        return grounding_turns(expression, nextchat_config, num_boxes=num_boxes)
+    return [*grounding_turns(expression, nextchat_config), Turn("assistant", ABSENT_ANSWER)]
+
+
 def to_samples(
     scene: Scene, records: Sequence[dict[str, Any]], nextchat_config: NextChatConfig
 ) -> list[Sample]:
@@ -917,13 +1069,13 @@ def to_samples(
     image array, the turns of the checkpoint's template, boxes in original pixels and the
     masks decoded from the records' RLE."""
     from nextchat_core.batch import Sample
-    from nextchat_core.conversation import caption_turns, chat_turns, grounding_turns
+    from nextchat_core.conversation import caption_turns, chat_turns
 
     samples = []
     for k, r in enumerate(records):
         boxes: list[Sequence[float]] = [[float(v) for v in b] for b in r["boxes"]]
         if r["task"] == "rec":
-            turns = grounding_turns(r["expression"], nextchat_config, num_boxes=len(boxes))
+            turns = rec_turns(r["expression"], nextchat_config, num_boxes=len(boxes))
         elif r["task"] == "caption":
             turns = caption_turns(nextchat_config, caption=r["answer"])
         elif r["task"] == "chat":

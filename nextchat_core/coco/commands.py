@@ -227,7 +227,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         # The model-running path lives with the training pipeline's reader and evaluation
         # loop (one implementation, shared with training and the retraining gate).
         from training.data import read_refexp_jsonl
-        from training.evaluation import evaluate_predictor
+        from training.evaluation import evaluate_predictor, format_task_report
 
         from ..checkpoints import resolve_checkpoint, resolve_device
         from ..predictor import NextChatPredictor
@@ -237,7 +237,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         )
         samples = read_refexp_jsonl(args.refexp, predictor.config)
         report = evaluate_predictor(predictor, samples, max_records=args.max_records)
-        text = format_refexp_report(report)
+        text = format_refexp_report(report) + "\n" + format_task_report(report)
     else:
         records = load_refexp_records(args.refexp)
         report = evaluate_refexp(records, iou_threshold=args.iou_threshold)

@@ -23,7 +23,7 @@ from ..config import LossConfig, NextChatConfig
 from ..conversation import IGNORE_INDEX
 from .outputs import GenerationOutput, MaskOutput, NextChatOutput
 from .sam_attention import use_sdpa_attention
-from .vision_tower import VisionTower
+from .vision_tower import VisionTower, channels_last_on_cpu
 
 # transformers renamed LlamaModel.forward's `past_key_values` to `cache` (5.2x); pass
 # whichever this installed version names, so generation works across 5.x.
@@ -149,6 +149,7 @@ class NextChatModel(nn.Module):
     def encode_sam_images(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
         """``Bx3xSxS`` SAM-frame inputs -> ``BxCxgxg`` SAM image embeddings."""
         encoder = self.sam.image_encoder
+        sam_pixel_values = channels_last_on_cpu(encoder, sam_pixel_values)
         if _trainable(encoder):
             return encoder(sam_pixel_values)
         with torch.no_grad():
