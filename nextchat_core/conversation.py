@@ -13,6 +13,7 @@ checkpoint's config (:class:`~nextchat_core.config.TemplateConfig`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -51,6 +52,31 @@ class EncodedConversation:
 def box_pairs(n: int) -> str:
     """``n`` box references in text: ``"<at> <boxes> <at> <boxes> ..."``."""
     return " ".join([BOX_PAIR] * n)
+
+
+_REGION_REF = re.compile(r"\[(\d+)\]")
+
+
+def refer_regions(text: str, boxes: Sequence[Sequence[float]]) -> tuple[str, list[list[float]]]:
+    """A user text that names input regions by index, ``[0]``, ``[1]`` ... (as NExT-Chat's
+    and Shikra's data do), with each reference written as ``<at> <boxes>``; returns the text
+    and the boxes in the order the references appear (a region named twice is passed twice).
+    Raises ``ValueError`` for an index with no box."""
+    ordered: list[list[float]] = []
+
+    def pair(match: re.Match[str]) -> str:
+        k = int(match.group(1))
+        if k >= len(boxes):
+            raise ValueError(
+                f"the prompt names region [{k}] but {len(boxes)} input box(es) were given; "
+                f"use [0] to [{len(boxes) - 1}]"
+                if boxes
+                else f"the prompt names region [{k}] but no input boxes were given"
+            )
+        ordered.append([float(v) for v in boxes[k]])
+        return BOX_PAIR
+
+    return _REGION_REF.sub(pair, text), ordered
 
 
 def grounding_turns(

@@ -133,6 +133,28 @@ def encode_text(
     return out
 
 
+def decode_text(ids: Iterable[int], tokenizer: PreTrainedTokenizerBase, tokens: TokenConfig) -> str:
+    """Generated ids as text, as the official (4.31 slow) decode writes them: runs of
+    ordinary tokens decoded, the added tokens written as themselves, the parts joined by
+    spaces (``spaces_between_special_tokens``); ``<s>``/``</s>``/padding left out."""
+    by_id = {v: t for t, v in tokens.added_token_ids().items()}
+    skip = {tokens.bos_id, tokens.eos_id, tokens.pad_id}
+    parts: list[str] = []
+    run: list[int] = []
+    for tid in ids:
+        if tid in by_id or tid in skip:
+            if run:
+                parts.append(str(tokenizer.decode(run, skip_special_tokens=True)))
+                run = []
+            if tid in by_id:
+                parts.append(by_id[tid])
+        else:
+            run.append(tid)
+    if run:
+        parts.append(str(tokenizer.decode(run, skip_special_tokens=True)))
+    return " ".join(p.strip() for p in parts if p.strip())
+
+
 def _piece_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], list[tuple[int, int]]]:
     """Encodes one piece of text (no special tokens in it): ``(id, end char offset)``."""
     model = _sentencepiece_file(tokenizer)
