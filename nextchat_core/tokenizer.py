@@ -205,10 +205,46 @@ def _sentencepiece_encode(sp: Any, piece: str) -> list[tuple[int, int]]:
 
 
 def load_tokenizer(path: str | Path, config: NextChatConfig) -> PreTrainedTokenizerBase:
-    """Load the tokenizer saved beside a checkpoint and check it against ``config``."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    """Load the tokenizer saved beside a checkpoint and check it against ``config``.
+
+    A released checkpoint's tokenizer is SentencePiece (``tokenizer.model``, no
+    ``tokenizer.json``); transformers needs ``sentencepiece`` and ``protobuf`` to read it,
+    and says "tiktoken is required" when they are missing. The error here names the file
+    and the packages instead.
+    """
+    path = Path(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (ValueError, ImportError, OSError, RuntimeError) as exc:
+        files = sorted(
+            p.name
+            for p in path.glob("*")
+            if p.name.startswith(("tokenizer", "special_tokens", "added_tokens", "vocab"))
+        )
+        need = ""
+        if (path / "tokenizer.model").is_file() and not (path / "tokenizer.json").is_file():
+            missing = [m for m in ("sentencepiece", "google.protobuf") if not _importable(m)]
+            if missing:
+                need = (
+                    f"; {path / 'tokenizer.model'} is a SentencePiece model, which needs the "
+                    f"missing package(s) {', '.join(n.replace('google.', '') for n in missing)}: "
+                    "pip install sentencepiece protobuf"
+                )
+        raise ValueError(
+            f"cannot load the tokenizer of {path} (tokenizer files found: {files or 'none'}): "
+            f"{exc}{need}"
+        ) from exc
     check_tokenizer(tokenizer, config.tokens, vocab_size=config.llm.vocab_size)
     return tokenizer
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 def check_tokenizer(

@@ -94,6 +94,16 @@ def test_the_released_tokenizer_loads_and_plain_transformers_5_would_differ(pred
     assert "▁" in predictor.tokenizer.convert_ids_to_tokens(plain[:40])
 
 
+def test_a_broken_tokenizer_file_is_named(tmp_path):
+    from nextchat_core.tokenizer import load_tokenizer
+
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        shutil.copy(CHECKPOINT / name, tmp_path / name)
+    (tmp_path / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(ValueError, match=r"cannot load the tokenizer of .*tokenizer\.model"):
+        load_tokenizer(tmp_path, derive_released(CHECKPOINT).config)
+
+
 def test_the_architecture_is_derived_from_the_directory():
     derived = derive_released(CHECKPOINT)
     cfg, model = derived.config, EXPECTED["model"]
