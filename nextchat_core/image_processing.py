@@ -1,7 +1,8 @@
 """Image loading and the two preprocessing paths of NExT-Chat.
 
-* Vision tower: centered pad-to-square with the mean color (LLaVA/NExT-Chat
-  ``expand2square``), resize to the tower's input size, CLIP normalization.
+* Vision tower: centered pad-to-square with the checkpoint's ``vision.pad_color`` (white
+  for NExT-Chat, whose ``Expand2square`` follows Shikra), resize to the tower's input size,
+  CLIP normalization.
 * SAM: longest side resized to ``sam.image_size``, SAM normalization, centered padding to
   a square (zeros after normalization, i.e. the mean color) - the same centered placement
   as the square frame, so boxes move between the frames through ``frames`` alone.
@@ -96,7 +97,7 @@ class ProcessedImage:
     in :meth:`ImageProcessor.tensors`, where float work is cheap).
 
     ``vision``: ``VxVx3`` uint8, the vision-tower frame (centered pad to square with the
-    mean color, resized to V). ``sam``: ``hxwx3`` uint8, the image with its longest side
+    pad colour, resized to V). ``sam``: ``hxwx3`` uint8, the image with its longest side
     resized to S (placed on the SAM canvas by ``tensors``). ``width``/``height``: the
     EXIF-transposed original size in pixels.
     """
@@ -114,6 +115,7 @@ class ImageProcessor:
         self.vision_size = config.vision.image_size
         self.sam_size = config.sam.image_size
         self.mean = tuple(config.vision.image_mean)
+        self.pad_color = tuple(int(c) for c in config.vision.pad_color)
         self.std = tuple(config.vision.image_std)
         self.sam_mean = tuple(config.sam.pixel_mean)
         self.sam_std = tuple(config.sam.pixel_std)
@@ -128,10 +130,9 @@ class ImageProcessor:
         )
 
     def vision_resize(self, img: Image.Image) -> np.ndarray:
-        """``VxVx3`` uint8: centered pad to square with the mean color, bicubic resize."""
+        """``VxVx3`` uint8: centered pad to square with the pad colour, bicubic resize."""
         g = SquareGeometry(img.width, img.height)
-        fill = tuple(round(m * 255) for m in self.mean)
-        square = Image.new("RGB", (g.side, g.side), fill)
+        square = Image.new("RGB", (g.side, g.side), self.pad_color)
         square.paste(img, (g.pad_x, g.pad_y))
         square = square.resize((self.vision_size, self.vision_size), Image.Resampling.BICUBIC)
         return np.array(square)  # writable, so torch.from_numpy shares it without a warning
