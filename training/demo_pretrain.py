@@ -220,7 +220,7 @@ class PretrainPhase:
     seed: int = 11
     weight_decay: float = 0.05
     warmup: int = 100
-    save_every: int = 100
+    save_every: int = 40
     log_every: int = 20
 
     @property
@@ -257,17 +257,24 @@ def pretrain_vision(
     synth_cfg: synth.SynthConfig,
     *,
     eval_scenes: list[synth.Scene] | None = None,
+    stop_after: int | None = None,
 ) -> Path:
     """Train the vision tower (and its read-out) alone; write ``out/final`` (the whole
-    model, tower trained) and ``out/readout.json`` (held-out read-out accuracy)."""
-    return _loop(init, out, phase, synth_cfg, eval_scenes=eval_scenes)
+    model, tower trained) and ``out/readout.json`` (held-out read-out accuracy).
+    ``stop_after`` ends this call after that many steps with a resumable checkpoint."""
+    return _loop(init, out, phase, synth_cfg, eval_scenes=eval_scenes, stop_after=stop_after)
 
 
 def pretrain_sam(
-    init: str | Path, out: Path, phase: PretrainPhase, synth_cfg: synth.SynthConfig
+    init: str | Path,
+    out: Path,
+    phase: PretrainPhase,
+    synth_cfg: synth.SynthConfig,
+    *,
+    stop_after: int | None = None,
 ) -> Path:
     """Train all of SAM on box prompts (jittered); write ``out/final``."""
-    return _loop(init, out, phase, synth_cfg)
+    return _loop(init, out, phase, synth_cfg, stop_after=stop_after)
 
 
 def _loop(
@@ -277,6 +284,7 @@ def _loop(
     synth_cfg: synth.SynthConfig,
     *,
     eval_scenes: list[synth.Scene] | None = None,
+    stop_after: int | None = None,
 ) -> Path:
     final = out / "final"
     if (final / "model.safetensors").exists():
@@ -315,7 +323,8 @@ def _loop(
     log_file = (out / "metrics.jsonl").open("a")
     tick = time.perf_counter()
     running: dict[str, list[float]] = {}
-    while state["step"] < phase.steps:
+    end = phase.steps if stop_after is None else min(phase.steps, stop_after)
+    while state["step"] < end:
         scenes = _scene_batch(
             phase.seed, state["step"], phase.batch_size, synth_cfg, flip=phase.kind == "vision"
         )
@@ -351,7 +360,9 @@ def _loop(
             log.info(
                 "%s pre-training step %d/%d %s", phase.kind, state["step"], phase.steps, row["loss"]
             )
-        if state["step"] % phase.save_every == 0 and state["step"] < phase.steps:
+        if (state["step"] % phase.save_every == 0 or state["step"] == end) and state[
+            "step"
+        ] < phase.steps:
             tmp = resume.with_suffix(".tmp")
             torch.save(
                 {
@@ -365,6 +376,9 @@ def _loop(
             )
             tmp.replace(resume)
             tick = time.perf_counter()
+    if state["step"] < phase.steps:  # stopped on purpose (stop_after): resumable
+        log_file.close()
+        return final
     model.eval()
     if phase.kind == "vision" and eval_scenes:
         report = readout_report(model, head, processor, eval_scenes, grid)
