@@ -691,6 +691,59 @@ def training_curve(out: Path, phases: list[Phase | PretrainPhase]) -> list[dict[
     return curve
 
 
+def readme_summary(metrics: dict[str, Any]) -> str:
+    """The README's table of the shipped demo model, generated from its ``metrics.json``
+    (a test checks that the README holds exactly this text, so the numbers cannot drift)."""
+
+    def f(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f}"
+
+    held, robust, tasks = metrics["final"], metrics.get("robust") or {}, metrics.get("tasks") or {}
+    rows = [
+        "| split | Acc@0.5 | mean box IoU | mask mIoU | mask cIoU | multi-instance recall | absent: no box |",
+        "|---|---|---|---|---|---|---|",
+        f"| held-out ({held['n_box_records']} expressions, {held['n_gt_boxes']} boxes) | "
+        f"{f(held['rec_acc'])} | {f(held['mean_box_iou'])} | {f(held['mask_miou'])} | "
+        f"{f(held['mask_ciou'])} | {f(held['multi_instance_recall'])} | "
+        f"{f(tasks.get('absent_no_box_rate'))} ({tasks.get('n_absent', 0)} prompts) |",
+    ]
+    if robust:
+        rows.append(
+            f"| robustness ({robust['n_box_records']} expressions, {robust['n_gt_boxes']} boxes) | "
+            f"{f(robust['rec_acc'])} | {f(robust['mean_box_iou'])} | {f(robust['mask_miou'])} | "
+            f"{f(robust['mask_ciou'])} | {f(robust['multi_instance_recall'])} | "
+            f"{f(robust.get('absent_no_box_rate'))} ({robust.get('n_absent', 0)} prompts) |"
+        )
+    lines = [*rows, ""]
+    if tasks:
+        lines.append(
+            f"Region captions (exact match): {f(tasks.get('caption_acc'))} of "
+            f"{tasks.get('n_captions', 0)}; yes/no questions: {f(tasks.get('yes_no_acc'))} of "
+            f"{tasks.get('n_yes_no', 0)} (held-out scenes of seed {metrics['eval_seed'] + 1})."
+        )
+    walls = metrics.get("phase_wall_s") or {}
+    if walls:
+        total = sum(walls.values())
+        parts = ", ".join(f"{k} {v / 60:.1f}" for k, v in walls.items())
+        lines.append(
+            f"Wall time of the run that made it: {total / 60:.1f} minutes ({parts}; minutes)."
+        )
+    readout = metrics.get("vision_readout") or {}
+    if readout:
+        lines.append(
+            "Linear read-out of the frozen tower at each held-out object's centre cell "
+            "(color / shape / size accuracy, box IoU >= 0.7, recall): "
+            + "; ".join(
+                f"{g} objects {r['color']:.2f} / {r['shape']:.2f} / {r['size']:.2f} / "
+                f"{r['iou_0.7']:.2f} / {r['recall']:.2f}"
+                for g, r in readout.items()
+                if isinstance(r, dict)
+            )
+            + "."
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train the demo checkpoint (resumable).")
     ap.add_argument("--out", default="runs/demo")
@@ -701,7 +754,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-scenes", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument(
+        "--readme",
+        metavar="METRICS_JSON",
+        help="print the README's demo-model table from this metrics.json and exit",
+    )
     args = ap.parse_args(argv)
+    if args.readme:
+        print(readme_summary(json.loads(Path(args.readme).read_text())))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     metrics = run(
         Path(args.out),
