@@ -1,5 +1,5 @@
 """The once-per-process weights cache of the backend, over the model versions of
-:mod:`nextchat_core.versions` (``MODEL_DIR/versions/<name>`` + the ``current`` pointer).
+:mod:`training.versions` (``MODEL_DIR/versions/<name>`` + the ``current`` pointer).
 
 Without ``current`` the backend serves the base checkpoint (``--checkpoint``,
 ``NEXTCHAT_CHECKPOINT`` or the bundled demo), named ``<dir name>-<fingerprint>``.
@@ -25,7 +25,7 @@ import torch
 
 from nextchat_core.checkpoints import resolve_checkpoint, resolve_device
 from nextchat_core.predictor import NextChatPredictor
-from nextchat_core.versions import (
+from training.versions import (
     CURRENT_FILE,
     checkpoint_fingerprint,
     list_versions,

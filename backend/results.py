@@ -1,4 +1,4 @@
-"""Model answers -> Label Studio results, through ``nextchat_core.ls_format`` builders.
+"""Model answers -> Label Studio results, through ``labelstudio.results`` builders.
 
 Frames: detections arrive in original pixels of the EXIF-transposed image (the
 predictor's frame); the builders convert to Label Studio percent via
@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from nextchat_core import frames
-from nextchat_core.ls_format import (
+from labelstudio.results import (
     brush_result,
     polygon_result,
     rectangle_result,
 )
+from nextchat_core import frames
 from nextchat_core.predictor import Detection
 
 from .label_config import LabelPlan

@@ -21,9 +21,9 @@ import pytest
 
 from backend.app import create_app
 from backend.settings import Settings
-from nextchat_core import versions
+from nextchat_cli.loop_demo import REDIS_URL, Loop, annotation_event, free_port, make_tasks
 from nextchat_core.build import build_model, save_pretrained
-from training.loop_demo import REDIS_URL, Loop, annotation_event, free_port, make_tasks
+from training import versions
 from training.retrain import RetrainSettings, gate, split_tasks
 from training.store import AnnotationStore
 
@@ -78,7 +78,7 @@ def _feed(loop: Loop, tasks: list[dict]) -> None:
 
 def _cli(loop: Loop, *args: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "nextchat_core.cli", *args, "--model-dir", str(loop.model_dir)],
+        [sys.executable, "-m", "nextchat_cli", *args, "--model-dir", str(loop.model_dir)],
         env=loop.env,
         capture_output=True,
         text=True,
@@ -412,7 +412,7 @@ def test_a_job_whose_worker_keeps_dying_fails_after_three_attempts(tmp_path, bas
 
 
 def test_loop_improves_held_out_prelabels_on_a_new_domain(loop_factory, tmp_path):
-    from training.loop_demo import prelabel_accuracy, team_tasks
+    from nextchat_cli.loop_demo import prelabel_accuracy, team_tasks
 
     loop = loop_factory(
         broker=None,  # the README's no-Redis setup
@@ -424,7 +424,7 @@ def test_loop_improves_held_out_prelabels_on_a_new_domain(loop_factory, tmp_path
     )
     loop.serve()
     # The tiny model was never trained: what it must learn here from the corrections is the
-    # team's framing (training/loop_demo.py), measured on held-out images.
+    # team's framing (nextchat_cli/loop_demo.py), measured on held-out images.
     train_tasks = team_tasks(tmp_path / "images", 150, first_id=1, seed=1)
     held_out = team_tasks(tmp_path / "images", 40, first_id=10_000, seed=2)
     before = prelabel_accuracy(held_out, loop.predict(held_out))

@@ -32,10 +32,10 @@ from backend.app import create_app
 from backend.label_config import plan_for
 from backend.model_cache import ModelStore
 from backend.settings import Settings
+from labelstudio.results import parse_label_config
 from nextchat_core import frames
-from nextchat_core.ls_format import parse_label_config
 from nextchat_core.predictor import NextChatPredictor
-from nextchat_core.versions import set_current_version, version_dir
+from training.versions import set_current_version, version_dir
 
 CONFIGS = ["boxes", "boxes_masks", "polygons", "per_label_prompts", "region_caption", "chat"]
 TOKEN = "ls-token-0123456789abcdef"  # the Label Studio access token /setup hands over
@@ -829,7 +829,7 @@ def test_nextchat_serve_runs_under_gunicorn(ckpt, server, tmp_path):
     """``nextchat serve`` as a subprocess: gunicorn answers /health and /predict."""
     import requests
 
-    from training.loop_demo import start_backend
+    from nextchat_cli.loop_demo import start_backend
 
     env = {**os.environ, "MODEL_DIR": str(tmp_path / "md"), "THREADS": "2"}
     proc, url = start_backend(env, tmp_path / "serve.log", checkpoint=ckpt, timeout=60)

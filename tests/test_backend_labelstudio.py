@@ -34,8 +34,8 @@ from test_backend_support import (
     scene,
 )
 
+from nextchat_cli.loop_demo import Proc, free_port, start_backend
 from nextchat_core import frames
-from training.loop_demo import Proc, free_port, start_backend
 from training.store import AnnotationStore
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
@@ -343,7 +343,7 @@ def test_predictions_stored_in_label_studio(ls, backend, images):
         "LABEL_STUDIO_API_KEY": ls["token"],
     }
     worker = Proc(
-        [sys.executable, "-m", "nextchat_core.cli", "worker"],
+        [sys.executable, "-m", "nextchat_cli", "worker"],
         worker_env,
         backend["root"] / "worker.log",
     )

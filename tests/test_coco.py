@@ -1,4 +1,4 @@
-"""COCO export / import / evaluation (nextchat_core.coco) on Label Studio JSON that the
+"""COCO export / import / evaluation (labelstudio.coco) on Label Studio JSON that the
 tests build: real pycocotools, real image files with EXIF rotation, the real CLI."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import pytest
 from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 
-from nextchat_core import cli, frames
-from nextchat_core.coco.evaluate import (
+from labelstudio.coco.evaluate import (
     evaluate_coco,
     evaluate_refexp,
     mask_iou_scores,
@@ -19,9 +18,11 @@ from nextchat_core.coco.evaluate import (
     multi_instance_recall,
     rec_accuracy,
 )
-from nextchat_core.coco.export import coco_results, export_coco, load_tasks
-from nextchat_core.coco.importer import import_coco, label_config_for
-from nextchat_core.ls_format import brush_result, parse_label_config
+from labelstudio.coco.export import coco_results, export_coco, load_tasks
+from labelstudio.coco.importer import import_coco, label_config_for
+from labelstudio.results import brush_result, parse_label_config
+from nextchat_cli import main as cli
+from nextchat_core import frames
 
 W, H = 60, 40  # original size of images a.png and c.png
 RAW_W, RAW_H = 30, 50  # stored size of the EXIF-rotated photos; shown as 50x30

@@ -1,4 +1,4 @@
-"""Label Studio JSON <-> pixel-frame regions (nextchat_core.ls_format), and the frame
+"""Label Studio JSON <-> pixel-frame regions (labelstudio.results), and the frame
 conversions added for it (nextchat_core.frames). Everything real: no mocks."""
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from nextchat_core import frames
-from nextchat_core.ls_format import (
+from labelstudio.results import (
     LabelStudioFormatError,
     brush_result,
     image_file_name,
@@ -24,6 +23,7 @@ from nextchat_core.ls_format import (
     resolve_local_image,
     textarea_result,
 )
+from nextchat_core import frames
 
 W, H = 60, 40  # original image size (pixels) of the fixtures
 

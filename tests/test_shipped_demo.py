@@ -36,7 +36,7 @@ def test_nextchat_predict_on_a_generated_scene(tmp_path):
     overlay = tmp_path / "overlay.png"
     argv = ["predict", str(tmp_path / "scene.png"), prompt, "--json", "--overlay", str(overlay)]
     out = subprocess.run(
-        [sys.executable, "-m", "nextchat_core.cli", *argv],
+        [sys.executable, "-m", "nextchat_cli", *argv],
         capture_output=True,
         text=True,
         timeout=300,

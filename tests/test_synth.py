@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nextchat_core import cli, frames
+from nextchat_cli import main as cli
+from nextchat_cli.synth import parse_task_mix
+from nextchat_core import frames
 from nextchat_core.batch import collate
 from nextchat_core.config import get_preset
 from nextchat_core.conversation import box_pairs, encode_conversation
@@ -34,7 +36,6 @@ from training.synth import (
     to_samples,
     write_dataset,
 )
-from training.synth_commands import parse_task_mix
 
 CONFIG = SynthConfig()
 N_SCENES = 80

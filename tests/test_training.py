@@ -360,7 +360,7 @@ def test_cli_train_through_the_accelerate_launcher(tmp_path):
             "--dynamo_backend",
             "no",
             "-m",
-            "nextchat_core.cli",
+            "nextchat_cli.main",
             "train",
             "--config",
             str(tmp_path / "train.yaml"),
@@ -380,8 +380,8 @@ def test_cli_train_through_the_accelerate_launcher(tmp_path):
 def test_evaluate_command_runs_a_checkpoint_on_refexp_records(
     tmp_path, tiny_model, tiny_tokenizer, capsys
 ):
+    from nextchat_cli.main import main
     from nextchat_core.build import save_pretrained
-    from nextchat_core.cli import main
 
     data = write_refexp(tmp_path)
     ckpt = save_pretrained(tiny_model, tmp_path / "ckpt", tiny_tokenizer)

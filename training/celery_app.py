@@ -21,7 +21,7 @@ from pathlib import Path
 
 from celery import Celery
 
-from nextchat_core.versions import default_model_dir
+from training.versions import default_model_dir
 
 DEFAULT_QUEUE = "nextchat"
 

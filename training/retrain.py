@@ -3,7 +3,7 @@ version. The Celery task (:mod:`training.tasks`) is a thin wrapper around :func:
 
     corrected annotations (AnnotationStore, per project)
       -> Label Studio export shape -> training samples (training.data.read_label_studio,
-         images fetched like /predict does: nextchat_core.image_fetch)
+         images fetched like /predict does: labelstudio.images)
       -> split: a held-out slice of tasks (by a hash of the task id: stable across jobs)
       -> the configured stages (default 2 then 3), continuing from the served version;
          LoRA + bf16 on CUDA for a large model
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from nextchat_core import versions
 from nextchat_core.checkpoints import resolve_checkpoint, resolve_device
+from training import versions
 
 from .store import AnnotationStore, Job
 
@@ -252,7 +252,7 @@ def _run(
     if settings.label_studio_url and settings.label_studio_api_key:
         # Pull mode: Label Studio is the source of truth; the store mirrors the project
         # (annotations made before this backend was connected are included).
-        from nextchat_core.coco.export import fetch_project
+        from labelstudio.coco.export import fetch_project
 
         report({"phase": "pulling annotations from Label Studio"})
         exported, _ = fetch_project(
@@ -439,8 +439,8 @@ def _image_resolver(
 ) -> Callable[[str, dict], str]:
     """Image references -> local files, fetched with the same rules as ``/predict`` and the
     Label Studio address/token that ``/setup`` stored for the project."""
-    from backend.projects import ProjectStore
-    from nextchat_core.image_fetch import FetchOptions, fetch_image_file
+    from labelstudio.images import FetchOptions, fetch_image_file
+    from labelstudio.projects import ProjectStore
 
     state = ProjectStore(settings.model_dir).get(project_id)
     options = FetchOptions(

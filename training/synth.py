@@ -959,7 +959,7 @@ def label_studio_task(
     annotator's submission looks like): the expression in the ``prompt`` TextArea and one
     ``rectanglelabels`` region per box, or (``masks``) one ``brushlabels`` region per
     mask. The active-learning demo, tests and bench feed these through ``/webhook``."""
-    from nextchat_core.ls_format import brush_result, rectangle_result, textarea_result
+    from labelstudio.results import brush_result, rectangle_result, textarea_result
 
     if record["task"] != "rec":
         raise ValueError(f"only 'rec' records become annotations, got {record['task']!r}")

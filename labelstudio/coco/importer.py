@@ -25,8 +25,9 @@ from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
-from .. import frames
-from ..ls_format import (
+from nextchat_core import frames
+
+from ..results import (
     LabelConfig,
     RegionKind,
     brush_result,

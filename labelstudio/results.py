@@ -37,7 +37,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
 
-from . import frames
+from nextchat_core import frames
 
 logger = logging.getLogger(__name__)
 

@@ -35,8 +35,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .. import frames
-from ..ls_format import (
+from nextchat_core import frames
+
+from ..results import (
     LabelConfig,
     LabelStudioFormatError,
     Region,
@@ -158,7 +159,7 @@ def export_coco(
     without any (e.g. no annotation) are sized from the image file when it is local
     (``image_root``, ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``), EXIF orientation applied.
     ``source``, ``all_annotations`` and ``model_version`` pick results as
-    :func:`nextchat_core.ls_format.parse_task` does.
+    :func:`labelstudio.results.parse_task` does.
 
     Bad tasks and regions raise one ``ValueError`` listing them; with ``skip_bad`` they
     are left out, listed in ``CocoExport.errors`` and logged, and the rest is exported.

@@ -44,7 +44,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .. import frames
+from nextchat_core import frames
+
 from .common import CocoLike, ResultsLike, load_instances, load_results
 
 logger = logging.getLogger(__name__)

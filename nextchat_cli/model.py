@@ -58,17 +58,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .build import inspect_checkpoint
+    from nextchat_core.build import inspect_checkpoint
 
     print(json.dumps(inspect_checkpoint(args.path, manifest=args.manifest), indent=2))
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .checkpoints import resolve_checkpoint, resolve_device
-    from .image_processing import load_image
-    from .overlay import draw_overlay
-    from .predictor import NextChatPredictor
+    from nextchat_cli.overlay import draw_overlay
+    from nextchat_core.checkpoints import resolve_checkpoint, resolve_device
+    from nextchat_core.image_processing import load_image
+    from nextchat_core.predictor import NextChatPredictor
 
     predictor = NextChatPredictor.from_pretrained(
         resolve_checkpoint(args.checkpoint), device=resolve_device(args.device)

@@ -36,8 +36,9 @@ import requests
 import requests.auth
 from PIL import Image
 
-from .image_processing import load_image
-from .ls_format import LabelConfig, LabelStudioFormatError, image_reference
+from nextchat_core.image_processing import load_image
+
+from .results import LabelConfig, LabelStudioFormatError, image_reference
 
 logger = logging.getLogger(__name__)
 
