@@ -38,6 +38,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 import numpy as np
 
 from nextchat_core import frames
+from nextchat_core.masks import mask_to_box, polygon_to_mask
 
 logger = logging.getLogger(__name__)
 
@@ -147,10 +148,10 @@ class Region:
         if self.mask is not None:
             return self.mask
         if self.polygon is not None:
-            return frames.polygon_to_mask(self.polygon, self.width, self.height)
+            return polygon_to_mask(self.polygon, self.width, self.height)
         x1, y1, x2, y2 = self.box_xyxy
         corners = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]])
-        return frames.polygon_to_mask(corners, self.width, self.height)
+        return polygon_to_mask(corners, self.width, self.height)
 
 
 # ----------------------------------------------------------------------- label config
@@ -612,7 +613,7 @@ def brush_result(
     if mask.ndim != 2:
         raise ValueError(f"mask must be HxW, got shape {tuple(mask.shape)}")
     height, width = mask.shape
-    value = {"format": "rle", "rle": frames.mask_to_ls_rle(mask), "brushlabels": list(labels)}
+    value = {"format": "rle", "rle": mask_to_ls_rle(mask), "brushlabels": list(labels)}
     return _result("brushlabels", value, width, height, from_name, to_name, region_id, score)
 
 
@@ -785,8 +786,8 @@ def _parse_region(
             f"brush value needs format 'rle' and an 'rle' list (Label Studio brush RLE), got "
             f"format={fmt!r} and keys {sorted(value)}"
         )
-    mask = frames.ls_rle_to_mask(value["rle"], width, height)
-    mbox = frames.mask_to_box(mask)
+    mask = ls_rle_to_mask(value["rle"], width, height)
+    mbox = mask_to_box(mask)
     if mbox is None:
         raise ValueError("brush mask is empty (no pixel with alpha > 127)")
     return Region(kind="brush", box_xyxy=mbox, mask=mask, **common)
@@ -864,3 +865,50 @@ def _recency(item: dict[str, Any]) -> tuple[str, float]:
 
 def _is_number(v: Any) -> TypeGuard[int | float]:
     return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# ------------------------------------------------------------------ brush RLE
+
+
+def mask_to_ls_rle(mask: np.ndarray) -> list[int]:
+    """Binary ``HxW`` mask -> Label Studio brush RLE (``value.rle``)."""
+    from label_studio_sdk.converter.brush import mask2rle
+
+    return list(mask2rle((mask > 0).astype(np.uint8) * 255))
+
+
+def ls_rle_to_mask(rle: list[int], width: int, height: int) -> np.ndarray:
+    """Label Studio brush RLE -> binary ``HxW`` mask (alpha > 127). Raises ``ValueError``
+    when the RLE is malformed or does not hold exactly ``height x width`` RGBA pixels.
+
+    The size is checked on the RLE header (its first 32 bits count the RGBA bytes) before
+    decoding, so an RLE from another image fails fast instead of decoding megabytes.
+    """
+    from label_studio_sdk.converter.brush import decode_rle
+
+    if (
+        not isinstance(rle, list | tuple | np.ndarray)
+        or len(rle) < 4
+        or not all(isinstance(v, int | np.integer) and 0 <= v <= 255 for v in rle)
+    ):
+        raise ValueError(
+            "a Label Studio brush RLE must be a list of byte values (ints 0-255) with a "
+            f"4-byte header, got {str(rle)[:80]}"
+        )
+    expected = width * height * 4
+    num = int.from_bytes(bytes(int(v) for v in rle[:4]), "big")
+    if num != expected:
+        raise ValueError(
+            f"brush RLE holds {num} bytes, expected {expected} for a {width}x{height} RGBA "
+            "image: the RLE belongs to an image of another size"
+        )
+    try:
+        flat = np.asarray(decode_rle(rle), dtype=np.uint8)
+    except (ValueError, IndexError) as exc:  # the SDK's bit reader on truncated data
+        raise ValueError(f"brush RLE is truncated or corrupt: {exc}") from exc
+    if flat.size != expected:
+        raise ValueError(
+            f"brush RLE decodes to {flat.size} bytes, expected {expected} for a "
+            f"{width}x{height} RGBA image: the RLE belongs to an image of another size"
+        )
+    return flat.reshape(height, width, 4)[:, :, 3] > 127

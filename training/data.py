@@ -47,6 +47,7 @@ from nextchat_core import frames
 from nextchat_core.batch import Sample
 from nextchat_core.config import NextChatConfig
 from nextchat_core.conversation import Turn, box_pairs, caption_turns, chat_turns, grounding_turns
+from nextchat_core.masks import coco_segmentation_to_mask
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def _decode_mask(m: Any, width: int, height: int, source: str) -> np.ndarray:
             )
         return m.astype(bool)
     try:
-        return frames.coco_segmentation_to_mask(m, width, height)
+        return coco_segmentation_to_mask(m, width, height)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{source}: bad mask: {exc}") from exc
 

@@ -36,6 +36,12 @@ from typing import Any, Literal
 import numpy as np
 
 from nextchat_core import frames
+from nextchat_core.masks import (
+    coco_segmentation_to_mask,
+    mask_iou,
+    mask_to_coco_rle,
+    mask_to_polygons,
+)
 
 from ..results import (
     LabelConfig,
@@ -311,12 +317,12 @@ def _annotation(
     if region.kind == "brush":
         assert region.mask is not None
         if masks == "rle":
-            segmentation = frames.mask_to_coco_rle(region.mask)
+            segmentation = mask_to_coco_rle(region.mask)
             area = float(region.mask.sum())
         else:
-            polygons = frames.mask_to_polygons(region.mask)
+            polygons = mask_to_polygons(region.mask)
             segmentation = [_flat(p) for p in polygons]
-            drawn = frames.coco_segmentation_to_mask(segmentation, region.width, region.height)
+            drawn = coco_segmentation_to_mask(segmentation, region.width, region.height)
             area = float(drawn.sum())
             if area != float(region.mask.sum()):
                 logger.warning(
@@ -324,13 +330,11 @@ def _annotation(
                     "they are filled (IoU %.4f). Use masks='rle' to keep them.",
                     region.task_id,
                     region.region_id,
-                    frames.mask_iou(region.mask, drawn),
+                    mask_iou(region.mask, drawn),
                 )
     elif region.polygon is not None:  # polygons and rotated rectangles
         segmentation = [_flat(region.polygon)]
-        area = float(
-            frames.coco_segmentation_to_mask(segmentation, region.width, region.height).sum()
-        )
+        area = float(coco_segmentation_to_mask(segmentation, region.width, region.height).sum())
     else:
         segmentation = []
         x1, y1, x2, y2 = region.box_xyxy
