@@ -68,7 +68,9 @@ def _settings(args: argparse.Namespace):  # -> RetrainSettings (lazy import: fas
 
 def _worker(args: argparse.Namespace) -> int:
     settings = _settings(args)  # validates the environment before Celery starts
-    from training.celery_app import app
+    from training.celery_app import get_app
+
+    app = get_app()
 
     argv = ["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.loglevel}"]
     argv += ["--pool=prefork", "--without-gossip", "--without-mingle"]

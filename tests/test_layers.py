@@ -8,6 +8,9 @@ layer crossing. Nothing is imported here.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +117,32 @@ def test_the_check_sees_late_relative_and_by_name_imports(tmp_path: Path) -> Non
     assert wrong_imports(core, tmp_path) == [
         "line 2: label_studio_sdk (not allowed in nextchat_core)"
     ]
+
+
+def test_importing_does_no_work(tmp_path: Path) -> None:
+    """Importing any module (except the WSGI entry point, whose job is to build the app)
+    reads and validates no setting, builds no Celery app and creates no ``MODEL_DIR``."""
+    modules = [
+        ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        for p in sources()
+        if p.name != "__main__.py" and p.relative_to(REPO).as_posix() != "backend/wsgi.py"
+    ]
+    model_dir = tmp_path / "model-dir"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "RETRAIN_"))}
+    env.update(
+        PYTHONPATH=str(REPO),
+        MODEL_DIR=str(model_dir),
+        RETRAIN_EPOCHS="not a number",  # would raise if validated at import
+        NEXTCHAT_MAX_IMAGE_PIXELS="not a number",
+    )
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "from training.celery_app import get_app\n"
+        "assert get_app.cache_info().currsize == 0, 'a Celery app was built at import'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not model_dir.exists(), "importing created MODEL_DIR"
