@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from nextchat_core.checkpoints import resolve_checkpoint, resolve_device
 from nextchat_core.predictor import NextChatPredictor
+from training.settings import resolve_checkpoint, resolve_device
 from training.versions import (
     CURRENT_FILE,
     checkpoint_fingerprint,

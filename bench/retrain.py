@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from nextchat_cli.loop_demo import make_tasks  # noqa: E402
-from nextchat_core.checkpoints import resolve_checkpoint  # noqa: E402
 from training.retrain import RetrainSettings, run_job  # noqa: E402
+from training.settings import resolve_checkpoint  # noqa: E402
 from training.store import AnnotationStore  # noqa: E402
 
 

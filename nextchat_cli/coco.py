@@ -232,10 +232,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     elif args.checkpoint is not None:
         # The model-running path lives with the training pipeline's reader and evaluation
         # loop (one implementation, shared with training and the retraining gate).
-        from nextchat_core.checkpoints import resolve_checkpoint, resolve_device
         from nextchat_core.predictor import NextChatPredictor
         from training.data import read_refexp_jsonl
         from training.evaluation import evaluate_predictor
+        from training.settings import resolve_checkpoint, resolve_device
 
         predictor = NextChatPredictor.from_pretrained(
             resolve_checkpoint(args.checkpoint), device=resolve_device(args.device)

@@ -66,9 +66,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from nextchat_cli.overlay import draw_overlay
-    from nextchat_core.checkpoints import resolve_checkpoint, resolve_device
     from nextchat_core.image_processing import load_image
     from nextchat_core.predictor import NextChatPredictor
+    from training.settings import resolve_checkpoint, resolve_device
 
     predictor = NextChatPredictor.from_pretrained(
         resolve_checkpoint(args.checkpoint), device=resolve_device(args.device)

@@ -114,7 +114,7 @@ def _fit(model, batch, opt, sched, max_steps: int) -> None:
 
 # nextchat_core files that play no part in building, training or saving the model: editing
 # them does not invalidate the cached checkpoint.
-_NOT_IN_TRAINING = frozenset({"predictor.py", "checkpoints.py"})
+_NOT_IN_TRAINING = frozenset({"predictor.py"})
 
 
 @functools.cache

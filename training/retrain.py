@@ -33,8 +33,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from nextchat_core.checkpoints import resolve_checkpoint, resolve_device
 from training import versions
+from training.settings import resolve_checkpoint, resolve_device
 
 from .store import AnnotationStore, Job
 
