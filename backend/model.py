@@ -223,19 +223,11 @@ class NextChatBackend:
 
     # ------------------------------------------------------------------ internals
     def _fetch_options(self, state: ProjectState | None, params: dict[str, Any]) -> FetchOptions:
-        s = self.settings
         login, password = params.get("login"), params.get("password")
-        return FetchOptions(
-            hostname=(state.hostname if state and state.hostname else s.label_studio_url),
-            access_token=(
-                state.access_token if state and state.access_token else s.label_studio_api_key
-            ),
-            timeout=s.fetch_timeout,
-            max_bytes=int(s.max_download_mb * 2**20),
-            workers=s.fetch_workers,
-            local_files_root=s.local_files_root,
-            task_data_login=login if isinstance(login, str) and login else None,
-            task_data_password=password if isinstance(password, str) and password else None,
+        return self.settings.fetch_options(
+            state,
+            task_data_login=login if isinstance(login, str) else None,
+            task_data_password=password if isinstance(password, str) else None,
         )
 
     def _plan_jobs(

@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
+from nextchat_core.device import resolve_device
 from nextchat_core.predictor import NextChatPredictor
-from training.settings import resolve_checkpoint, resolve_device
+from training.settings import resolve_checkpoint
 from training.versions import (
     CURRENT_FILE,
     checkpoint_fingerprint,

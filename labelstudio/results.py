@@ -27,13 +27,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, TypeGuard
-from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
 
@@ -496,59 +493,6 @@ def image_reference(task: dict[str, Any], config: LabelConfig | None = None) -> 
             task_id=task.get("id"),
         )
     return ref
-
-
-def image_file_name(ref: str) -> str:
-    """COCO ``file_name`` for a Label Studio image reference: the ``d`` path of a
-    ``/data/local-files/?d=...`` URL, the last path component of a URL or upload, a plain
-    path as given."""
-    parsed = urlparse(ref)
-    if "local-files" in parsed.path and "d" in parse_qs(parsed.query):
-        return unquote(parse_qs(parsed.query)["d"][0])
-    if parsed.scheme in ("", "file") and not ref.startswith("/data/"):
-        return unquote(parsed.path) if parsed.scheme == "file" else ref
-    return unquote(Path(parsed.path).name)
-
-
-def resolve_local_image(ref: str, image_root: str | os.PathLike[str] | None = None) -> Path | None:
-    """A readable local file for an image reference, or ``None``.
-
-    Tries, in order: the reference as a path (``file://`` URLs too); for
-    ``/data/local-files/?d=rel`` the ``rel`` path under ``image_root`` or under
-    ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``; ``image_root / file_name`` and
-    ``image_root / basename``.
-    """
-    candidates: list[Path] = []
-    parsed = urlparse(ref)
-    if parsed.scheme == "file":
-        candidates.append(Path(unquote(parsed.path)))
-    elif parsed.scheme == "" and not ref.startswith("/data/"):
-        candidates.append(Path(ref))
-    name = image_file_name(ref)
-    roots = [Path(image_root)] if image_root is not None else []
-    doc_root = os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
-    if doc_root and "local-files" in parsed.path:
-        roots.append(Path(doc_root))
-    for root in roots:
-        candidates += [root / name, root / Path(name).name]
-    return next((c for c in candidates if c.is_file()), None)
-
-
-def read_image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """``(width, height)`` of an image file after EXIF orientation (what Label Studio and
-    ``PIL.ImageOps.exif_transpose`` show): orientations 5-8 swap the stored sides. Reads
-    only the header. Raises ``ValueError`` for a file PIL cannot read."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-            orientation = img.getexif().get(0x0112, 1)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"cannot read image size from {path}: {exc}") from exc
-    if orientation in (5, 6, 7, 8):  # transposed / rotated by 90 or 270 degrees
-        width, height = height, width
-    return width, height
 
 
 # -------------------------------------------------------------------------- building

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -24,8 +25,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", nargs="?", type=Path, help="Label Studio JSON export (a task list)")
     p.add_argument("--project", type=int, help="export this Label Studio project instead")
-    p.add_argument("--url", help="Label Studio URL (default: $LABEL_STUDIO_URL)")
-    p.add_argument("--api-key", help="Label Studio API key (default: $LABEL_STUDIO_API_KEY)")
+    p.add_argument(
+        "--url",
+        default=os.environ.get("LABEL_STUDIO_URL"),
+        help="Label Studio URL (default: $LABEL_STUDIO_URL)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LABEL_STUDIO_API_KEY"),
+        help="Label Studio API key (default: $LABEL_STUDIO_API_KEY)",
+    )
     p.add_argument(
         "--config",
         type=Path,
@@ -122,7 +131,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--checkpoint",
         help="run this model on the --refexp records (default: predictions in the file)",
     )
-    p.add_argument("--device", default=None, help="cpu or cuda, with --checkpoint")
+    p.add_argument(
+        "--device",
+        default=os.environ.get("NEXTCHAT_DEVICE"),
+        help="cpu or cuda, with --checkpoint (default: $NEXTCHAT_DEVICE or cpu)",
+    )
     p.add_argument(
         "--max-records", type=int, default=None, help="evaluate at most this many records"
     )
@@ -232,10 +245,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     elif args.checkpoint is not None:
         # The model-running path lives with the training pipeline's reader and evaluation
         # loop (one implementation, shared with training and the retraining gate).
+        from nextchat_core.device import resolve_device
         from nextchat_core.predictor import NextChatPredictor
         from training.data import read_refexp_jsonl
         from training.evaluation import evaluate_predictor
-        from training.settings import resolve_checkpoint, resolve_device
+        from training.settings import resolve_checkpoint
 
         predictor = NextChatPredictor.from_pretrained(
             resolve_checkpoint(args.checkpoint), device=resolve_device(args.device)

@@ -21,6 +21,7 @@ import pytest
 
 from backend.app import create_app
 from backend.settings import Settings
+from labelstudio.projects import ProjectState
 from nextchat_cli.loop_demo import REDIS_URL, Loop, annotation_event, free_port, make_tasks
 from nextchat_core.build import build_model, save_pretrained
 from training import versions
@@ -379,6 +380,28 @@ def test_retrain_settings_reject_bad_values():
         RetrainSettings.from_env({"RETRAIN_STAGES": "2,5"})
     with pytest.raises(ValueError, match="RETRAIN_EVERY='many'"):
         RetrainSettings.from_env({"RETRAIN_EVERY": "many"})
+
+
+def test_workers_fetch_images_with_the_backends_rules(tmp_path):
+    # One parse of the shared variables and one fetch_options: a retraining job downloads
+    # with the same timeout, size limit and Label Studio address as /predict.
+    env = {
+        "MODEL_DIR": str(tmp_path),
+        "FETCH_TIMEOUT": "3",
+        "MAX_DOWNLOAD_MB": "1.5",
+        "LABEL_STUDIO_URL": "http://ls:8080/",
+        "LABEL_STUDIO_API_KEY": "token",
+        "LOCAL_FILES_DOCUMENT_ROOT": str(tmp_path),
+    }
+    worker = RetrainSettings.from_env(env).fetch_options(None)
+    assert worker == Settings.from_env(env).fetch_options(None)
+    assert (worker.timeout, worker.max_bytes) == (3.0, int(1.5 * 2**20))
+    assert (worker.hostname, worker.access_token) == ("http://ls:8080", "token")
+    assert worker.local_files_root == tmp_path
+    state = ProjectState(project="7", hostname="http://other:8080", access_token="t7")
+    assert RetrainSettings.from_env(env).fetch_options(state).hostname == "http://other:8080"
+    with pytest.raises(ValueError, match="FETCH_TIMEOUT"):
+        RetrainSettings.from_env({"FETCH_TIMEOUT": "soon"})
 
 
 def test_training_route_on_a_fresh_model_dir(webhook_client):

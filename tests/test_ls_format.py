@@ -10,18 +10,16 @@ import pytest
 from PIL import Image, ImageOps
 
 from labelstudio import results as ls_results
+from labelstudio.images import image_file_name, read_image_size, resolve_local_image
 from labelstudio.results import (
     LabelStudioFormatError,
     brush_result,
-    image_file_name,
     parse_label_config,
     parse_results,
     parse_task,
     polygon_result,
-    read_image_size,
     rectangle_result,
     region_to_result,
-    resolve_local_image,
     textarea_result,
 )
 from nextchat_core import frames

@@ -37,11 +37,10 @@ from typing import Any
 
 import numpy as np
 
+from labelstudio.images import read_image_size, resolve_local_image
 from labelstudio.results import (
     image_reference,
     parse_task,
-    read_image_size,
-    resolve_local_image,
 )
 from nextchat_core import frames
 from nextchat_core.batch import Sample

@@ -43,17 +43,15 @@ from nextchat_core.masks import (
     mask_to_polygons,
 )
 
+from ..images import image_file_name, read_image_size, resolve_local_image
 from ..results import (
     LabelConfig,
     LabelStudioFormatError,
     Region,
     TaskSource,
-    image_file_name,
     image_reference,
     parse_label_config,
     parse_task,
-    read_image_size,
-    resolve_local_image,
     result_image_size,
     task_id_of,
     task_results,
@@ -108,16 +106,14 @@ def fetch_project(
     """Export every task of a Label Studio project (annotations and predictions) and its
     label config, through ``label_studio_sdk``.
 
-    ``base_url``/``api_key`` default to ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY``.
-    Uses the synchronous JSON export of Label Studio Community
+    ``base_url``/``api_key``: the Label Studio address and an access token (the CLI
+    defaults them to ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY``). Uses the synchronous JSON export of Label Studio Community
     (``/api/projects/ID/export?exportType=JSON&download_all_tasks=true``).
     """
     import httpx
     from label_studio_sdk import LabelStudio
     from label_studio_sdk.core.api_error import ApiError
 
-    base_url = base_url or os.environ.get("LABEL_STUDIO_URL")
-    api_key = api_key or os.environ.get("LABEL_STUDIO_API_KEY")
     if not base_url or not api_key:
         raise ValueError(
             "exporting a project needs the Label Studio URL and API key: set "
@@ -163,7 +159,7 @@ def export_coco(
 
     Image sizes come from the results' ``original_width``/``original_height``; tasks
     without any (e.g. no annotation) are sized from the image file when it is local
-    (``image_root``, ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``), EXIF orientation applied.
+    (``image_root``, ``LOCAL_FILES_DOCUMENT_ROOT``), EXIF orientation applied.
     ``source``, ``all_annotations`` and ``model_version`` pick results as
     :func:`labelstudio.results.parse_task` does.
 
