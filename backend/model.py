@@ -41,9 +41,10 @@ from labelstudio.images import FetchedImage, FetchOptions, TaskError, fetch_imag
 from labelstudio.projects import ProjectState, ProjectStore, project_key
 from labelstudio.results import LabelStudioFormatError, parse_results, textarea_result
 from nextchat_core.predictor import MAX_PROMPT_CHARS, Answer, NextChatPredictor, Query
+from training.versions import ModelVersion
 
 from .label_config import LabeledPrompt, LabelPlan, plan_for
-from .model_cache import ModelStore, ModelVersion
+from .model_cache import ModelStore
 from .results import LabeledDetection, answer_text, deduplicate, detection_results, new_region_id
 from .settings import Settings
 

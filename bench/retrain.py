@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from nextchat_cli.loop_demo import make_tasks  # noqa: E402
 from training.retrain import RetrainSettings, run_job  # noqa: E402
-from training.settings import resolve_checkpoint  # noqa: E402
 from training.store import AnnotationStore  # noqa: E402
+from training.versions import resolve_checkpoint  # noqa: E402
 
 
 def bench_one(n: int, base: Path, root: Path, args: argparse.Namespace) -> dict:

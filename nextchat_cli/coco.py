@@ -249,7 +249,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         from nextchat_core.predictor import NextChatPredictor
         from training.data import read_refexp_jsonl
         from training.evaluation import evaluate_predictor
-        from training.settings import resolve_checkpoint
+        from training.versions import resolve_checkpoint
 
         predictor = NextChatPredictor.from_pretrained(
             resolve_checkpoint(args.checkpoint), device=resolve_device(args.device)

@@ -175,7 +175,7 @@ def _loop_demo(args: argparse.Namespace) -> int:
     import shutil
 
     from nextchat_cli.loop_demo import run_demo
-    from training.settings import resolve_checkpoint
+    from training.versions import resolve_checkpoint
 
     out = Path(args.out).resolve()
     if out.exists():

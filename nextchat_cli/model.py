@@ -74,7 +74,7 @@ def _predict(args: argparse.Namespace) -> int:
     from nextchat_core.device import resolve_device
     from nextchat_core.image_processing import load_image
     from nextchat_core.predictor import NextChatPredictor
-    from training.settings import resolve_checkpoint
+    from training.versions import resolve_checkpoint
 
     predictor = NextChatPredictor.from_pretrained(
         resolve_checkpoint(args.checkpoint), device=resolve_device(args.device)

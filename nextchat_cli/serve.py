@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from backend.settings import Settings
-    from training.settings import resolve_checkpoint
+    from training.versions import resolve_checkpoint
 
     # Options become environment variables so that every gunicorn worker, which builds
     # its app from the environment, sees the same settings.

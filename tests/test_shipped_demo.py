@@ -18,7 +18,7 @@ from nextchat_core.predictor import NextChatPredictor
 from training import demo, synth
 from training.data import read_refexp_jsonl
 from training.evaluation import evaluate_predictor
-from training.settings import resolve_checkpoint
+from training.versions import resolve_checkpoint
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 EASY_HITS, FULL_HITS = 16, 12  # of 20; measured for the shipped weights (2026-11-27)

@@ -35,7 +35,7 @@ from typing import Any
 
 from nextchat_core.device import resolve_device
 from training import versions
-from training.settings import ServiceSettings, resolve_checkpoint
+from training.settings import ServiceSettings
 
 from .store import AnnotationStore, Job
 
@@ -136,15 +136,6 @@ class RetrainSettings(ServiceSettings):
         return AnnotationStore(self.model_dir)
 
 
-def served_checkpoint(settings: RetrainSettings) -> tuple[str, Path]:
-    """``(name, path)`` of the version being served: ``MODEL_DIR/current`` or the base."""
-    name = versions.read_current_version(settings.model_dir)
-    if name is not None:
-        return name, versions.version_dir(settings.model_dir, name)
-    path = resolve_checkpoint(settings.checkpoint).resolve()
-    return f"{path.name}-{versions.checkpoint_fingerprint(path)}", path
-
-
 def version_name(job: Job) -> str:
     """The version a job publishes: stable for the job (a redelivery finds it)."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(job.created_at))
@@ -232,7 +223,8 @@ def _run(
     work = settings.model_dir / "jobs" / job.job_id
     work.mkdir(parents=True, exist_ok=True)
     published = versions.version_dir(settings.model_dir, name)
-    parent_name, parent_path = served_checkpoint(settings)
+    served = versions.served_version(settings.model_dir, settings.checkpoint)
+    parent_name, parent_path = served.name, served.path
     if (published / versions.VERSION_META).is_file():
         # A redelivery after the version was published: finish the promotion step only.
         meta = json.loads((published / versions.VERSION_META).read_text())

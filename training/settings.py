@@ -7,13 +7,12 @@ checkpoint, the device, how to reach Label Studio and how to fetch images. The b
 extend it, so each variable is parsed and validated in one place; ``fetch_options`` gives
 ``/predict`` and a retraining job the same download rules.
 
-Where the model comes from: an explicit argument, then ``NEXTCHAT_CHECKPOINT``, then the
-bundled demo checkpoint (:func:`resolve_checkpoint`).
+Which model is served (the base checkpoint, the versions under ``MODEL_DIR``) is
+:mod:`training.versions`.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,25 +23,8 @@ from labelstudio.projects import ProjectState
 
 from .versions import default_model_dir
 
-# The small demo model shipped with the product (trained by `make demo-model`).
-DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "demo"
-
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
-
-
-def resolve_checkpoint(path: str | os.PathLike | None = None) -> Path:
-    """The checkpoint directory to use; ``FileNotFoundError`` with a fix when none exists."""
-    chosen = path or os.environ.get("NEXTCHAT_CHECKPOINT") or DEMO_CHECKPOINT
-    chosen = Path(chosen)
-    if not chosen.is_dir():
-        hint = (
-            "the bundled demo model is missing: run `make demo-model` to train it"
-            if chosen == DEMO_CHECKPOINT
-            else "pass --checkpoint DIR or set NEXTCHAT_CHECKPOINT to a checkpoint directory"
-        )
-        raise FileNotFoundError(f"no checkpoint at {chosen}: {hint}")
-    return chosen
 
 
 @dataclass(frozen=True)
