@@ -28,7 +28,19 @@ from .frames import SamGeometry, SquareGeometry
 
 # Decompression-bomb guard: refuse images above this many pixels (PIL's default warns at
 # 89 M and raises at 179 M; a labeling backend should fail fast and clearly instead).
-MAX_IMAGE_PIXELS = int(os.environ.get("NEXTCHAT_MAX_IMAGE_PIXELS", 64_000_000))
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+
+
+def max_image_pixels() -> int:
+    """The pixel limit: ``NEXTCHAT_MAX_IMAGE_PIXELS`` when set (read at each call, so
+    importing this module reads nothing), else :data:`DEFAULT_MAX_IMAGE_PIXELS`."""
+    raw = os.environ.get("NEXTCHAT_MAX_IMAGE_PIXELS", "").strip()
+    if not raw:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"NEXTCHAT_MAX_IMAGE_PIXELS must be an integer, got {raw!r}") from None
 
 
 def load_image(source: Any) -> Image.Image:
@@ -65,10 +77,11 @@ def _open(source: Any) -> Image.Image:
     try:
         img = Image.open(fp)
         w, h = img.size
-        if w * h > MAX_IMAGE_PIXELS:
+        limit = max_image_pixels()
+        if w * h > limit:
             raise ValueError(
                 f"image {name} is {w}x{h} = {w * h} pixels, above the limit of "
-                f"{MAX_IMAGE_PIXELS}; downscale it or raise NEXTCHAT_MAX_IMAGE_PIXELS"
+                f"{limit}; downscale it or raise NEXTCHAT_MAX_IMAGE_PIXELS"
             )
         img.load()  # decode now so truncation errors surface here, not later
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:

@@ -32,10 +32,17 @@ from backend.app import create_app
 from backend.label_config import plan_for
 from backend.model_cache import ModelStore
 from backend.settings import Settings
+from labelstudio.results import parse_label_config
 from nextchat_core import frames
-from nextchat_core.ls_format import parse_label_config
+from nextchat_core.masks import (
+    mask_iou,
+    mask_to_polygons,
+    polygon_area,
+    polygon_to_mask,
+    simplify_polygon,
+)
 from nextchat_core.predictor import NextChatPredictor
-from nextchat_core.versions import set_current_version, version_dir
+from training.versions import set_current_version, version_dir
 
 CONFIGS = ["boxes", "boxes_masks", "polygons", "per_label_prompts", "region_caption", "chat"]
 TOKEN = "ls-token-0123456789abcdef"  # the Label Studio access token /setup hands over
@@ -243,7 +250,7 @@ def test_predict_every_label_config(client, server, store, predictor, config):
             strict=True,
         ):
             pts = frames.points_percent_to_pixel(poly["value"]["points"], W, H)
-            assert frames.mask_iou(frames.polygon_to_mask(pts, W, H), truth) > 0.8
+            assert mask_iou(polygon_to_mask(pts, W, H), truth) > 0.8
     if config == "per_label_prompts":
         # One prompt per label: hint, predicted_values (two prompts), the label's value.
         labels = {r["value"]["rectanglelabels"][0] for r in rects}
@@ -752,16 +759,16 @@ def test_ls_format_label_attributes():
 
 def test_simplify_polygon_keeps_the_shape():
     _, m1, _ = scene()
-    (poly,) = frames.mask_to_polygons(m1)
-    assert frames.polygon_area(poly) == m1.sum()  # traced along pixel edges: exact
-    simple = frames.simplify_polygon(poly, 1.0)
+    (poly,) = mask_to_polygons(m1)
+    assert polygon_area(poly) == m1.sum()  # traced along pixel edges: exact
+    simple = simplify_polygon(poly, 1.0)
     assert 3 <= len(simple) < len(poly) / 2
-    assert frames.mask_iou(frames.polygon_to_mask(simple, W, H), m1) > 0.9
-    assert np.array_equal(frames.simplify_polygon(poly, 0.0), poly)
+    assert mask_iou(polygon_to_mask(simple, W, H), m1) > 0.9
+    assert np.array_equal(simplify_polygon(poly, 0.0), poly)
     square = np.array([[0, 0], [5, 0], [10, 0], [10, 10], [0, 10]], dtype=float)
-    assert len(frames.simplify_polygon(square, 0.5)) == 4  # the collinear point goes
+    assert len(simplify_polygon(square, 0.5)) == 4  # the collinear point goes
     with pytest.raises(ValueError, match="tolerance"):
-        frames.simplify_polygon(square, -1)
+        simplify_polygon(square, -1)
 
 
 # --------------------------------------------------------------- deployment files
@@ -829,7 +836,7 @@ def test_nextchat_serve_runs_under_gunicorn(ckpt, server, tmp_path):
     """``nextchat serve`` as a subprocess: gunicorn answers /health and /predict."""
     import requests
 
-    from training.loop_demo import start_backend
+    from nextchat_cli.loop_demo import start_backend
 
     env = {**os.environ, "MODEL_DIR": str(tmp_path / "md"), "THREADS": "2"}
     proc, url = start_backend(env, tmp_path / "serve.log", checkpoint=ckpt, timeout=60)

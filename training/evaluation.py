@@ -1,5 +1,5 @@
 """Evaluating a model on a referring-expression split: run the predictor, score with
-:func:`nextchat_core.coco.evaluate.evaluate_refexp` (the one implementation of REC
+:func:`labelstudio.coco.evaluate.evaluate_refexp` (the one implementation of REC
 Acc@0.5, mean IoU, mask mIoU / cIoU and multi-instance recall)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from nextchat_core.coco.evaluate import RefExpRecord, evaluate_refexp
+from labelstudio.coco.evaluate import RefExpRecord, evaluate_refexp
 from nextchat_core.image_processing import load_image
 from nextchat_core.predictor import NextChatPredictor, Query
 

@@ -34,6 +34,7 @@ from transformers import get_cosine_schedule_with_warmup
 from nextchat_core.batch import collate
 from nextchat_core.build import build_model, from_pretrained, save_pretrained
 from nextchat_core.config import PRESETS, get_preset
+from nextchat_core.device import resolve_device
 from nextchat_core.image_processing import ImageProcessor
 from nextchat_core.predictor import NextChatPredictor
 from nextchat_core.tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -221,7 +222,7 @@ def train(
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec = get_stage(config.stage)
-    device = _device(config.device)
+    device = torch.device(resolve_device(config.device))
     _seed_everything(config.seed)
 
     loaded: dict[str, SampleSet] = {}
@@ -423,16 +424,6 @@ def train(
 
 def _tty() -> bool:
     return os.isatty(2)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(
-            "train config asks for device 'cuda' but torch sees no CUDA device; use 'cpu' or 'auto'"
-        )
-    return torch.device(name)
 
 
 def _seed_everything(seed: int) -> None:

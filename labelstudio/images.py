@@ -25,7 +25,7 @@ import binascii
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +36,9 @@ import requests
 import requests.auth
 from PIL import Image
 
-from .image_processing import load_image
-from .ls_format import LabelConfig, LabelStudioFormatError, image_reference
+from nextchat_core.image_processing import load_image
+
+from .results import LabelConfig, LabelStudioFormatError, image_reference
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,73 @@ class FetchOptions:
     def __repr__(self) -> str:
         token = "set" if self.access_token else "none"
         return f"FetchOptions(hostname={self.hostname!r}, access_token=<{token}>, timeout={self.timeout})"
+
+
+def local_files_root_from_env(env: Mapping[str, str] | None = None) -> Path | None:
+    """The folder Label Studio serves ``/data/local-files/?d=...`` from:
+    ``LOCAL_FILES_DOCUMENT_ROOT`` (Label Studio's own variable; its
+    ``LABEL_STUDIO_``-prefixed spelling is read too), or ``None``."""
+    env = os.environ if env is None else env
+    for key in ("LOCAL_FILES_DOCUMENT_ROOT", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"):
+        value = (env.get(key) or "").strip()
+        if value:
+            return Path(value)
+    return None
+
+
+def image_file_name(ref: str) -> str:
+    """COCO ``file_name`` for a Label Studio image reference: the ``d`` path of a
+    ``/data/local-files/?d=...`` URL, the last path component of a URL or upload, a plain
+    path as given."""
+    parsed = urlparse(ref)
+    if "local-files" in parsed.path and "d" in parse_qs(parsed.query):
+        return unquote(parse_qs(parsed.query)["d"][0])
+    if parsed.scheme in ("", "file") and not ref.startswith("/data/"):
+        return unquote(parsed.path) if parsed.scheme == "file" else ref
+    return unquote(Path(parsed.path).name)
+
+
+def resolve_local_image(ref: str, image_root: str | os.PathLike[str] | None = None) -> Path | None:
+    """A readable local file for an image reference, or ``None``.
+
+    The offline tools' rule (COCO export, training on an export), where the user names
+    the files: tries, in order, the reference as a path (``file://`` URLs too); for
+    ``/data/local-files/?d=rel`` the ``rel`` path under ``image_root`` or under the
+    local-files root (:func:`local_files_root_from_env`); ``image_root / file_name`` and
+    ``image_root / basename``. The servers' rule (:func:`fetch_images`) is stricter: a
+    local path only under ``FetchOptions.local_files_root``.
+    """
+    candidates: list[Path] = []
+    parsed = urlparse(ref)
+    if parsed.scheme == "file":
+        candidates.append(Path(unquote(parsed.path)))
+    elif parsed.scheme == "" and not ref.startswith("/data/"):
+        candidates.append(Path(ref))
+    name = image_file_name(ref)
+    roots = [Path(image_root)] if image_root is not None else []
+    doc_root = local_files_root_from_env()
+    if doc_root is not None and "local-files" in parsed.path:
+        roots.append(doc_root)
+    for root in roots:
+        candidates += [root / name, root / Path(name).name]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def read_image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(width, height)`` of an image file after EXIF orientation (what Label Studio and
+    ``PIL.ImageOps.exif_transpose`` show): orientations 5-8 swap the stored sides. Reads
+    only the header. Raises ``ValueError`` for a file PIL cannot read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"cannot read image size from {path}: {exc}") from exc
+    if orientation in (5, 6, 7, 8):  # transposed / rotated by 90 or 270 degrees
+        width, height = height, width
+    return width, height
 
 
 def fetch_images(
