@@ -43,6 +43,50 @@ def max_image_pixels() -> int:
         raise ValueError(f"NEXTCHAT_MAX_IMAGE_PIXELS must be an integer, got {raw!r}") from None
 
 
+# Longest side over shortest: beyond this the short side vanishes in the model's frames
+# (a 40000x40 strip is 1 px tall after SAM's resize to 1024) and the square it is padded
+# to costs max(W, H)^2 pixels however small the file.
+DEFAULT_MAX_ASPECT_RATIO = 100.0
+
+
+def max_aspect_ratio() -> float:
+    """``NEXTCHAT_MAX_ASPECT_RATIO`` when set (read at each call), else the default."""
+    raw = os.environ.get("NEXTCHAT_MAX_ASPECT_RATIO", "").strip()
+    if not raw:
+        return DEFAULT_MAX_ASPECT_RATIO
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if value < 1:
+        raise ValueError(f"NEXTCHAT_MAX_ASPECT_RATIO must be a number >= 1, got {raw!r}")
+    return value
+
+
+def check_image_size(width: int, height: int, *, name: str = "image") -> None:
+    """Raise ``ValueError`` (naming the limit and its setting) for an image the model
+    cannot take: zero-sized, above the pixel limit, so elongated that its padded square
+    (``max(W, H)^2``, what the vision frame allocates) is above it, or beyond the aspect
+    ratio limit. Called before any pixel is decoded or allocated."""
+    limit = max_image_pixels()
+    if width < 1 or height < 1:
+        raise ValueError(f"{name} is {width}x{height}: an image needs at least 1x1 pixels")
+    if width * height > limit:
+        raise ValueError(
+            f"{name} is {width}x{height} = {width * height} pixels, above the limit of "
+            f"{limit}; downscale it or raise NEXTCHAT_MAX_IMAGE_PIXELS"
+        )
+    ratio = max(width, height) / min(width, height)
+    side = max(width, height)
+    if side * side > limit or ratio > max_aspect_ratio():
+        raise ValueError(
+            f"{name} is {width}x{height}, an aspect ratio of {ratio:.0f}:1; the model pads "
+            f"images to a square ({side}x{side} = {side * side} pixels) and allows at most "
+            f"{limit} pixels there (NEXTCHAT_MAX_IMAGE_PIXELS) and {max_aspect_ratio():g}:1 "
+            "(NEXTCHAT_MAX_ASPECT_RATIO): crop it or split it into tiles"
+        )
+
+
 def load_image(source: Any) -> Image.Image:
     """Open an image from a path, bytes, a file object, a PIL image or an ``HxWx3`` uint8
     array; apply its EXIF orientation and convert to 8-bit RGB.
@@ -52,12 +96,14 @@ def load_image(source: Any) -> Image.Image:
     source of another kind.
     """
     if isinstance(source, Image.Image):
+        check_image_size(source.width, source.height)
         img = source
     elif isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
             raise TypeError(
                 f"an array image must be HxWx3 uint8 RGB, got shape {source.shape} dtype {source.dtype}"
             )
+        check_image_size(source.shape[1], source.shape[0], name="the array image")
         return Image.fromarray(source)
     elif isinstance(source, str | os.PathLike | bytes | bytearray) or hasattr(source, "read"):
         img = _open(source)
@@ -75,16 +121,19 @@ def _open(source: Any) -> Image.Image:
         raise FileNotFoundError(f"image file not found: {source}")
     fp = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
     try:
-        img = Image.open(fp)
-        w, h = img.size
-        limit = max_image_pixels()
-        if w * h > limit:
+        try:
+            img = Image.open(fp)
+        except Image.DecompressionBombError as exc:
+            # Pillow's own guard (at twice Image.MAX_IMAGE_PIXELS) fires before ours can
+            # read the size; say it in this product's terms.
             raise ValueError(
-                f"image {name} is {w}x{h} = {w * h} pixels, above the limit of "
-                f"{limit}; downscale it or raise NEXTCHAT_MAX_IMAGE_PIXELS"
-            )
+                f"image {name} is above the limit of {max_image_pixels()} pixels "
+                f"(NEXTCHAT_MAX_IMAGE_PIXELS; {exc}); downscale it"
+            ) from None
+        w, h = img.size
+        check_image_size(w, h, name=f"image {name}")
         img.load()  # decode now so truncation errors surface here, not later
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"cannot decode image {name}: {exc} (expected a PNG/JPEG/...)") from exc
     return img
 

@@ -76,6 +76,10 @@ def images(tmp_path_factory) -> Path:
     (root / "truncated.png").write_bytes(full[: len(full) // 2])
     # 9000 x 9000 = 81 M pixels (above the 64 M guard) in a few kB: a decompression bomb.
     Image.new("1", (9000, 9000)).save(root / "huge.png")
+    # A 40000 x 40 strip: a few kB, 1.6 M pixels, but a 40000^2 square once padded.
+    Image.new("RGB", (40000, 40), (200, 30, 30)).save(root / "strip.png")
+    # 20000 x 20000: above Pillow's own bomb guard, which fires before ours can look.
+    Image.new("1", (20000, 20000)).save(root / "bomb20k.png")
     (root / "notes.txt").write_text("not an image")
     return root
 
@@ -383,6 +387,8 @@ def test_one_bad_task_never_fails_the_batch(client, server):
         "gray16.png",
         "cmyk.jpg",
         "palette.png",
+        "strip.png",
+        "bomb20k.png",
     ]
     tasks = [task(server, i, n) for i, n in enumerate(names)]
     tasks.append({"id": 99, "data": {"text": "a text task"}})  # no image at all
@@ -406,6 +412,11 @@ def test_one_bad_task_never_fails_the_batch(client, server):
     assert errors[99]["kind"] == "no_image" and "image" in errors[99]["detail"]
     assert "unsupported image reference scheme" in errors[100]["detail"]
     assert "LOCAL_FILES_DOCUMENT_ROOT" in errors[101]["detail"]
+    # the strip is refused before a pixel is allocated, as an image problem
+    assert errors[10]["kind"] == "decode" and "aspect ratio of 1000:1" in errors[10]["detail"]
+    assert "NEXTCHAT_MAX_IMAGE_PIXELS" in errors[10]["detail"]
+    # the product's limit and setting, not only Pillow's message
+    assert "NEXTCHAT_MAX_IMAGE_PIXELS" in errors[11]["detail"]
 
 
 def test_a_request_whose_every_task_fails_is_an_error(client, server):
