@@ -27,12 +27,12 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from labelstudio.projects import ProjectStore, project_key
 from training.retrain import RetrainSettings
 from training.tasks import enqueue_pending
 
 from .model import BackendError, NextChatBackend
 from .model_cache import ModelStore
-from .projects import ProjectStore, project_key
 from .settings import Settings
 from .webhook import TRAINING_EVENTS, handle_training_event, validate_webhook_payload
 

@@ -1,7 +1,7 @@
 """What a Label Studio label config asks of the backend: which results to build, where
 prompts come from, and which label a prompt's boxes get.
 
-Parsed once per config by ``nextchat_core.ls_format.parse_label_config`` (the SDK's
+Parsed once per config by ``labelstudio.results.parse_label_config`` (the SDK's
 ``LabelInterface``); this module only reads roles off the parsed controls:
 
 * region controls (``RectangleLabels``, ``BrushLabels``, ``PolygonLabels`` on the
@@ -27,7 +27,7 @@ import functools
 import re
 from dataclasses import dataclass
 
-from nextchat_core.ls_format import ControlInfo, LabelConfig, parse_label_config
+from labelstudio.results import ControlInfo, LabelConfig, parse_label_config
 
 REGION_TAGS = ("rectanglelabels", "brushlabels", "polygonlabels")
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)

@@ -1,9 +1,9 @@
 """The Label Studio ML backend model: ``/setup`` and ``/predict`` on NExT-Chat.
 
 Thin by design: read the label config's roles (:mod:`backend.label_config`), pick each
-task's prompts, fetch images (:mod:`nextchat_core.image_fetch`), run the core predictor in batches
+task's prompts, fetch images (:mod:`labelstudio.images`), run the core predictor in batches
 on the weights cached per process (:mod:`backend.model_cache`), and build results with
-``nextchat_core.ls_format`` (:mod:`backend.results`).
+``labelstudio.results`` (:mod:`backend.results`).
 
 Prompts of a task, first match wins:
 
@@ -37,13 +37,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from nextchat_core.image_fetch import FetchedImage, FetchOptions, TaskError, fetch_images
-from nextchat_core.ls_format import LabelStudioFormatError, parse_results, textarea_result
+from labelstudio.images import FetchedImage, FetchOptions, TaskError, fetch_images
+from labelstudio.projects import ProjectState, ProjectStore, project_key
+from labelstudio.results import LabelStudioFormatError, parse_results, textarea_result
 from nextchat_core.predictor import MAX_PROMPT_CHARS, Answer, NextChatPredictor, Query
+from training.versions import ModelVersion
 
 from .label_config import LabeledPrompt, LabelPlan, plan_for
-from .model_cache import ModelStore, ModelVersion
-from .projects import ProjectState, ProjectStore, project_key
+from .model_cache import ModelStore
 from .results import LabeledDetection, answer_text, deduplicate, detection_results, new_region_id
 from .settings import Settings
 
@@ -223,19 +224,11 @@ class NextChatBackend:
 
     # ------------------------------------------------------------------ internals
     def _fetch_options(self, state: ProjectState | None, params: dict[str, Any]) -> FetchOptions:
-        s = self.settings
         login, password = params.get("login"), params.get("password")
-        return FetchOptions(
-            hostname=(state.hostname if state and state.hostname else s.label_studio_url),
-            access_token=(
-                state.access_token if state and state.access_token else s.label_studio_api_key
-            ),
-            timeout=s.fetch_timeout,
-            max_bytes=int(s.max_download_mb * 2**20),
-            workers=s.fetch_workers,
-            local_files_root=s.local_files_root,
-            task_data_login=login if isinstance(login, str) and login else None,
-            task_data_password=password if isinstance(password, str) and password else None,
+        return self.settings.fetch_options(
+            state,
+            task_data_login=login if isinstance(login, str) else None,
+            task_data_password=password if isinstance(password, str) else None,
         )
 
     def _plan_jobs(

@@ -1,5 +1,5 @@
 """The once-per-process weights cache of the backend, over the model versions of
-:mod:`nextchat_core.versions` (``MODEL_DIR/versions/<name>`` + the ``current`` pointer).
+:mod:`training.versions` (``MODEL_DIR/versions/<name>`` + the ``current`` pointer).
 
 Without ``current`` the backend serves the base checkpoint (``--checkpoint``,
 ``NEXTCHAT_CHECKPOINT`` or the bundled demo), named ``<dir name>-<fingerprint>``.
@@ -17,20 +17,19 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from nextchat_core.checkpoints import resolve_checkpoint, resolve_device
+from nextchat_core.device import resolve_device
 from nextchat_core.predictor import NextChatPredictor
-from nextchat_core.versions import (
+from training.versions import (
     CURRENT_FILE,
-    checkpoint_fingerprint,
+    ModelVersion,
+    base_version,
     list_versions,
     read_current_version,
-    version_dir,
+    stored_version,
 )
 
 from .settings import Settings
@@ -38,15 +37,6 @@ from .settings import Settings
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class ModelVersion:
-    """A servable model: its Label Studio ``model_version`` name and checkpoint dir."""
-
-    name: str
-    path: Path
-    source: str  # "base" (the configured checkpoint) or "model_dir" (MODEL_DIR/versions)
 
 
 class ModelStore:
@@ -73,23 +63,16 @@ class ModelStore:
     def base_version(self) -> ModelVersion:
         """The configured checkpoint (``--checkpoint`` / ``NEXTCHAT_CHECKPOINT`` / demo)."""
         if self._base is None:
-            path = resolve_checkpoint(self.settings.checkpoint).resolve()
-            name = f"{path.name}-{checkpoint_fingerprint(path)}"
-            self._base = ModelVersion(name=name, path=path, source="base")
+            self._base = base_version(self.settings.checkpoint)
         return self._base
 
     def current_version(self) -> ModelVersion:
-        """The version to serve now: ``MODEL_DIR/current`` when set, else the base."""
+        """The version to serve now (:func:`training.versions.served_version`, with the
+        ``current`` pointer read only when its file changed)."""
         name = self._current_name()
         if name is None:
             return self.base_version()
-        path = version_dir(self.settings.model_dir, name)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{self.settings.model_dir / CURRENT_FILE} names version {name!r} but {path} "
-                "holds no checkpoint: fix the pointer or delete it to serve the base model"
-            )
-        return ModelVersion(name=name, path=path.resolve(), source="model_dir")
+        return stored_version(self.settings.model_dir, name)
 
     def versions(self) -> dict[str, Any]:
         """``GET /versions``: every version name (base first), the current one, details."""

@@ -1,4 +1,4 @@
-"""Model answers -> Label Studio results, through ``nextchat_core.ls_format`` builders.
+"""Model answers -> Label Studio results, through ``labelstudio.results`` builders.
 
 Frames: detections arrive in original pixels of the EXIF-transposed image (the
 predictor's frame); the builders convert to Label Studio percent via
@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from nextchat_core import frames
-from nextchat_core.ls_format import (
+from labelstudio.results import (
     brush_result,
     polygon_result,
     rectangle_result,
 )
+from nextchat_core import frames
+from nextchat_core.masks import mask_to_polygons, polygon_area, simplify_polygon
 from nextchat_core.predictor import Detection
 
 from .label_config import LabelPlan
@@ -112,12 +113,12 @@ def detection_results(
         label = plan.label_for(item.prompt, plan.polygons, item.label)
         if has_mask:
             assert det.mask is not None
-            traced = frames.mask_to_polygons(det.mask)
-            areas = [frames.polygon_area(p) for p in traced]
+            traced = mask_to_polygons(det.mask)
+            areas = [polygon_area(p) for p in traced]
             # SAM masks carry specks: a part under MIN_PART of the largest is noise to an
             # annotator, not an object part.
             keep = [p for p, a in zip(traced, areas, strict=True) if a >= MIN_PART * max(areas)]
-            polygons = [frames.simplify_polygon(p, polygon_tolerance) for p in keep]
+            polygons = [simplify_polygon(p, polygon_tolerance) for p in keep]
             score = mask_score
         else:
             x1, y1, x2, y2 = (float(v) for v in det.box)

@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from labelstudio.projects import project_key
 from training.retrain import RetrainSettings
 from training.tasks import enqueue
-
-from .projects import project_key
 
 logger = logging.getLogger(__name__)
 

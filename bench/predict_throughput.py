@@ -38,10 +38,10 @@ from PIL import Image, ImageDraw
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from nextchat_core.checkpoints import DEMO_CHECKPOINT  # noqa: E402
+from nextchat_cli.loop_demo import start_backend  # noqa: E402
 from nextchat_core.image_processing import load_image  # noqa: E402
 from nextchat_core.predictor import NextChatPredictor, Query  # noqa: E402
-from training.loop_demo import start_backend  # noqa: E402
+from training.versions import DEMO_CHECKPOINT  # noqa: E402
 
 
 def make_images(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> list[str]:

@@ -25,10 +25,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from nextchat_core.checkpoints import resolve_checkpoint  # noqa: E402
-from training.loop_demo import make_tasks  # noqa: E402
+from nextchat_cli.loop_demo import make_tasks  # noqa: E402
 from training.retrain import RetrainSettings, run_job  # noqa: E402
 from training.store import AnnotationStore  # noqa: E402
+from training.versions import resolve_checkpoint  # noqa: E402
 
 
 def bench_one(n: int, base: Path, root: Path, args: argparse.Namespace) -> dict:

@@ -28,7 +28,63 @@ from .frames import SamGeometry, SquareGeometry
 
 # Decompression-bomb guard: refuse images above this many pixels (PIL's default warns at
 # 89 M and raises at 179 M; a labeling backend should fail fast and clearly instead).
-MAX_IMAGE_PIXELS = int(os.environ.get("NEXTCHAT_MAX_IMAGE_PIXELS", 64_000_000))
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+
+
+def max_image_pixels() -> int:
+    """The pixel limit: ``NEXTCHAT_MAX_IMAGE_PIXELS`` when set (read at each call, so
+    importing this module reads nothing), else :data:`DEFAULT_MAX_IMAGE_PIXELS`."""
+    raw = os.environ.get("NEXTCHAT_MAX_IMAGE_PIXELS", "").strip()
+    if not raw:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"NEXTCHAT_MAX_IMAGE_PIXELS must be an integer, got {raw!r}") from None
+
+
+# Longest side over shortest: beyond this the short side vanishes in the model's frames
+# (a 40000x40 strip is 1 px tall after SAM's resize to 1024) and the square it is padded
+# to costs max(W, H)^2 pixels however small the file.
+DEFAULT_MAX_ASPECT_RATIO = 100.0
+
+
+def max_aspect_ratio() -> float:
+    """``NEXTCHAT_MAX_ASPECT_RATIO`` when set (read at each call), else the default."""
+    raw = os.environ.get("NEXTCHAT_MAX_ASPECT_RATIO", "").strip()
+    if not raw:
+        return DEFAULT_MAX_ASPECT_RATIO
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if value < 1:
+        raise ValueError(f"NEXTCHAT_MAX_ASPECT_RATIO must be a number >= 1, got {raw!r}")
+    return value
+
+
+def check_image_size(width: int, height: int, *, name: str = "image") -> None:
+    """Raise ``ValueError`` (naming the limit and its setting) for an image the model
+    cannot take: zero-sized, above the pixel limit, so elongated that its padded square
+    (``max(W, H)^2``, what the vision frame allocates) is above it, or beyond the aspect
+    ratio limit. Called before any pixel is decoded or allocated."""
+    limit = max_image_pixels()
+    if width < 1 or height < 1:
+        raise ValueError(f"{name} is {width}x{height}: an image needs at least 1x1 pixels")
+    if width * height > limit:
+        raise ValueError(
+            f"{name} is {width}x{height} = {width * height} pixels, above the limit of "
+            f"{limit}; downscale it or raise NEXTCHAT_MAX_IMAGE_PIXELS"
+        )
+    ratio = max(width, height) / min(width, height)
+    side = max(width, height)
+    if side * side > limit or ratio > max_aspect_ratio():
+        raise ValueError(
+            f"{name} is {width}x{height}, an aspect ratio of {ratio:.0f}:1; the model pads "
+            f"images to a square ({side}x{side} = {side * side} pixels) and allows at most "
+            f"{limit} pixels there (NEXTCHAT_MAX_IMAGE_PIXELS) and {max_aspect_ratio():g}:1 "
+            "(NEXTCHAT_MAX_ASPECT_RATIO): crop it or split it into tiles"
+        )
 
 
 def load_image(source: Any) -> Image.Image:
@@ -40,12 +96,14 @@ def load_image(source: Any) -> Image.Image:
     source of another kind.
     """
     if isinstance(source, Image.Image):
+        check_image_size(source.width, source.height)
         img = source
     elif isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
             raise TypeError(
                 f"an array image must be HxWx3 uint8 RGB, got shape {source.shape} dtype {source.dtype}"
             )
+        check_image_size(source.shape[1], source.shape[0], name="the array image")
         return Image.fromarray(source)
     elif isinstance(source, str | os.PathLike | bytes | bytearray) or hasattr(source, "read"):
         img = _open(source)
@@ -63,15 +121,19 @@ def _open(source: Any) -> Image.Image:
         raise FileNotFoundError(f"image file not found: {source}")
     fp = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
     try:
-        img = Image.open(fp)
-        w, h = img.size
-        if w * h > MAX_IMAGE_PIXELS:
+        try:
+            img = Image.open(fp)
+        except Image.DecompressionBombError as exc:
+            # Pillow's own guard (at twice Image.MAX_IMAGE_PIXELS) fires before ours can
+            # read the size; say it in this product's terms.
             raise ValueError(
-                f"image {name} is {w}x{h} = {w * h} pixels, above the limit of "
-                f"{MAX_IMAGE_PIXELS}; downscale it or raise NEXTCHAT_MAX_IMAGE_PIXELS"
-            )
+                f"image {name} is above the limit of {max_image_pixels()} pixels "
+                f"(NEXTCHAT_MAX_IMAGE_PIXELS; {exc}); downscale it"
+            ) from None
+        w, h = img.size
+        check_image_size(w, h, name=f"image {name}")
         img.load()  # decode now so truncation errors surface here, not later
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"cannot decode image {name}: {exc} (expected a PNG/JPEG/...)") from exc
     return img
 

@@ -43,6 +43,7 @@ from .conversation import (
     grounding_turns,
     refer_regions,
 )
+from .device import resolve_device
 from .frames import SamGeometry
 from .image_processing import ImageProcessor, ProcessedImage
 from .modeling import NextChatModel
@@ -121,10 +122,10 @@ class NextChatPredictor:
         sam_batch_size: int = 4,
     ) -> None:
         self.device = (
-            torch.device(device) if device is not None else next(model.parameters()).device
+            torch.device(resolve_device(str(device)))
+            if device is not None
+            else next(model.parameters()).device
         )
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use 'cpu'")
         self.model = model.to(self.device).eval()
         self.dtype = dtype
         if dtype is not None:

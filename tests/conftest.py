@@ -2,16 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
-# In-process apps hand jobs to the broker named here: nothing listens on port 1, so those
-# jobs stay "queued, not enqueued" (what a broker outage looks like). Tests of the real
-# loop start their own backend and workers with their own broker (tests/loop_support.py).
-# Set before any test module imports training.celery_app, which reads them once.
-os.environ["CELERY_BROKER_URL"] = "redis://127.0.0.1:1/0"
-os.environ["MODEL_DIR"] = tempfile.mkdtemp(prefix="nextchat-test-model-dir-")
-
 import numpy as np
 import pytest
 import torch
@@ -30,6 +20,19 @@ TINY_CORPUS = [
     "No.",
     "a small white hexagon",
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_environment(tmp_path_factory):
+    """In-process apps hand jobs to the broker named here: nothing listens on port 1, so
+    those jobs stay "queued, not enqueued" (what a broker outage looks like). Tests of the
+    real loop start their own backend and workers with their own broker and ``MODEL_DIR``
+    (nextchat_cli.loop_demo). Nothing reads the environment at import, so setting it here,
+    after the test modules were imported, is in time."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:1/0")
+        env.setenv("MODEL_DIR", str(tmp_path_factory.mktemp("model-dir")))
+        yield
 
 
 @pytest.fixture(scope="session")

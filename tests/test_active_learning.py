@@ -20,10 +20,12 @@ from pathlib import Path
 import pytest
 
 from backend.app import create_app
+from backend.model_cache import ModelStore
 from backend.settings import Settings
-from nextchat_core import versions
+from labelstudio.projects import ProjectState
+from nextchat_cli.loop_demo import REDIS_URL, Loop, annotation_event, free_port, make_tasks
 from nextchat_core.build import build_model, save_pretrained
-from training.loop_demo import REDIS_URL, Loop, annotation_event, free_port, make_tasks
+from training import versions
 from training.retrain import RetrainSettings, gate, split_tasks
 from training.store import AnnotationStore
 
@@ -78,7 +80,7 @@ def _feed(loop: Loop, tasks: list[dict]) -> None:
 
 def _cli(loop: Loop, *args: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "nextchat_core.cli", *args, "--model-dir", str(loop.model_dir)],
+        [sys.executable, "-m", "nextchat_cli", *args, "--model-dir", str(loop.model_dir)],
         env=loop.env,
         capture_output=True,
         text=True,
@@ -381,6 +383,40 @@ def test_retrain_settings_reject_bad_values():
         RetrainSettings.from_env({"RETRAIN_EVERY": "many"})
 
 
+def test_workers_fetch_images_with_the_backends_rules(tmp_path):
+    # One parse of the shared variables and one fetch_options: a retraining job downloads
+    # with the same timeout, size limit and Label Studio address as /predict.
+    env = {
+        "MODEL_DIR": str(tmp_path),
+        "FETCH_TIMEOUT": "3",
+        "MAX_DOWNLOAD_MB": "1.5",
+        "LABEL_STUDIO_URL": "http://ls:8080/",
+        "LABEL_STUDIO_API_KEY": "token",
+        "LOCAL_FILES_DOCUMENT_ROOT": str(tmp_path),
+    }
+    worker = RetrainSettings.from_env(env).fetch_options(None)
+    assert worker == Settings.from_env(env).fetch_options(None)
+    assert (worker.timeout, worker.max_bytes) == (3.0, int(1.5 * 2**20))
+    assert (worker.hostname, worker.access_token) == ("http://ls:8080", "token")
+    assert worker.local_files_root == tmp_path
+    state = ProjectState(project="7", hostname="http://other:8080", access_token="t7")
+    assert RetrainSettings.from_env(env).fetch_options(state).hostname == "http://other:8080"
+    with pytest.raises(ValueError, match="FETCH_TIMEOUT"):
+        RetrainSettings.from_env({"FETCH_TIMEOUT": "soon"})
+
+
+def test_backend_and_workers_agree_on_the_served_version(tmp_path, base):
+    model_dir = tmp_path / "md"
+    served = ModelStore(Settings.from_env({}, checkpoint=str(base), model_dir=model_dir))
+    assert served.current_version() == versions.served_version(model_dir, str(base))
+    assert served.current_version().source == "base"
+    assert served.current_version().name.startswith("tiny-base-")
+    shutil.copytree(base, versions.version_dir(model_dir, "p1-v1"))
+    versions.set_current_version(model_dir, "p1-v1")
+    assert served.current_version() == versions.served_version(model_dir, str(base))
+    assert served.current_version().source == "model_dir"
+
+
 def test_training_route_on_a_fresh_model_dir(webhook_client):
     client, _ = webhook_client
     body = client.get("/training").get_json()
@@ -412,7 +448,7 @@ def test_a_job_whose_worker_keeps_dying_fails_after_three_attempts(tmp_path, bas
 
 
 def test_loop_improves_held_out_prelabels_on_a_new_domain(loop_factory, tmp_path):
-    from training.loop_demo import prelabel_accuracy, team_tasks
+    from nextchat_cli.loop_demo import prelabel_accuracy, team_tasks
 
     loop = loop_factory(
         broker=None,  # the README's no-Redis setup
@@ -424,7 +460,7 @@ def test_loop_improves_held_out_prelabels_on_a_new_domain(loop_factory, tmp_path
     )
     loop.serve()
     # The tiny model was never trained: what it must learn here from the corrections is the
-    # team's framing (training/loop_demo.py), measured on held-out images.
+    # team's framing (nextchat_cli/loop_demo.py), measured on held-out images.
     train_tasks = team_tasks(tmp_path / "images", 150, first_id=1, seed=1)
     held_out = team_tasks(tmp_path / "images", 40, first_id=10_000, seed=2)
     before = prelabel_accuracy(held_out, loop.predict(held_out))

@@ -32,10 +32,17 @@ from backend.app import create_app
 from backend.label_config import plan_for
 from backend.model_cache import ModelStore
 from backend.settings import Settings
+from labelstudio.results import parse_label_config
 from nextchat_core import frames
-from nextchat_core.ls_format import parse_label_config
+from nextchat_core.masks import (
+    mask_iou,
+    mask_to_polygons,
+    polygon_area,
+    polygon_to_mask,
+    simplify_polygon,
+)
 from nextchat_core.predictor import NextChatPredictor
-from nextchat_core.versions import set_current_version, version_dir
+from training.versions import set_current_version, version_dir
 
 CONFIGS = ["boxes", "boxes_masks", "polygons", "per_label_prompts", "region_caption", "chat"]
 TOKEN = "ls-token-0123456789abcdef"  # the Label Studio access token /setup hands over
@@ -69,6 +76,10 @@ def images(tmp_path_factory) -> Path:
     (root / "truncated.png").write_bytes(full[: len(full) // 2])
     # 9000 x 9000 = 81 M pixels (above the 64 M guard) in a few kB: a decompression bomb.
     Image.new("1", (9000, 9000)).save(root / "huge.png")
+    # A 40000 x 40 strip: a few kB, 1.6 M pixels, but a 40000^2 square once padded.
+    Image.new("RGB", (40000, 40), (200, 30, 30)).save(root / "strip.png")
+    # 20000 x 20000: above Pillow's own bomb guard, which fires before ours can look.
+    Image.new("1", (20000, 20000)).save(root / "bomb20k.png")
     (root / "notes.txt").write_text("not an image")
     return root
 
@@ -243,7 +254,7 @@ def test_predict_every_label_config(client, server, store, predictor, config):
             strict=True,
         ):
             pts = frames.points_percent_to_pixel(poly["value"]["points"], W, H)
-            assert frames.mask_iou(frames.polygon_to_mask(pts, W, H), truth) > 0.8
+            assert mask_iou(polygon_to_mask(pts, W, H), truth) > 0.8
     if config == "per_label_prompts":
         # One prompt per label: hint, predicted_values (two prompts), the label's value.
         labels = {r["value"]["rectanglelabels"][0] for r in rects}
@@ -376,6 +387,8 @@ def test_one_bad_task_never_fails_the_batch(client, server):
         "gray16.png",
         "cmyk.jpg",
         "palette.png",
+        "strip.png",
+        "bomb20k.png",
     ]
     tasks = [task(server, i, n) for i, n in enumerate(names)]
     tasks.append({"id": 99, "data": {"text": "a text task"}})  # no image at all
@@ -399,6 +412,11 @@ def test_one_bad_task_never_fails_the_batch(client, server):
     assert errors[99]["kind"] == "no_image" and "image" in errors[99]["detail"]
     assert "unsupported image reference scheme" in errors[100]["detail"]
     assert "LOCAL_FILES_DOCUMENT_ROOT" in errors[101]["detail"]
+    # the strip is refused before a pixel is allocated, as an image problem
+    assert errors[10]["kind"] == "decode" and "aspect ratio of 1000:1" in errors[10]["detail"]
+    assert "NEXTCHAT_MAX_IMAGE_PIXELS" in errors[10]["detail"]
+    # the product's limit and setting, not only Pillow's message
+    assert "NEXTCHAT_MAX_IMAGE_PIXELS" in errors[11]["detail"]
 
 
 def test_a_request_whose_every_task_fails_is_an_error(client, server):
@@ -752,16 +770,16 @@ def test_ls_format_label_attributes():
 
 def test_simplify_polygon_keeps_the_shape():
     _, m1, _ = scene()
-    (poly,) = frames.mask_to_polygons(m1)
-    assert frames.polygon_area(poly) == m1.sum()  # traced along pixel edges: exact
-    simple = frames.simplify_polygon(poly, 1.0)
+    (poly,) = mask_to_polygons(m1)
+    assert polygon_area(poly) == m1.sum()  # traced along pixel edges: exact
+    simple = simplify_polygon(poly, 1.0)
     assert 3 <= len(simple) < len(poly) / 2
-    assert frames.mask_iou(frames.polygon_to_mask(simple, W, H), m1) > 0.9
-    assert np.array_equal(frames.simplify_polygon(poly, 0.0), poly)
+    assert mask_iou(polygon_to_mask(simple, W, H), m1) > 0.9
+    assert np.array_equal(simplify_polygon(poly, 0.0), poly)
     square = np.array([[0, 0], [5, 0], [10, 0], [10, 10], [0, 10]], dtype=float)
-    assert len(frames.simplify_polygon(square, 0.5)) == 4  # the collinear point goes
+    assert len(simplify_polygon(square, 0.5)) == 4  # the collinear point goes
     with pytest.raises(ValueError, match="tolerance"):
-        frames.simplify_polygon(square, -1)
+        simplify_polygon(square, -1)
 
 
 # --------------------------------------------------------------- deployment files
@@ -829,7 +847,7 @@ def test_nextchat_serve_runs_under_gunicorn(ckpt, server, tmp_path):
     """``nextchat serve`` as a subprocess: gunicorn answers /health and /predict."""
     import requests
 
-    from training.loop_demo import start_backend
+    from nextchat_cli.loop_demo import start_backend
 
     env = {**os.environ, "MODEL_DIR": str(tmp_path / "md"), "THREADS": "2"}
     proc, url = start_backend(env, tmp_path / "serve.log", checkpoint=ckpt, timeout=60)

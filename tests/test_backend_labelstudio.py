@@ -34,8 +34,9 @@ from test_backend_support import (
     scene,
 )
 
+from labelstudio import results as ls_results
+from nextchat_cli.loop_demo import Proc, free_port, start_backend
 from nextchat_core import frames
-from training.loop_demo import Proc, free_port, start_backend
 from training.store import AnnotationStore
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
@@ -277,7 +278,7 @@ def test_predictions_stored_in_label_studio(ls, backend, images):
             assert (r["original_width"], r["original_height"]) == (W, H)
             assert 0 < r["score"] <= 1
         for b in brushes:  # the stored RLE decodes to a mask of this image
-            mask = frames.ls_rle_to_mask(b["value"]["rle"], W, H)
+            mask = ls_results.ls_rle_to_mask(b["value"]["rle"], W, H)
             assert mask.any()
         assert p["score"] == pytest.approx(float(np.mean([r["score"] for r in rects])), abs=1e-4)
     one = next(r for r in stored[tasks[1]["id"]]["result"] if r["type"] == "rectanglelabels")
@@ -343,7 +344,7 @@ def test_predictions_stored_in_label_studio(ls, backend, images):
         "LABEL_STUDIO_API_KEY": ls["token"],
     }
     worker = Proc(
-        [sys.executable, "-m", "nextchat_core.cli", "worker"],
+        [sys.executable, "-m", "nextchat_cli", "worker"],
         worker_env,
         backend["root"] / "worker.log",
     )

@@ -10,15 +10,15 @@ from pathlib import Path
 from conftest import make_scene
 from PIL import Image
 
+from nextchat_cli.main import main
 from nextchat_core.build import save_pretrained
-from nextchat_core.cli import main
 
 MANIFEST = Path(__file__).resolve().parent / "data" / "nextchat-7b-336-state-dict.json"
 
 
 def test_help_lists_commands():
     out = subprocess.run(
-        [sys.executable, "-m", "nextchat_core.cli", "--help"],
+        [sys.executable, "-m", "nextchat_cli", "--help"],
         capture_output=True,
         text=True,
         check=True,

@@ -1,4 +1,4 @@
-"""COCO export / import / evaluation (nextchat_core.coco) on Label Studio JSON that the
+"""COCO export / import / evaluation (labelstudio.coco) on Label Studio JSON that the
 tests build: real pycocotools, real image files with EXIF rotation, the real CLI."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 
-from nextchat_core import cli, frames
-from nextchat_core.coco.evaluate import (
+from labelstudio import results as ls_results
+from labelstudio.coco.evaluate import (
     evaluate_coco,
     evaluate_refexp,
     mask_iou_scores,
@@ -19,9 +19,12 @@ from nextchat_core.coco.evaluate import (
     multi_instance_recall,
     rec_accuracy,
 )
-from nextchat_core.coco.export import coco_results, export_coco, load_tasks
-from nextchat_core.coco.importer import import_coco, label_config_for
-from nextchat_core.ls_format import brush_result, parse_label_config
+from labelstudio.coco.export import coco_results, export_coco, load_tasks
+from labelstudio.coco.importer import import_coco, label_config_for
+from labelstudio.results import brush_result, parse_label_config
+from nextchat_cli import main as cli
+from nextchat_core import frames
+from nextchat_core.masks import mask_iou, mask_to_box, mask_to_coco_rle, polygon_to_mask
 
 W, H = 60, 40  # original size of images a.png and c.png
 RAW_W, RAW_H = 30, 50  # stored size of the EXIF-rotated photos; shown as 50x30
@@ -222,16 +225,16 @@ def test_export_loads_in_pycocotools_and_masks_boxes_match(project, tmp_path):
         anns["road"]["bbox"], [2, 26, 38, 12], atol=0.5
     )  # extent of the polygon points
     # masks decode back (pycocotools annToMask) to the originals
-    assert frames.mask_iou(api.annToMask(api.loadAnns(_id(anns, "tree"))[0]), TREE) >= 0.99
-    assert frames.mask_iou(api.annToMask(api.loadAnns(_id(anns, "pm"))[0]), PERSON_MASK) >= 0.99
-    assert frames.mask_iou(api.annToMask(api.loadAnns(_id(anns, "t2"))[0]), EXIF_TREE) >= 0.99
+    assert mask_iou(api.annToMask(api.loadAnns(_id(anns, "tree"))[0]), TREE) >= 0.99
+    assert mask_iou(api.annToMask(api.loadAnns(_id(anns, "pm"))[0]), PERSON_MASK) >= 0.99
+    assert mask_iou(api.annToMask(api.loadAnns(_id(anns, "t2"))[0]), EXIF_TREE) >= 0.99
     assert isinstance(anns["tree"]["segmentation"]["counts"], str)
     assert anns["tree"]["area"] == TREE.sum()
-    np.testing.assert_allclose(anns["tree"]["bbox"], frames.xyxy_to_xywh(frames.mask_to_box(TREE)))
-    road = frames.polygon_to_mask(ROAD_PX, W, H)
-    assert frames.mask_iou(api.annToMask(api.loadAnns(_id(anns, "road"))[0]), road) >= 0.99
-    rot = frames.polygon_to_mask(corners, W, H)
-    assert frames.mask_iou(api.annToMask(api.loadAnns(_id(anns, "rot"))[0]), rot) >= 0.99
+    np.testing.assert_allclose(anns["tree"]["bbox"], frames.xyxy_to_xywh(mask_to_box(TREE)))
+    road = polygon_to_mask(ROAD_PX, W, H)
+    assert mask_iou(api.annToMask(api.loadAnns(_id(anns, "road"))[0]), road) >= 0.99
+    rot = polygon_to_mask(corners, W, H)
+    assert mask_iou(api.annToMask(api.loadAnns(_id(anns, "rot"))[0]), rot) >= 0.99
     assert all(a["iscrowd"] == 0 and "score" not in a for a in out.coco["annotations"])
     assert anns["car"]["prompt"] == "cars and trees"
 
@@ -248,7 +251,7 @@ def test_export_brush_as_polygons_decodes_back(project, tmp_path):
         seg = anns[region]["segmentation"]
         assert isinstance(seg, list) and all(len(p) >= 8 for p in seg)
         decoded = api.annToMask(api.loadAnns(_id(anns, region))[0])
-        assert frames.mask_iou(decoded, original) >= 0.99
+        assert mask_iou(decoded, original) >= 0.99
         assert anns[region]["area"] == original.sum()
 
 
@@ -396,7 +399,7 @@ def test_import_then_export_round_trip(project, tmp_path):
             assert x["category_id"] == y["category_id"]
             np.testing.assert_allclose(x["bbox"], y["bbox"], atol=0.5)
             if x["segmentation"]:
-                assert frames.mask_iou(api1.annToMask(x), api2.annToMask(y)) >= 0.99
+                assert mask_iou(api1.annToMask(x), api2.annToMask(y)) >= 0.99
 
 
 def test_import_results_become_predictions(tmp_path):
@@ -419,7 +422,7 @@ def test_import_results_become_predictions(tmp_path):
                 "bbox": [0, 0, 100, 50],
                 "area": 5000,
                 "iscrowd": 1,
-                "segmentation": frames.mask_to_coco_rle(np.ones((50, 100), bool)),
+                "segmentation": mask_to_coco_rle(np.ones((50, 100), bool)),
             },
         ],
     }
@@ -431,7 +434,7 @@ def test_import_results_become_predictions(tmp_path):
             "category_id": 3,
             "bbox": [10, 5, 20, 10],
             "score": 0.8,
-            "segmentation": frames.mask_to_coco_rle(mask),
+            "segmentation": mask_to_coco_rle(mask),
         },
         {"image_id": 7, "category_id": 3, "bbox": [50, 5, 20, 10], "score": 0.1},
     ]
@@ -443,13 +446,13 @@ def test_import_results_become_predictions(tmp_path):
     assert [r["type"] for r in pred["result"]] == ["brushlabels", "rectanglelabels"]
     assert [r["score"] for r in pred["result"]] == [0.8, 0.1]
     assert pred["score"] == pytest.approx(0.45)
-    brush_mask = frames.ls_rle_to_mask(pred["result"][0]["value"]["rle"], 100, 50)
+    brush_mask = ls_results.ls_rle_to_mask(pred["result"][0]["value"]["rle"], 100, 50)
     assert (brush_mask == mask).all()
     (task,) = import_coco(gt, dets, min_score=0.5)
     assert len(task["predictions"][0]["result"]) == 1
     with pytest.raises(ValueError, match="not labels of the label config"):
         import_coco(gt, label_config=CONFIG)
-    bad = [{**dets[0], "segmentation": frames.mask_to_coco_rle(np.ones((10, 10), bool))}]
+    bad = [{**dets[0], "segmentation": mask_to_coco_rle(np.ones((10, 10), bool))}]
     with pytest.raises(ValueError, match="image 7: bad segmentation: RLE size"):
         import_coco(gt, bad)
     with pytest.raises(ValueError, match="not among the images"):
@@ -494,7 +497,7 @@ def _gt_and_dets(shift: float):
                 "bbox": [10, 10, 10, 10],
                 "area": 100,
                 "iscrowd": 0,
-                "segmentation": frames.mask_to_coco_rle(mask),
+                "segmentation": mask_to_coco_rle(mask),
             },
         ],
     }
@@ -505,7 +508,7 @@ def _gt_and_dets(shift: float):
             "category_id": 1,
             "bbox": [10 + shift, 10, 10, 10],
             "score": 0.9,
-            "segmentation": frames.mask_to_coco_rle(moved),
+            "segmentation": mask_to_coco_rle(moved),
         },
     ]
     return gt, dets
@@ -566,7 +569,7 @@ def test_coco_eval_bad_results():
     with pytest.raises(ValueError, match="category_id 9"):
         evaluate_coco(gt, [{**dets[0], "category_id": 9}])
     with pytest.raises(ValueError, match="bad segmentation: RLE size"):
-        evaluate_coco(gt, [{**dets[0], "segmentation": frames.mask_to_coco_rle(np.ones((5, 5)))}])
+        evaluate_coco(gt, [{**dets[0], "segmentation": mask_to_coco_rle(np.ones((5, 5)))}])
 
 
 def test_refexp_metrics_by_hand():
@@ -582,16 +585,16 @@ def test_refexp_metrics_by_hand():
             "expression": "left",
             "boxes": [[0, 0, 10, 10]],
             "pred_boxes": [[5, 0, 15, 10]],  # IoU 50/150 = 1/3: a miss
-            "mask": frames.mask_to_coco_rle(gt_mask),
-            "pred_mask": frames.mask_to_coco_rle(pred_mask),
+            "mask": mask_to_coco_rle(gt_mask),
+            "pred_mask": mask_to_coco_rle(pred_mask),
         },
         {
             "image": "b",
             "expression": "both",
             "boxes": [[0, 0, 10, 10], [20, 0, 30, 10]],
             "pred_boxes": [[20, 0, 30, 10], [0, 0, 4, 10]],  # top box: IoU 1 with the 2nd GT box
-            "mask": frames.mask_to_coco_rle(big_gt),
-            "pred_mask": frames.mask_to_coco_rle(big_gt),
+            "mask": mask_to_coco_rle(big_gt),
+            "pred_mask": mask_to_coco_rle(big_gt),
         },
         {"image": "c", "expression": "none", "boxes": [[0, 0, 2, 2]], "pred_boxes": []},
     ]
@@ -621,8 +624,8 @@ def test_refexp_metrics_by_hand():
         (
             {
                 "boxes": [[0, 0, 1, 1]],
-                "mask": frames.mask_to_coco_rle(np.ones((4, 4), bool)),
-                "pred_mask": frames.mask_to_coco_rle(np.ones((4, 5), bool)),
+                "mask": mask_to_coco_rle(np.ones((4, 4), bool)),
+                "pred_mask": mask_to_coco_rle(np.ones((4, 5), bool)),
             },
             "differs from the ground-truth",
         ),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import make_scene
 
-from nextchat_core import frames
+from nextchat_core import frames, masks
 from nextchat_core.batch import collate, grounding_sample
 from nextchat_core.build import (
     build_model,
@@ -109,7 +109,7 @@ def overfit(tiny_config, tiny_tokenizer):
         out = model(**batch)
         box_iou = frames.box_iou(out.pred_boxes[0].tolist(), gt.tolist())
         target = batch["mask_targets"][0] > 0.5
-        mask_iou = frames.mask_iou((out.mask_logits[0] > 0).numpy(), target.numpy())
+        mask_iou = masks.mask_iou((out.mask_logits[0] > 0).numpy(), target.numpy())
         history.append((step, box_iou, mask_iou, float(out.lm_loss.detach())))
         # Stop on the forward that measured the targets (no step after it); a margin
         # above the asserted 0.9 / 0.8 leaves room for the generation-path checks.
@@ -146,7 +146,7 @@ def test_generation_emits_at_boxes_and_a_box(overfit, tiny_tokenizer):
     assert isinstance(caption.text, str) and caption.prompt == ""
     assert 0.0 < det.score <= 1.0
     assert det.mask is not None and det.mask.shape == mask.shape
-    assert frames.mask_iou(det.mask, mask) > 0.7
+    assert masks.mask_iou(det.mask, mask) > 0.7
     assert 0.0 <= det.mask_score <= det.score
 
 

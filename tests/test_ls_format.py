@@ -1,4 +1,4 @@
-"""Label Studio JSON <-> pixel-frame regions (nextchat_core.ls_format), and the frame
+"""Label Studio JSON <-> pixel-frame regions (labelstudio.results), and the frame
 conversions added for it (nextchat_core.frames). Everything real: no mocks."""
 
 from __future__ import annotations
@@ -9,20 +9,28 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from nextchat_core import frames
-from nextchat_core.ls_format import (
+from labelstudio import results as ls_results
+from labelstudio.images import image_file_name, read_image_size, resolve_local_image
+from labelstudio.results import (
     LabelStudioFormatError,
     brush_result,
-    image_file_name,
     parse_label_config,
     parse_results,
     parse_task,
     polygon_result,
-    read_image_size,
     rectangle_result,
     region_to_result,
-    resolve_local_image,
     textarea_result,
+)
+from nextchat_core import frames
+from nextchat_core.masks import (
+    coco_segmentation_to_mask,
+    mask_intersection_union,
+    mask_iou,
+    mask_to_box,
+    mask_to_coco_rle,
+    mask_to_polygons,
+    polygon_to_mask,
 )
 
 W, H = 60, 40  # original image size (pixels) of the fixtures
@@ -156,7 +164,7 @@ def test_polygon_brush_labels_and_prompts():
     np.testing.assert_allclose(p.polygon, [[6, 4], [30, 4], [30, 20]])
     np.testing.assert_allclose(p.box_xyxy, [6, 4, 30, 20])
     assert b.kind == "brush" and (b.mask == mask).all()
-    np.testing.assert_allclose(b.box_xyxy, frames.mask_to_box(mask))
+    np.testing.assert_allclose(b.box_xyxy, mask_to_box(mask))
     assert g.labels == ["Car"] and g.kind == "rectangle"
     assert b.prompt == "the tree"
     assert p.prompt == g.prompt == "find\nthe road"
@@ -327,7 +335,7 @@ def test_build_then_parse_round_trip_every_kind():
     for a, b in zip(regions, again, strict=True):
         assert (a.kind, a.labels, a.region_id, a.score) == (b.kind, b.labels, b.region_id, b.score)
         np.testing.assert_allclose(a.box_xyxy, b.box_xyxy, atol=1e-9)
-        assert frames.mask_iou(a.to_mask(), b.to_mask()) == 1.0
+        assert mask_iou(a.to_mask(), b.to_mask()) == 1.0
     np.testing.assert_allclose(regions[0].box_xyxy, [6.5, 4.25, 30, 20])
     np.testing.assert_allclose(regions[1].polygon, corners, atol=1e-9)
     assert regions[1].rotation == pytest.approx(33.0)
@@ -375,16 +383,16 @@ def _shapes() -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("name", list(_shapes()))
 def test_mask_to_polygons_rasterizes_back_exactly(name):
     mask = _shapes()[name]
-    polys = frames.mask_to_polygons(mask)
-    back = frames.coco_segmentation_to_mask([p.reshape(-1).tolist() for p in polys], W, H)
+    polys = mask_to_polygons(mask)
+    back = coco_segmentation_to_mask([p.reshape(-1).tolist() for p in polys], W, H)
     assert (back == mask).all()
 
 
 def test_mask_to_polygons_one_polygon_per_4_connected_component():
     m = np.zeros((H, W), bool)
     m[3, 3] = m[4, 4] = m[3, 5] = True  # touching only at corners
-    assert len(frames.mask_to_polygons(m)) == 3
-    assert frames.mask_to_polygons(np.zeros((H, W), bool)) == []
+    assert len(mask_to_polygons(m)) == 3
+    assert mask_to_polygons(np.zeros((H, W), bool)) == []
 
 
 def test_mask_to_polygons_fills_holes_and_random_masks_match_filled():
@@ -393,8 +401,8 @@ def test_mask_to_polygons_fills_holes_and_random_masks_match_filled():
     m = np.zeros((H, W), bool)
     m[5:30, 5:30] = True
     m[10:20, 10:20] = False
-    (poly,) = frames.mask_to_polygons(m)
-    back = frames.polygon_to_mask(poly, W, H)
+    (poly,) = mask_to_polygons(m)
+    back = polygon_to_mask(poly, W, H)
     assert back.sum() == 25 * 25 and (back >= m).all()
     rng = np.random.default_rng(0)
     for _ in range(10):
@@ -403,34 +411,34 @@ def test_mask_to_polygons_fills_holes_and_random_masks_match_filled():
         canvas = np.pad(m, 1).astype(np.uint8)
         cv2.floodFill(canvas, None, (0, 0), 2, flags=8)
         filled = canvas[1:-1, 1:-1] != 2
-        polys = frames.mask_to_polygons(m)
-        back = frames.coco_segmentation_to_mask([p.reshape(-1).tolist() for p in polys], W, H)
+        polys = mask_to_polygons(m)
+        back = coco_segmentation_to_mask([p.reshape(-1).tolist() for p in polys], W, H)
         assert (back == filled).all()
 
 
 def test_ls_rle_errors_and_round_trip():
     mask = disk()
-    rle = frames.mask_to_ls_rle(mask)
-    assert (frames.ls_rle_to_mask(rle, W, H) == mask).all()
+    rle = ls_results.mask_to_ls_rle(mask)
+    assert (ls_results.ls_rle_to_mask(rle, W, H) == mask).all()
     with pytest.raises(ValueError, match="another size"):
-        frames.ls_rle_to_mask(rle, W, H + 1)
+        ls_results.ls_rle_to_mask(rle, W, H + 1)
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        frames.ls_rle_to_mask(rle[:8], W, H)
+        ls_results.ls_rle_to_mask(rle[:8], W, H)
     with pytest.raises(ValueError, match="byte values"):
-        frames.ls_rle_to_mask([0, 0, 1, 300, 5], W, H)
+        ls_results.ls_rle_to_mask([0, 0, 1, 300, 5], W, H)
 
 
 def test_coco_segmentation_validation():
     with pytest.raises(ValueError, match="at least 6 numbers"):
-        frames.coco_segmentation_to_mask([[0, 0, 10, 10]], W, H)  # pycocotools: a bbox!
-    rle = frames.mask_to_coco_rle(disk())
+        coco_segmentation_to_mask([[0, 0, 10, 10]], W, H)  # pycocotools: a bbox!
+    rle = mask_to_coco_rle(disk())
     with pytest.raises(ValueError, match="does not match the image"):
-        frames.coco_segmentation_to_mask(rle, W + 2, H)
+        coco_segmentation_to_mask(rle, W + 2, H)
     with pytest.raises(ValueError, match="counts"):
-        frames.coco_segmentation_to_mask({"size": [H, W], "counts": 5}, W, H)
+        coco_segmentation_to_mask({"size": [H, W], "counts": 5}, W, H)
     with pytest.raises(ValueError, match="sum to"):
-        frames.coco_segmentation_to_mask({"size": [H, W], "counts": [3, 4]}, W, H)
-    assert (frames.coco_segmentation_to_mask(rle, W, H) == disk()).all()
+        coco_segmentation_to_mask({"size": [H, W], "counts": [3, 4]}, W, H)
+    assert (coco_segmentation_to_mask(rle, W, H) == disk()).all()
 
 
 def test_mask_intersection_union():
@@ -438,10 +446,10 @@ def test_mask_intersection_union():
     b = np.zeros((4, 4), bool)
     a[:2, :2] = True  # 4 px
     b[1:3, 1:3] = True  # 4 px, 1 shared
-    assert frames.mask_intersection_union(a, b) == (1, 7)
-    assert frames.mask_iou(a, b) == pytest.approx(1 / 7)
+    assert mask_intersection_union(a, b) == (1, 7)
+    assert mask_iou(a, b) == pytest.approx(1 / 7)
     with pytest.raises(ValueError, match="shapes differ"):
-        frames.mask_intersection_union(a, b[:3])
+        mask_intersection_union(a, b[:3])
 
 
 # ------------------------------------------------------------------------ image files

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nextchat_core.checkpoints import resolve_checkpoint
 from nextchat_core.config import get_preset
 from nextchat_core.frames import box_iou
 from nextchat_core.predictor import NextChatPredictor
 from training import demo, synth
 from training.data import read_refexp_jsonl
 from training.evaluation import evaluate_predictor
+from training.versions import resolve_checkpoint
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 EASY_HITS, FULL_HITS = 16, 12  # of 20; measured for the shipped weights (2026-11-27)
@@ -36,7 +36,7 @@ def test_nextchat_predict_on_a_generated_scene(tmp_path):
     overlay = tmp_path / "overlay.png"
     argv = ["predict", str(tmp_path / "scene.png"), prompt, "--json", "--overlay", str(overlay)]
     out = subprocess.run(
-        [sys.executable, "-m", "nextchat_core.cli", *argv],
+        [sys.executable, "-m", "nextchat_cli", *argv],
         capture_output=True,
         text=True,
         timeout=300,

@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nextchat_core import cli, frames
+from nextchat_cli import main as cli
+from nextchat_cli.synth import parse_task_mix
+from nextchat_core import frames
 from nextchat_core.batch import collate
 from nextchat_core.config import get_preset
 from nextchat_core.conversation import box_pairs, encode_conversation
+from nextchat_core.masks import coco_segmentation_to_mask, mask_to_box
 from nextchat_core.tokenizer import train_bpe_tokenizer
 from training.synth import (
     COLORS,
@@ -34,7 +37,6 @@ from training.synth import (
     to_samples,
     write_dataset,
 )
-from training.synth_commands import parse_task_mix
 
 CONFIG = SynthConfig()
 N_SCENES = 80
@@ -51,7 +53,7 @@ def _records(scenes, task=None):
 
 def _object_index(scene: Scene, record: dict, k: int) -> int:
     """The object whose visible mask is the record's k-th mask (decoded from its RLE)."""
-    mask = frames.coco_segmentation_to_mask(record["masks"][k], scene.width, scene.height)
+    mask = coco_segmentation_to_mask(record["masks"][k], scene.width, scene.height)
     hits = [i for i, o in enumerate(scene.objects) if np.array_equal(o.mask, mask)]
     assert len(hits) == 1, f"mask {k} of {record} matches objects {hits}"
     return hits[0]
@@ -139,7 +141,7 @@ def test_masks_are_exact_visible_pixels_and_boxes_are_tight(scenes):
             assert o.mask.shape == (s.height, s.width) and o.mask.dtype == bool
             # every visible pixel has exactly the object's color (no anti-aliasing)
             assert (s.image[o.mask] == np.array(o.rgb, dtype=np.uint8)).all()
-            assert np.array_equal(o.box, frames.mask_to_box(o.mask))
+            assert np.array_equal(o.box, mask_to_box(o.mask))
             x1, y1, x2, y2 = o.box
             assert 0 <= x1 < x2 <= s.width and 0 <= y1 < y2 <= s.height
             # limited overlap: most of what was drawn stays visible
@@ -374,8 +376,8 @@ def test_jsonl_round_trips(tmp_path: Path):
         scene = by_scene[r["scene_id"]]
         assert np.array_equal(img, scene.image)
         for box, rle in zip(r["boxes"], r["masks"], strict=True):
-            mask = frames.coco_segmentation_to_mask(rle, r["width"], r["height"])
-            assert frames.mask_to_box(mask).tolist() == box
+            mask = coco_segmentation_to_mask(rle, r["width"], r["height"])
+            assert mask_to_box(mask).tolist() == box
             assert (img[mask] == img[mask][0]).all()
     # the training pipeline's reader consumes the same file
     from training.data import read_refexp_jsonl
@@ -427,7 +429,7 @@ def test_to_samples_feed_the_tokenizer_and_the_collator(scenes):
             assert enc.num_boxes == len(sample.boxes) == len(r["boxes"])
             assert sample.image is s.image
             for box, mask in zip(sample.boxes, sample.masks, strict=True):
-                assert frames.mask_to_box(mask).tolist() == box
+                assert mask_to_box(mask).tolist() == box
         samples.extend(out)
     assert {s.turns[0].text.split()[0] for s in samples} == {"<image>"}
     batch = collate(samples[:6], tokenizer=tokenizer, config=config, num_image_tokens=4)

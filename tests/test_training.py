@@ -14,8 +14,9 @@ import torch
 from conftest import make_scene
 from PIL import Image
 
-from nextchat_core import frames
+from labelstudio import results as ls_results
 from nextchat_core.build import build_model
+from nextchat_core.masks import coco_segmentation_to_mask, mask_iou, mask_to_box, mask_to_coco_rle
 from nextchat_core.predictor import NextChatPredictor
 from training.data import read_coco, read_label_studio, read_refexp_jsonl
 from training.engine import EngineSettings, prepare
@@ -37,7 +38,7 @@ def write_refexp(tmp: Path, n: int = 6) -> Path:
         box = (x1, y1, x1 + int(rng.integers(16, w // 2)), y1 + int(rng.integers(16, h // 2)))
         img, mask = make_scene(w, h, box)
         Image.fromarray(img).save(tmp / "images" / f"{i}.png")
-        tight = frames.mask_to_box(mask).tolist()
+        tight = mask_to_box(mask).tolist()
         lines.append(
             {
                 "image": f"images/{i}.png",
@@ -45,7 +46,7 @@ def write_refexp(tmp: Path, n: int = 6) -> Path:
                 "height": h,
                 "expression": "the red circle",
                 "boxes": [tight],
-                "masks": [frames.mask_to_coco_rle(mask)],
+                "masks": [mask_to_coco_rle(mask)],
             }
         )
     lines.append(
@@ -110,7 +111,11 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     cfg = config_for(tmp_path, data, output_dir=str(tmp_path / "split"))
     part = train(cfg, stop_after=3)
     assert part.steps == 3 and not part.final_dir.exists()
-    assert (tmp_path / "split" / "checkpoints" / "step-00000003").is_dir()
+    step = tmp_path / "split" / "checkpoints" / "step-00000003"
+    assert step.is_dir()
+    # the random states load without unpickling (safetensors + JSON); torch.load is only
+    # ever called with weights_only=True
+    assert (step / "rng.safetensors").is_file() and not (step / "rng.pt").exists()
     resumed = train(cfg)
     assert resumed.steps == 6
     from safetensors.torch import load_file
@@ -252,9 +257,7 @@ def test_coco_reader(tmp_path, tiny_config):
     sample = ds[3]
     assert (
         sample.masks[0].sum()
-        == frames.coco_segmentation_to_mask(
-            rows[1]["masks"][0], rows[1]["width"], rows[1]["height"]
-        ).sum()
+        == coco_segmentation_to_mask(rows[1]["masks"][0], rows[1]["width"], rows[1]["height"]).sum()
     )
 
 
@@ -284,7 +287,7 @@ def test_label_studio_reader(tmp_path, tiny_config):
         "to_name": "image",
         "original_width": 96,
         "original_height": 64,
-        "value": {"format": "rle", "rle": frames.mask_to_ls_rle(mask), "brushlabels": ["Blob"]},
+        "value": {"format": "rle", "rle": ls_results.mask_to_ls_rle(mask), "brushlabels": ["Blob"]},
     }
     prompt = {
         "id": "t1",
@@ -311,8 +314,8 @@ def test_label_studio_reader(tmp_path, tiny_config):
     assert sorted(r.text for r in ds.records) == ["Blob", "Disc", "the red disc"]
     blob = next(i for i, r in enumerate(ds.records) if r.text == "Blob")
     sample = ds[blob]
-    assert frames.mask_iou(sample.masks[0], mask) == 1.0
-    np.testing.assert_allclose(ds.records[blob].boxes[0], frames.mask_to_box(mask))
+    assert mask_iou(sample.masks[0], mask) == 1.0
+    np.testing.assert_allclose(ds.records[blob].boxes[0], mask_to_box(mask))
     tasks[0]["data"]["image"] = str(tmp_path / "gone.png")
     (tmp_path / "export.json").write_text(json.dumps(tasks))
     with pytest.raises(FileNotFoundError, match="task 1"):
@@ -360,7 +363,7 @@ def test_cli_train_through_the_accelerate_launcher(tmp_path):
             "--dynamo_backend",
             "no",
             "-m",
-            "nextchat_core.cli",
+            "nextchat_cli.main",
             "train",
             "--config",
             str(tmp_path / "train.yaml"),
@@ -380,8 +383,8 @@ def test_cli_train_through_the_accelerate_launcher(tmp_path):
 def test_evaluate_command_runs_a_checkpoint_on_refexp_records(
     tmp_path, tiny_model, tiny_tokenizer, capsys
 ):
+    from nextchat_cli.main import main
     from nextchat_core.build import save_pretrained
-    from nextchat_core.cli import main
 
     data = write_refexp(tmp_path)
     ckpt = save_pretrained(tiny_model, tmp_path / "ckpt", tiny_tokenizer)

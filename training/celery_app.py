@@ -11,17 +11,22 @@ killed worker's job comes back then; workers look for such jobs every ~10 s afte
 then every ~100 s).
 
 Tasks acknowledge late and are rejected (requeued) when their worker process is lost, so a
-killed worker's job runs again; one job at a time per worker process (prefetch 1).
+killed worker's job runs again; one job at a time per worker process (prefetch 1); a job
+runs at most ``RETRAIN_TIME_LIMIT`` seconds.
+
+Nothing happens at import: :func:`get_app` builds the app (and the SQLite broker's folder)
+the first time a process needs it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 from celery import Celery
 
-from nextchat_core.versions import default_model_dir
+from training.versions import default_model_dir
 
 DEFAULT_QUEUE = "nextchat"
 
@@ -49,6 +54,9 @@ def result_backend(broker: str) -> str:
 
 
 def make_app() -> Celery:
+    from .retrain import RetrainSettings
+
+    time_limit = RetrainSettings.from_env().time_limit
     broker = broker_url()
     app = Celery(
         "nextchat", broker=broker, backend=result_backend(broker), include=["training.tasks"]
@@ -59,8 +67,7 @@ def make_app() -> Celery:
         visibility = os.environ.get("CELERY_VISIBILITY_TIMEOUT", "").strip()
         # Default: longer than a job may run (RETRAIN_TIME_LIMIT), so a live job is not
         # handed to a second worker; a killed worker's job comes back after this long.
-        limit = int(os.environ.get("RETRAIN_TIME_LIMIT", "").strip() or 6 * 3600)
-        transport["visibility_timeout"] = float(visibility) if visibility else limit + 300
+        transport["visibility_timeout"] = float(visibility) if visibility else time_limit + 300
         # Fail fast when Redis is down: the web process records the job and enqueues later.
         transport.update(socket_connect_timeout=2, socket_timeout=10)
     app.conf.update(
@@ -69,6 +76,8 @@ def make_app() -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_track_started=True,
+        task_time_limit=time_limit,
+        task_soft_time_limit=max(1, time_limit - 60),
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -81,4 +90,7 @@ def make_app() -> Celery:
     return app
 
 
-app = make_app()
+@functools.cache
+def get_app() -> Celery:
+    """The process's Celery app, built from the environment on first use."""
+    return make_app()

@@ -37,16 +37,16 @@ from typing import Any
 
 import numpy as np
 
+from labelstudio.images import read_image_size, resolve_local_image
+from labelstudio.results import (
+    image_reference,
+    parse_task,
+)
 from nextchat_core import frames
 from nextchat_core.batch import Sample
 from nextchat_core.config import NextChatConfig
 from nextchat_core.conversation import Turn, box_pairs, caption_turns, chat_turns, grounding_turns
-from nextchat_core.ls_format import (
-    image_reference,
-    parse_task,
-    read_image_size,
-    resolve_local_image,
-)
+from nextchat_core.masks import coco_segmentation_to_mask
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _decode_mask(m: Any, width: int, height: int, source: str) -> np.ndarray:
             )
         return m.astype(bool)
     try:
-        return frames.coco_segmentation_to_mask(m, width, height)
+        return coco_segmentation_to_mask(m, width, height)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{source}: bad mask: {exc}") from exc
 
@@ -301,7 +301,7 @@ def read_label_studio(
 ) -> SampleSet:
     """Samples from a Label Studio JSON export (a file or the list of tasks).
 
-    Regions (rectangles, brushes, polygons; see :mod:`nextchat_core.ls_format`) are
+    Regions (rectangles, brushes, polygons; see :mod:`labelstudio.results`) are
     grouped by their prompt TextArea, else by their label name; each group becomes one
     referring-expression sample whose expression is the prompt or the label name and whose
     boxes are the group's regions, left to right. Brush and polygon regions carry masks.

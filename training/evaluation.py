@@ -1,6 +1,6 @@
 """Evaluating a model on a split of records: run the predictor, score each task.
 
-* ``rec`` records with boxes: :func:`nextchat_core.coco.evaluate.evaluate_refexp` (the one
+* ``rec`` records with boxes: :func:`labelstudio.coco.evaluate.evaluate_refexp` (the one
   implementation of REC Acc@0.5, mean IoU, mask mIoU / cIoU and multi-instance recall);
 * ``rec`` records WITHOUT boxes (an expression naming something that is not there, e.g.
   the synthetic domain's ``absent`` task): ``absent_no_box_rate``, the share answered
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from nextchat_core.coco.evaluate import RefExpRecord, evaluate_refexp
+from labelstudio.coco.evaluate import RefExpRecord, evaluate_refexp
 from nextchat_core.image_processing import load_image
 from nextchat_core.predictor import NextChatPredictor, Query
 

@@ -3,7 +3,7 @@ version. The Celery task (:mod:`training.tasks`) is a thin wrapper around :func:
 
     corrected annotations (AnnotationStore, per project)
       -> Label Studio export shape -> training samples (training.data.read_label_studio,
-         images fetched like /predict does: nextchat_core.image_fetch)
+         images fetched like /predict does: labelstudio.images)
       -> split: a held-out slice of tasks (by a hash of the task id: stable across jobs)
       -> the configured stages (default 2 then 3), continuing from the served version;
          LoRA + bf16 on CUDA for a large model
@@ -29,12 +29,13 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from nextchat_core import versions
-from nextchat_core.checkpoints import resolve_checkpoint, resolve_device
+from nextchat_core.device import resolve_device
+from training import versions
+from training.settings import ServiceSettings
 
 from .store import AnnotationStore, Job
 
@@ -49,13 +50,12 @@ class JobBusy(RuntimeError):
     """The job is running in a live worker (fresh heartbeat): try again later."""
 
 
-@dataclass
-class RetrainSettings:
-    """How workers retrain; every field has an environment variable (named in comments)."""
+@dataclass(frozen=True)
+class RetrainSettings(ServiceSettings):
+    """How workers retrain: the settings shared with the backend
+    (:class:`training.settings.ServiceSettings`; ``NEXTCHAT_DEVICE`` defaults to cuda when
+    present here) and the loop's own. Field comments name the environment variable."""
 
-    model_dir: Path = field(default_factory=versions.default_model_dir)  # MODEL_DIR
-    checkpoint: str | None = None  # NEXTCHAT_CHECKPOINT: the base when nothing is promoted
-    device: str | None = None  # NEXTCHAT_DEVICE (default here: cuda when present, else cpu)
     retrain_every: int = 50  # RETRAIN_EVERY: changed annotations that trigger a job (0: off)
     stages: tuple[int, ...] = (2, 3)  # RETRAIN_STAGES: e.g. "2,3"; 3 runs only with masks
     epochs: float = 4.0  # RETRAIN_EPOCHS: passes over the training slice per stage
@@ -70,10 +70,6 @@ class RetrainSettings:
     lora: str = "auto"  # RETRAIN_LORA: auto (CUDA + a 7B-sized LLM) | on | off
     time_limit: int = 6 * 3600  # RETRAIN_TIME_LIMIT: seconds before a job is killed
     heartbeat_s: float = 10.0  # JOB_HEARTBEAT_S: a job's liveness beat; stale after 3 beats
-    label_studio_url: str | None = None  # LABEL_STUDIO_URL (image downloads)
-    label_studio_api_key: str | None = field(default=None, repr=False)  # LABEL_STUDIO_API_KEY
-    local_files_root: Path | None = None  # LOCAL_FILES_DOCUMENT_ROOT
-    torch_threads: int | None = None  # TORCH_THREADS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> RetrainSettings:
@@ -94,9 +90,7 @@ class RetrainSettings:
             return tuple(int(x) for x in raw.replace(" ", "").split(",") if x)
 
         s = cls(
-            model_dir=Path(get("MODEL_DIR", str, None) or versions.default_model_dir()),
-            checkpoint=get("NEXTCHAT_CHECKPOINT", str, None),
-            device=get("NEXTCHAT_DEVICE", str, None),
+            **ServiceSettings.values_from_env(env),
             retrain_every=get("RETRAIN_EVERY", int, 50),
             stages=get("RETRAIN_STAGES", stages, (2, 3)),
             epochs=get("RETRAIN_EPOCHS", float, 4.0),
@@ -111,10 +105,6 @@ class RetrainSettings:
             lora=get("RETRAIN_LORA", str, "auto"),
             time_limit=get("RETRAIN_TIME_LIMIT", int, 6 * 3600),
             heartbeat_s=get("JOB_HEARTBEAT_S", float, 10.0),
-            label_studio_url=get("LABEL_STUDIO_URL", str, None),
-            label_studio_api_key=get("LABEL_STUDIO_API_KEY", str, None),
-            local_files_root=get("LOCAL_FILES_DOCUMENT_ROOT", Path, None),
-            torch_threads=get("TORCH_THREADS", int, None),
         )
         s = replace(s, **overrides)
         s.validate()
@@ -144,15 +134,6 @@ class RetrainSettings:
     def store(self) -> AnnotationStore:
         """The annotation store under ``model_dir``, opened (schema checked) once."""
         return AnnotationStore(self.model_dir)
-
-
-def served_checkpoint(settings: RetrainSettings) -> tuple[str, Path]:
-    """``(name, path)`` of the version being served: ``MODEL_DIR/current`` or the base."""
-    name = versions.read_current_version(settings.model_dir)
-    if name is not None:
-        return name, versions.version_dir(settings.model_dir, name)
-    path = resolve_checkpoint(settings.checkpoint).resolve()
-    return f"{path.name}-{versions.checkpoint_fingerprint(path)}", path
 
 
 def version_name(job: Job) -> str:
@@ -242,7 +223,8 @@ def _run(
     work = settings.model_dir / "jobs" / job.job_id
     work.mkdir(parents=True, exist_ok=True)
     published = versions.version_dir(settings.model_dir, name)
-    parent_name, parent_path = served_checkpoint(settings)
+    served = versions.served_version(settings.model_dir, settings.checkpoint)
+    parent_name, parent_path = served.name, served.path
     if (published / versions.VERSION_META).is_file():
         # A redelivery after the version was published: finish the promotion step only.
         meta = json.loads((published / versions.VERSION_META).read_text())
@@ -252,7 +234,7 @@ def _run(
     if settings.label_studio_url and settings.label_studio_api_key:
         # Pull mode: Label Studio is the source of truth; the store mirrors the project
         # (annotations made before this backend was connected are included).
-        from nextchat_core.coco.export import fetch_project
+        from labelstudio.coco.export import fetch_project
 
         report({"phase": "pulling annotations from Label Studio"})
         exported, _ = fetch_project(
@@ -283,7 +265,7 @@ def _run(
         )
     has_masks = any(any(m is not None for m in (r.masks or [])) for r in train_set.records)
     # Workers train on CUDA when present (NEXTCHAT_DEVICE overrides), the backend on cpu.
-    device = resolve_device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(settings.device or "auto")
     big = config.llm.hidden_size >= 2048
     use_lora = settings.lora == "on" or (settings.lora == "auto" and device != "cpu" and big)
     init, timings = str(parent_path), []
@@ -439,15 +421,10 @@ def _image_resolver(
 ) -> Callable[[str, dict], str]:
     """Image references -> local files, fetched with the same rules as ``/predict`` and the
     Label Studio address/token that ``/setup`` stored for the project."""
-    from backend.projects import ProjectStore
-    from nextchat_core.image_fetch import FetchOptions, fetch_image_file
+    from labelstudio.images import fetch_image_file
+    from labelstudio.projects import ProjectStore
 
-    state = ProjectStore(settings.model_dir).get(project_id)
-    options = FetchOptions(
-        hostname=(state.hostname if state else None) or settings.label_studio_url,
-        access_token=(state.access_token if state else None) or settings.label_studio_api_key,
-        local_files_root=settings.local_files_root,
-    )
+    options = settings.fetch_options(ProjectStore(settings.model_dir).get(project_id))
 
     def resolve(ref: str, task: dict) -> str:
         return str(fetch_image_file(ref, task.get("id"), options, cache / str(task.get("id"))))

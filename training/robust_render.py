@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from nextchat_core import frames
+from nextchat_core.masks import mask_to_box
 
 from . import synth
 
@@ -105,7 +105,7 @@ def render(
         for q in placed[i + 1 :]:
             vis *= 1.0 - q["alpha"]
         mask = vis >= 0.5
-        box = frames.mask_to_box(mask)
+        box = mask_to_box(mask)
         if box is None:
             continue
         extents[len(objects)] = p["fraction"]

@@ -10,7 +10,7 @@ inscribed in, is a fraction of the canvas' short side drawn from ``small_range``
 rasterized with PIL ``ImageDraw`` without anti-aliasing and composited with numpy, so each
 object's **mask** (``HxW`` bool, original pixels) is exactly the set of pixels of its
 color that remain visible after the later objects are drawn over it, and its **box** is
-the tight original-pixel ``xyxy`` box of that mask (:func:`nextchat_core.frames.mask_to_box`,
+the tight original-pixel ``xyxy`` box of that mask (:func:`nextchat_core.mask_to_box`,
 pixel edges: a pixel at ``(x, y)`` spans ``[x, x+1] x [y, y+1]``). Objects may overlap
 but every object keeps at least ``min_visible`` of its drawn pixels; objects of the same
 color never touch (their nominal squares stay apart) so they never merge on screen; and
@@ -63,7 +63,7 @@ object, with always the same keys, in this order:
     pair in the question); ``chat`` - the boxes of the answer (``[]`` for ``No.``).
 ``masks`` (list of COCO RLE dict | null)
     aligned with ``boxes``: ``{"size": [h, w], "counts": str}`` of the object's visible
-    mask (:func:`nextchat_core.frames.mask_to_coco_rle`); the synthetic domain always
+    mask (:func:`nextchat_core.mask_to_coco_rle`); the synthetic domain always
     gives masks, the format allows null.
 ``attributes`` (list of ``{"shape", "color", "size"}``)
     aligned with ``boxes``, for auxiliary losses and analysis.
@@ -92,6 +92,7 @@ from PIL import Image, ImageDraw
 
 from nextchat_core import frames
 from nextchat_core.conversation import box_pairs
+from nextchat_core.masks import coco_segmentation_to_mask, mask_to_box, mask_to_coco_rle
 
 if TYPE_CHECKING:
     from nextchat_core.batch import Sample
@@ -303,7 +304,7 @@ class Background:
 @dataclass
 class SceneObject:
     """One drawn object. ``mask``: ``HxW`` bool of its VISIBLE pixels (original pixels);
-    ``box``: tight original-pixel xyxy of ``mask`` (``frames.mask_to_box``); ``center``
+    ``box``: tight original-pixel xyxy of ``mask`` (``mask_to_box``); ``center``
     and ``extent``: its nominal placement (centre and side of its bounding square, original
     pixels); ``drawn_area``: pixels it covered when drawn, before later objects."""
 
@@ -439,7 +440,7 @@ def render_scene(rng: np.random.Generator, config: SynthConfig, *, scene_id: int
     for p in placed:
         # The visible mask lies inside the drawn crop: its tight box there, shifted by the
         # crop's corner, is the full-canvas box at a fraction of the cost.
-        box = frames.mask_to_box(p.visible[p.slices])
+        box = mask_to_box(p.visible[p.slices])
         assert box is not None and p.visible_count > 0, "min_visible keeps every object visible"
         box += [p.slices[1].start, p.slices[0].start] * 2
         objects.append(
@@ -822,7 +823,7 @@ def _record(
         "question": question,
         "answer": answer,
         "boxes": [[int(v) for v in o.box] for o in objs],
-        "masks": [frames.mask_to_coco_rle(o.mask) for o in objs],
+        "masks": [mask_to_coco_rle(o.mask) for o in objs],
         "attributes": [o.attributes for o in objs],
         "scene_id": scene.scene_id,
     }
@@ -1083,7 +1084,7 @@ def to_samples(
         else:
             raise ValueError(f"record {k} has task {r['task']!r}; expected rec, caption or chat")
         masks = [
-            None if m is None else frames.coco_segmentation_to_mask(m, r["width"], r["height"])
+            None if m is None else coco_segmentation_to_mask(m, r["width"], r["height"])
             for m in r["masks"]
         ]
         samples.append(
@@ -1111,7 +1112,7 @@ def label_studio_task(
     annotator's submission looks like): the expression in the ``prompt`` TextArea and one
     ``rectanglelabels`` region per box, or (``masks``) one ``brushlabels`` region per
     mask. The active-learning demo, tests and bench feed these through ``/webhook``."""
-    from nextchat_core.ls_format import brush_result, rectangle_result, textarea_result
+    from labelstudio.results import brush_result, rectangle_result, textarea_result
 
     if record["task"] != "rec":
         raise ValueError(f"only 'rec' records become annotations, got {record['task']!r}")
@@ -1120,7 +1121,7 @@ def label_studio_task(
     for k, box in enumerate(record["boxes"]):
         rid = f"r{task_id}-{k}"
         if masks:
-            mask = frames.coco_segmentation_to_mask(record["masks"][k], w, h)
+            mask = coco_segmentation_to_mask(record["masks"][k], w, h)
             results.append(brush_result(mask, [label], from_name="brush", region_id=rid))
         else:
             results.append(rectangle_result(box, [label], width=w, height=h, region_id=rid))

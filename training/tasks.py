@@ -14,25 +14,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from celery import shared_task
 from celery.signals import worker_ready
 
-from .celery_app import app
+from .celery_app import get_app
 from .retrain import JobBusy, RetrainSettings, run_job
 from .store import AnnotationStore, Job
 
 log = logging.getLogger(__name__)
 
-_TIME_LIMIT = RetrainSettings.from_env().time_limit
+RETRAIN_TASK = "nextchat.retrain"
 
 
-@app.task(
-    name="nextchat.retrain",
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    time_limit=_TIME_LIMIT,
-    soft_time_limit=max(1, _TIME_LIMIT - 60),
-    max_retries=None,
+# The time limits (RETRAIN_TIME_LIMIT) are the app's (training.celery_app), read when
+# the app is built, not here at import.
+@shared_task(
+    name=RETRAIN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None
 )
 def retrain(self: Any, job_id: str, model_dir: str) -> dict[str, Any]:
     """Run retraining job ``job_id`` of ``MODEL_DIR`` ``model_dir``; progress (stage, step,
@@ -57,6 +54,7 @@ def retrain(self: Any, job_id: str, model_dir: str) -> dict[str, Any]:
 def enqueue(store: AnnotationStore, job: Job, model_dir: Path) -> bool:
     """Hand ``job`` to the broker; False (logged, job left for :func:`enqueue_pending`)
     when the broker cannot be reached."""
+    app = get_app()
     try:
         with app.connection_for_write() as conn:
             # One quick attempt (kombu's default is ~100 retries): the webhook that calls
@@ -64,7 +62,7 @@ def enqueue(store: AnnotationStore, job: Job, model_dir: Path) -> bool:
             conn.ensure_connection(
                 max_retries=1, interval_start=0, interval_step=0.2, interval_max=0.2, timeout=1
             )
-            result = retrain.apply_async(
+            result = app.tasks[RETRAIN_TASK].apply_async(
                 args=(job.job_id, str(model_dir)), task_id=job.job_id, connection=conn, retry=False
             )
     except Exception as exc:  # kombu, redis, sqlalchemy raise many kinds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -51,24 +52,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="input region in original pixels (for --task caption)",
     )
     p.add_argument("--no-masks", action="store_true", help="boxes only (skips SAM)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: $NEXTCHAT_DEVICE or cpu)")
+    p.add_argument(
+        "--device",
+        default=os.environ.get("NEXTCHAT_DEVICE"),
+        help="cpu or cuda (default: $NEXTCHAT_DEVICE or cpu)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--overlay", help="write a PNG of the image with boxes and masks drawn")
     p.set_defaults(func=_predict)
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .build import inspect_checkpoint
+    from nextchat_core.build import inspect_checkpoint
 
     print(json.dumps(inspect_checkpoint(args.path, manifest=args.manifest), indent=2))
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .checkpoints import resolve_checkpoint, resolve_device
-    from .image_processing import load_image
-    from .overlay import draw_overlay
-    from .predictor import NextChatPredictor
+    from nextchat_cli.overlay import draw_overlay
+    from nextchat_core.device import resolve_device
+    from nextchat_core.image_processing import load_image
+    from nextchat_core.predictor import NextChatPredictor
+    from training.versions import resolve_checkpoint
 
     predictor = NextChatPredictor.from_pretrained(
         resolve_checkpoint(args.checkpoint), device=resolve_device(args.device)

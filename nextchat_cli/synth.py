@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .synth import DEFAULT_TASK_MIX, TASKS
+from training.synth import DEFAULT_TASK_MIX, TASKS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,7 +62,7 @@ def parse_task_mix(text: str) -> dict[str, float]:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from .synth import SynthConfig, write_dataset
+    from training.synth import SynthConfig, write_dataset
 
     if args.scenes < 1:
         raise ValueError(f"--scenes must be >= 1, got {args.scenes}")

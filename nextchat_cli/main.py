@@ -14,12 +14,12 @@ import sys
 
 # Modules with a register(subparsers) function, in `nextchat --help` order.
 _COMMAND_MODULES: list[str] = [
-    "nextchat_core.commands",
-    "nextchat_core.coco.commands",
-    "training.commands",
-    "backend.commands",
-    "training.synth_commands",
-    "training.loop_commands",
+    "nextchat_cli.model",
+    "nextchat_cli.coco",
+    "nextchat_cli.train",
+    "nextchat_cli.serve",
+    "nextchat_cli.synth",
+    "nextchat_cli.loop",
 ]
 
 

@@ -27,17 +27,15 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, TypeGuard
-from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
 
-from . import frames
+from nextchat_core import frames
+from nextchat_core.masks import mask_to_box, polygon_to_mask
 
 logger = logging.getLogger(__name__)
 
@@ -147,10 +145,10 @@ class Region:
         if self.mask is not None:
             return self.mask
         if self.polygon is not None:
-            return frames.polygon_to_mask(self.polygon, self.width, self.height)
+            return polygon_to_mask(self.polygon, self.width, self.height)
         x1, y1, x2, y2 = self.box_xyxy
         corners = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]])
-        return frames.polygon_to_mask(corners, self.width, self.height)
+        return polygon_to_mask(corners, self.width, self.height)
 
 
 # ----------------------------------------------------------------------- label config
@@ -497,59 +495,6 @@ def image_reference(task: dict[str, Any], config: LabelConfig | None = None) -> 
     return ref
 
 
-def image_file_name(ref: str) -> str:
-    """COCO ``file_name`` for a Label Studio image reference: the ``d`` path of a
-    ``/data/local-files/?d=...`` URL, the last path component of a URL or upload, a plain
-    path as given."""
-    parsed = urlparse(ref)
-    if "local-files" in parsed.path and "d" in parse_qs(parsed.query):
-        return unquote(parse_qs(parsed.query)["d"][0])
-    if parsed.scheme in ("", "file") and not ref.startswith("/data/"):
-        return unquote(parsed.path) if parsed.scheme == "file" else ref
-    return unquote(Path(parsed.path).name)
-
-
-def resolve_local_image(ref: str, image_root: str | os.PathLike[str] | None = None) -> Path | None:
-    """A readable local file for an image reference, or ``None``.
-
-    Tries, in order: the reference as a path (``file://`` URLs too); for
-    ``/data/local-files/?d=rel`` the ``rel`` path under ``image_root`` or under
-    ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``; ``image_root / file_name`` and
-    ``image_root / basename``.
-    """
-    candidates: list[Path] = []
-    parsed = urlparse(ref)
-    if parsed.scheme == "file":
-        candidates.append(Path(unquote(parsed.path)))
-    elif parsed.scheme == "" and not ref.startswith("/data/"):
-        candidates.append(Path(ref))
-    name = image_file_name(ref)
-    roots = [Path(image_root)] if image_root is not None else []
-    doc_root = os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
-    if doc_root and "local-files" in parsed.path:
-        roots.append(Path(doc_root))
-    for root in roots:
-        candidates += [root / name, root / Path(name).name]
-    return next((c for c in candidates if c.is_file()), None)
-
-
-def read_image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """``(width, height)`` of an image file after EXIF orientation (what Label Studio and
-    ``PIL.ImageOps.exif_transpose`` show): orientations 5-8 swap the stored sides. Reads
-    only the header. Raises ``ValueError`` for a file PIL cannot read."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-            orientation = img.getexif().get(0x0112, 1)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"cannot read image size from {path}: {exc}") from exc
-    if orientation in (5, 6, 7, 8):  # transposed / rotated by 90 or 270 degrees
-        width, height = height, width
-    return width, height
-
-
 # -------------------------------------------------------------------------- building
 
 
@@ -612,7 +557,7 @@ def brush_result(
     if mask.ndim != 2:
         raise ValueError(f"mask must be HxW, got shape {tuple(mask.shape)}")
     height, width = mask.shape
-    value = {"format": "rle", "rle": frames.mask_to_ls_rle(mask), "brushlabels": list(labels)}
+    value = {"format": "rle", "rle": mask_to_ls_rle(mask), "brushlabels": list(labels)}
     return _result("brushlabels", value, width, height, from_name, to_name, region_id, score)
 
 
@@ -785,8 +730,8 @@ def _parse_region(
             f"brush value needs format 'rle' and an 'rle' list (Label Studio brush RLE), got "
             f"format={fmt!r} and keys {sorted(value)}"
         )
-    mask = frames.ls_rle_to_mask(value["rle"], width, height)
-    mbox = frames.mask_to_box(mask)
+    mask = ls_rle_to_mask(value["rle"], width, height)
+    mbox = mask_to_box(mask)
     if mbox is None:
         raise ValueError("brush mask is empty (no pixel with alpha > 127)")
     return Region(kind="brush", box_xyxy=mbox, mask=mask, **common)
@@ -864,3 +809,50 @@ def _recency(item: dict[str, Any]) -> tuple[str, float]:
 
 def _is_number(v: Any) -> TypeGuard[int | float]:
     return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# ------------------------------------------------------------------ brush RLE
+
+
+def mask_to_ls_rle(mask: np.ndarray) -> list[int]:
+    """Binary ``HxW`` mask -> Label Studio brush RLE (``value.rle``)."""
+    from label_studio_sdk.converter.brush import mask2rle
+
+    return list(mask2rle((mask > 0).astype(np.uint8) * 255))
+
+
+def ls_rle_to_mask(rle: list[int], width: int, height: int) -> np.ndarray:
+    """Label Studio brush RLE -> binary ``HxW`` mask (alpha > 127). Raises ``ValueError``
+    when the RLE is malformed or does not hold exactly ``height x width`` RGBA pixels.
+
+    The size is checked on the RLE header (its first 32 bits count the RGBA bytes) before
+    decoding, so an RLE from another image fails fast instead of decoding megabytes.
+    """
+    from label_studio_sdk.converter.brush import decode_rle
+
+    if (
+        not isinstance(rle, list | tuple | np.ndarray)
+        or len(rle) < 4
+        or not all(isinstance(v, int | np.integer) and 0 <= v <= 255 for v in rle)
+    ):
+        raise ValueError(
+            "a Label Studio brush RLE must be a list of byte values (ints 0-255) with a "
+            f"4-byte header, got {str(rle)[:80]}"
+        )
+    expected = width * height * 4
+    num = int.from_bytes(bytes(int(v) for v in rle[:4]), "big")
+    if num != expected:
+        raise ValueError(
+            f"brush RLE holds {num} bytes, expected {expected} for a {width}x{height} RGBA "
+            "image: the RLE belongs to an image of another size"
+        )
+    try:
+        flat = np.asarray(decode_rle(rle), dtype=np.uint8)
+    except (ValueError, IndexError) as exc:  # the SDK's bit reader on truncated data
+        raise ValueError(f"brush RLE is truncated or corrupt: {exc}") from exc
+    if flat.size != expected:
+        raise ValueError(
+            f"brush RLE decodes to {flat.size} bytes, expected {expected} for a "
+            f"{width}x{height} RGBA image: the RLE belongs to an image of another size"
+        )
+    return flat.reshape(height, width, 4)[:, :, 3] > 127

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .predictor import Answer
+from nextchat_core.predictor import Answer
 
 _COLORS = [
     (255, 59, 48),

@@ -44,7 +44,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .. import frames
+from nextchat_core import frames
+from nextchat_core.masks import coco_segmentation_to_mask, mask_intersection_union, mask_to_box
+
 from .common import CocoLike, ResultsLike, load_instances, load_results
 
 logger = logging.getLogger(__name__)
@@ -216,13 +218,13 @@ def _prepare(
         if iou_type == "segm" or a.get("bbox") is None:
             w, h = sizes[a["image_id"]]
             try:
-                mask = frames.coco_segmentation_to_mask(a["segmentation"], w, h)
+                mask = coco_segmentation_to_mask(a["segmentation"], w, h)
             except (ValueError, TypeError) as exc:
                 raise ValueError(
                     f"{role} {ann.get('id', i)} on image {a['image_id']}: bad segmentation: {exc}"
                 ) from exc
         if a.get("bbox") is None:
-            box = frames.mask_to_box(mask) if mask is not None else None
+            box = mask_to_box(mask) if mask is not None else None
             a["bbox"] = frames.xyxy_to_xywh(box) if box is not None else [0.0, 0.0, 0.0, 0.0]
         # Detections' areas decide their area range (small/medium/large), as in loadRes:
         # mask pixels for segm, box area for bbox.
@@ -350,7 +352,7 @@ def mask_iou_scores(
     ious, inter_sum, union_sum = [], 0, 0
     for pred, gt in zip(pred_masks, gt_masks, strict=True):
         pred = np.zeros_like(gt, dtype=bool) if pred is None else pred
-        inter, union = frames.mask_intersection_union(pred, gt)
+        inter, union = mask_intersection_union(pred, gt)
         inter_sum += inter
         union_sum += union
         ious.append(inter / union if union else 1.0)
@@ -468,6 +470,6 @@ def _mask(value: Any, where: str) -> np.ndarray | None:
         raise ValueError(f"{where} must be a COCO RLE {{'size': [h, w], 'counts': ...}}")
     h, w = (int(v) for v in value["size"])
     try:
-        return frames.coco_segmentation_to_mask(value, w, h)
+        return coco_segmentation_to_mask(value, w, h)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{where}: {exc}") from exc

@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Train NExT-Chat through one stage from a JSON/YAML config (data sources, "
             "init checkpoint or preset, steps, learning rates, LoRA, precision). Reruns resume "
             "from the newest checkpoint in output_dir. Multi-GPU: `accelerate launch -m "
-            "nextchat_core.cli train ...`."
+            "nextchat_cli train ...`."
         ),
     )
     p.add_argument("--config", required=True, help="train config file (.json or .yaml)")
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .trainer import TrainConfig, train
+    from training.trainer import TrainConfig, train
 
     config = TrainConfig.load(args.config)
     for field in ("stage", "steps", "output_dir", "init"):

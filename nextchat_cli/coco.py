@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -24,8 +25,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", nargs="?", type=Path, help="Label Studio JSON export (a task list)")
     p.add_argument("--project", type=int, help="export this Label Studio project instead")
-    p.add_argument("--url", help="Label Studio URL (default: $LABEL_STUDIO_URL)")
-    p.add_argument("--api-key", help="Label Studio API key (default: $LABEL_STUDIO_API_KEY)")
+    p.add_argument(
+        "--url",
+        default=os.environ.get("LABEL_STUDIO_URL"),
+        help="Label Studio URL (default: $LABEL_STUDIO_URL)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LABEL_STUDIO_API_KEY"),
+        help="Label Studio API key (default: $LABEL_STUDIO_API_KEY)",
+    )
     p.add_argument(
         "--config",
         type=Path,
@@ -108,7 +117,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "predictions) against --gt, with a per-category table. Referring-expression mode: "
             "REC Acc@0.5, mean box IoU, multi-instance recall, mask mIoU and cIoU over a "
             "JSONL of records {image, expression, boxes, mask?, pred_boxes, pred_mask?} "
-            "(see nextchat_core.coco.evaluate); with --checkpoint, the records need no "
+            "(see labelstudio.coco.evaluate); with --checkpoint, the records need no "
             "predictions (the training pipeline's referring-expression jsonl) and the model "
             "predicts them."
         ),
@@ -122,7 +131,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--checkpoint",
         help="run this model on the --refexp records (default: predictions in the file)",
     )
-    p.add_argument("--device", default=None, help="cpu or cuda, with --checkpoint")
+    p.add_argument(
+        "--device",
+        default=os.environ.get("NEXTCHAT_DEVICE"),
+        help="cpu or cuda, with --checkpoint (default: $NEXTCHAT_DEVICE or cpu)",
+    )
     p.add_argument(
         "--max-records", type=int, default=None, help="evaluate at most this many records"
     )
@@ -131,8 +144,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ..ls_format import parse_label_config
-    from .export import coco_results, export_coco, fetch_project, load_tasks, write_json
+    from labelstudio.coco.export import (
+        coco_results,
+        export_coco,
+        fetch_project,
+        load_tasks,
+        write_json,
+    )
+    from labelstudio.results import parse_label_config
 
     if (args.input is None) == (args.project is None):
         raise ValueError("give either a Label Studio JSON export file or --project ID (not both)")
@@ -175,9 +194,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from .common import load_instances
-    from .export import write_json
-    from .importer import import_coco, label_config_for
+    from labelstudio.coco.common import load_instances
+    from labelstudio.coco.export import write_json
+    from labelstudio.coco.importer import import_coco, label_config_for
 
     config_xml = args.config.read_text(encoding="utf-8") if args.config else None
     gt = load_instances(args.instances)
@@ -207,7 +226,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import (
+    from labelstudio.coco.evaluate import (
         evaluate_coco,
         evaluate_refexp,
         format_coco_report,
@@ -226,11 +245,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     elif args.checkpoint is not None:
         # The model-running path lives with the training pipeline's reader and evaluation
         # loop (one implementation, shared with training and the retraining gate).
+        from nextchat_core.device import resolve_device
+        from nextchat_core.predictor import NextChatPredictor
         from training.data import read_refexp_jsonl
         from training.evaluation import evaluate_predictor, format_task_report
-
-        from ..checkpoints import resolve_checkpoint, resolve_device
-        from ..predictor import NextChatPredictor
+        from training.versions import resolve_checkpoint
 
         predictor = NextChatPredictor.from_pretrained(
             resolve_checkpoint(args.checkpoint), device=resolve_device(args.device)

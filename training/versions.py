@@ -13,7 +13,8 @@ Layout::
 
 A reader never sees a half-written version: ``versions/<name>`` appears by an atomic
 rename of a finished ``staging/<name>``, and ``current`` changes by another rename. Without
-``current`` the backend serves its base checkpoint.
+``current`` the base checkpoint is served (:func:`served_version`: the one answer to "which
+version is served" for the backend and the workers).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import re
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,61 @@ VERSION_META = "version.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 HISTORY_FILE = "history.jsonl"
 STAGING_DIR = "staging"
+
+# The small demo model shipped with the product (trained by `make demo-model`).
+DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "demo"
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A servable model: its Label Studio ``model_version`` name and checkpoint dir."""
+
+    name: str
+    path: Path
+    source: str  # "base" (the configured checkpoint) or "model_dir" (MODEL_DIR/versions)
+
+
+def resolve_checkpoint(path: str | os.PathLike | None = None) -> Path:
+    """The base checkpoint directory: ``path``, else ``NEXTCHAT_CHECKPOINT``, else the
+    bundled demo model; ``FileNotFoundError`` with a fix when none exists."""
+    chosen = path or os.environ.get("NEXTCHAT_CHECKPOINT") or DEMO_CHECKPOINT
+    chosen = Path(chosen)
+    if not chosen.is_dir():
+        hint = (
+            "the bundled demo model is missing: run `make demo-model` to train it"
+            if chosen == DEMO_CHECKPOINT
+            else "pass --checkpoint DIR or set NEXTCHAT_CHECKPOINT to a checkpoint directory"
+        )
+        raise FileNotFoundError(f"no checkpoint at {chosen}: {hint}")
+    return chosen
+
+
+def base_version(checkpoint: str | os.PathLike | None = None) -> ModelVersion:
+    """The base checkpoint (:func:`resolve_checkpoint`) as a version named
+    ``<dir name>-<fingerprint>``."""
+    path = resolve_checkpoint(checkpoint).resolve()
+    return ModelVersion(f"{path.name}-{checkpoint_fingerprint(path)}", path, "base")
+
+
+def stored_version(model_dir: str | os.PathLike[str], name: str) -> ModelVersion:
+    """Version ``name`` under ``MODEL_DIR/versions``; ``FileNotFoundError`` when it holds
+    no checkpoint."""
+    path = version_dir(model_dir, name)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{Path(model_dir) / CURRENT_FILE} names version {name!r} but {path} holds no "
+            "checkpoint: fix the pointer or delete it to serve the base model"
+        )
+    return ModelVersion(name, path.resolve(), "model_dir")
+
+
+def served_version(
+    model_dir: str | os.PathLike[str], checkpoint: str | os.PathLike | None = None
+) -> ModelVersion:
+    """The version served now: the one ``MODEL_DIR/current`` names, else the base
+    checkpoint ``checkpoint`` (:func:`base_version`)."""
+    name = read_current_version(model_dir)
+    return base_version(checkpoint) if name is None else stored_version(model_dir, name)
 
 
 def default_model_dir() -> Path:

@@ -58,9 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from nextchat_core.checkpoints import resolve_checkpoint
-
-    from .settings import Settings
+    from backend.settings import Settings
+    from training.versions import resolve_checkpoint
 
     # Options become environment variables so that every gunicorn worker, which builds
     # its app from the environment, sees the same settings.
@@ -103,7 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings.checkpoint or "(bundled demo)",
         settings.model_dir,
     )
-    from .server import GunicornServer
+    from backend.server import GunicornServer
 
     GunicornServer(options).run()
     return 0

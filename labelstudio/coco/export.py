@@ -35,18 +35,23 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .. import frames
-from ..ls_format import (
+from nextchat_core import frames
+from nextchat_core.masks import (
+    coco_segmentation_to_mask,
+    mask_iou,
+    mask_to_coco_rle,
+    mask_to_polygons,
+)
+
+from ..images import image_file_name, read_image_size, resolve_local_image
+from ..results import (
     LabelConfig,
     LabelStudioFormatError,
     Region,
     TaskSource,
-    image_file_name,
     image_reference,
     parse_label_config,
     parse_task,
-    read_image_size,
-    resolve_local_image,
     result_image_size,
     task_id_of,
     task_results,
@@ -101,16 +106,14 @@ def fetch_project(
     """Export every task of a Label Studio project (annotations and predictions) and its
     label config, through ``label_studio_sdk``.
 
-    ``base_url``/``api_key`` default to ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY``.
-    Uses the synchronous JSON export of Label Studio Community
+    ``base_url``/``api_key``: the Label Studio address and an access token (the CLI
+    defaults them to ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY``). Uses the synchronous JSON export of Label Studio Community
     (``/api/projects/ID/export?exportType=JSON&download_all_tasks=true``).
     """
     import httpx
     from label_studio_sdk import LabelStudio
     from label_studio_sdk.core.api_error import ApiError
 
-    base_url = base_url or os.environ.get("LABEL_STUDIO_URL")
-    api_key = api_key or os.environ.get("LABEL_STUDIO_API_KEY")
     if not base_url or not api_key:
         raise ValueError(
             "exporting a project needs the Label Studio URL and API key: set "
@@ -156,9 +159,9 @@ def export_coco(
 
     Image sizes come from the results' ``original_width``/``original_height``; tasks
     without any (e.g. no annotation) are sized from the image file when it is local
-    (``image_root``, ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``), EXIF orientation applied.
+    (``image_root``, ``LOCAL_FILES_DOCUMENT_ROOT``), EXIF orientation applied.
     ``source``, ``all_annotations`` and ``model_version`` pick results as
-    :func:`nextchat_core.ls_format.parse_task` does.
+    :func:`labelstudio.results.parse_task` does.
 
     Bad tasks and regions raise one ``ValueError`` listing them; with ``skip_bad`` they
     are left out, listed in ``CocoExport.errors`` and logged, and the rest is exported.
@@ -310,12 +313,12 @@ def _annotation(
     if region.kind == "brush":
         assert region.mask is not None
         if masks == "rle":
-            segmentation = frames.mask_to_coco_rle(region.mask)
+            segmentation = mask_to_coco_rle(region.mask)
             area = float(region.mask.sum())
         else:
-            polygons = frames.mask_to_polygons(region.mask)
+            polygons = mask_to_polygons(region.mask)
             segmentation = [_flat(p) for p in polygons]
-            drawn = frames.coco_segmentation_to_mask(segmentation, region.width, region.height)
+            drawn = coco_segmentation_to_mask(segmentation, region.width, region.height)
             area = float(drawn.sum())
             if area != float(region.mask.sum()):
                 logger.warning(
@@ -323,13 +326,11 @@ def _annotation(
                     "they are filled (IoU %.4f). Use masks='rle' to keep them.",
                     region.task_id,
                     region.region_id,
-                    frames.mask_iou(region.mask, drawn),
+                    mask_iou(region.mask, drawn),
                 )
     elif region.polygon is not None:  # polygons and rotated rectangles
         segmentation = [_flat(region.polygon)]
-        area = float(
-            frames.coco_segmentation_to_mask(segmentation, region.width, region.height).sum()
-        )
+        area = float(coco_segmentation_to_mask(segmentation, region.width, region.height).sum())
     else:
         segmentation = []
         x1, y1, x2, y2 = region.box_xyxy

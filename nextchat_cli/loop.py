@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Start a backend and a worker (embedded SQLite broker unless --broker), pre-label "
             "held-out tasks, send corrected annotations through /webhook, retrain, promote, "
-            "pre-label again; prints Acc@0.5 before and after (see training/loop_demo.py)."
+            "pre-label again; prints Acc@0.5 before and after (see nextchat_cli/loop_demo.py)."
         ),
     )
     p.add_argument("--checkpoint", default=None, help="base checkpoint (default: the bundled demo)")
@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _settings(args: argparse.Namespace):  # -> RetrainSettings (lazy import: fast --help)
-    from .retrain import RetrainSettings
+    from training.retrain import RetrainSettings
 
     if args.model_dir:
         os.environ["MODEL_DIR"] = str(Path(args.model_dir).resolve())
@@ -68,7 +68,9 @@ def _settings(args: argparse.Namespace):  # -> RetrainSettings (lazy import: fas
 
 def _worker(args: argparse.Namespace) -> int:
     settings = _settings(args)  # validates the environment before Celery starts
-    from .celery_app import app
+    from training.celery_app import get_app
+
+    app = get_app()
 
     argv = ["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.loglevel}"]
     argv += ["--pool=prefork", "--without-gossip", "--without-mingle"]
@@ -121,7 +123,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _retrain(args: argparse.Namespace) -> int:
-    from .tasks import enqueue
+    from training.tasks import enqueue
 
     settings = _settings(args)
     job, created = settings.store.request_job(str(args.project), "manual")
@@ -133,7 +135,7 @@ def _retrain(args: argparse.Namespace) -> int:
 
 
 def _versions(args: argparse.Namespace) -> int:
-    from nextchat_core import versions
+    from training import versions
 
     settings = _settings(args)
     current = versions.read_current_version(settings.model_dir)
@@ -152,7 +154,7 @@ def _versions(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from nextchat_core import versions
+    from training import versions
 
     settings = _settings(args)
     versions.promote(settings.model_dir, args.version, reason="nextchat promote")
@@ -161,7 +163,7 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    from nextchat_core import versions
+    from training import versions
 
     settings = _settings(args)
     target = versions.rollback(settings.model_dir)
@@ -172,9 +174,8 @@ def _rollback(args: argparse.Namespace) -> int:
 def _loop_demo(args: argparse.Namespace) -> int:
     import shutil
 
-    from nextchat_core.checkpoints import resolve_checkpoint
-
-    from .loop_demo import run_demo
+    from nextchat_cli.loop_demo import run_demo
+    from training.versions import resolve_checkpoint
 
     out = Path(args.out).resolve()
     if out.exists():

@@ -7,5 +7,5 @@
   metrics of the NExT-Chat paper (REC Acc@0.5, mean IoU, RES mIoU/cIoU).
 
 All geometry is converted by :mod:`nextchat_core.frames`; Label Studio JSON is parsed and
-built by :mod:`nextchat_core.ls_format`.
+built by :mod:`labelstudio.results`.
 """

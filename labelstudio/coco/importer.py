@@ -25,8 +25,10 @@ from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
-from .. import frames
-from ..ls_format import (
+from nextchat_core import frames
+from nextchat_core.masks import coco_segmentation_to_mask
+
+from ..results import (
     LabelConfig,
     RegionKind,
     brush_result,
@@ -242,7 +244,7 @@ def _results_for(
     if segm:
         try:
             if isinstance(segm, list) and polygons_as == "polygon":
-                frames.coco_segmentation_to_mask(segm, width, height)  # validates the polygons
+                coco_segmentation_to_mask(segm, width, height)  # validates the polygons
                 for k, flat in enumerate(segm):
                     pts = np.asarray(flat, dtype=np.float64).reshape(-1, 2)
                     rid = region_id if len(segm) == 1 else f"{region_id}-{k}"
@@ -259,7 +261,7 @@ def _results_for(
                         )
                     )
             else:
-                mask = frames.coco_segmentation_to_mask(segm, width, height)
+                mask = coco_segmentation_to_mask(segm, width, height)
                 out.append(
                     brush_result(
                         mask,

@@ -31,10 +31,9 @@ import numpy as np
 import requests
 from PIL import Image, ImageDraw
 
+from labelstudio.results import parse_results, rectangle_result, textarea_result
 from nextchat_core import frames
-from nextchat_core.ls_format import parse_results, rectangle_result, textarea_result
-
-from . import synth
+from training import synth
 
 REPO = Path(__file__).resolve().parent.parent
 REDIS_URL = "redis://127.0.0.1:6379/0"  # .ci/run starts redis-server when none answers
@@ -208,7 +207,7 @@ def start_backend(
     """``nextchat serve`` (gunicorn) on a free local port, waited for until ``/health``
     is ``ready``; returns the process and its URL."""
     port = free_port()
-    argv = [sys.executable, "-m", "nextchat_core.cli", "serve", "--host", "127.0.0.1"]
+    argv = [sys.executable, "-m", "nextchat_cli", "serve", "--host", "127.0.0.1"]
     argv += ["--port", str(port), *(["--checkpoint", str(checkpoint)] if checkpoint else [])]
     proc = Proc(argv + (extra or []), env, log)
     url = f"http://127.0.0.1:{port}"
@@ -254,7 +253,7 @@ class Loop:
         return proc
 
     def _start(self, args: list[str], name: str) -> Proc:
-        argv = [sys.executable, "-m", "nextchat_core.cli", *args]
+        argv = [sys.executable, "-m", "nextchat_cli", *args]
         proc = Proc(argv, self.env, self.tmp / f"{name}-{len(self.procs)}.log")
         self.procs.append(proc)
         return proc
