@@ -437,7 +437,7 @@ def default_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
 
 # Step counts of the shipped run (measured s/step on the 2 shared CPU cores in the recipe
 # document; the sum is sized to the 90-minute budget).
-VISION_STEPS, SAM_STEPS, LANGUAGE_STEPS, MASK_STEPS = 280, 40, 600, 40
+VISION_STEPS, SAM_STEPS, LANGUAGE_STEPS, MASK_STEPS = 220, 30, 400, 25
 
 
 def eval_split(out: Path, n_scenes: int) -> Path:
