@@ -31,9 +31,12 @@ def project_key(project: Any) -> str | None:
     if project is None or project == "":
         return None
     if isinstance(project, dict):
-        project = project.get("id")
-        if project is None:
-            return None
+        if project.get("id") is None:
+            raise ValueError(
+                "a 'project' object needs its 'id' (Label Studio sends {\"id\": 12, ...}), "
+                f"got keys {sorted(project)[:5]}"
+            )
+        project = project["id"]
     if isinstance(project, bool) or not isinstance(project, int | str):
         raise ValueError(
             f"'project' must be the Label Studio project id like \"12.1700000000\", got "
@@ -108,7 +111,11 @@ class ProjectStore:
         path = self.root / f"{state.project}.json"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         # 0600: the file holds the Label Studio access token.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(state), f)
-        os.replace(tmp, path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(asdict(state), f)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full or read-only disk leaves no empty .tmp
+            raise
