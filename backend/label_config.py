@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 from labelstudio.results import ControlInfo, LabelConfig, parse_label_config
 
-REGION_TAGS = ("rectanglelabels", "brushlabels", "polygonlabels")
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 # Words that say nothing about which label is meant ("all cars" vs "all people").
 _STOPWORDS = frozenset(
@@ -167,7 +166,10 @@ def plan_for(xml: str) -> LabelPlan:
 def _plan_for(xml: str) -> LabelPlan:
     config = parse_label_config(xml)
     image = next(iter(config.images))
-    region = {tag: _first(config, tag) for tag in REGION_TAGS}
+    region = {
+        kind: config.control_for(kind, generic_labels=False)
+        for kind in ("rectangle", "brush", "polygon")
+    }
     areas = [c for c in config.controls if c.tag == "textarea"]
     caption = next((c for c in areas if _role(c) == "caption"), None)
     answer = next((c for c in areas if _role(c) == "answer"), None)
@@ -197,17 +199,13 @@ def _plan_for(xml: str) -> LabelPlan:
         config=config,
         image=image_name,
         image_key=config.images[image_name],
-        rectangles=region["rectanglelabels"],
-        brushes=region["brushlabels"],
-        polygons=region["polygonlabels"],
+        rectangles=region["rectangle"],
+        brushes=region["brush"],
+        polygons=region["polygon"],
         prompt_area=prompt,
         caption_area=caption,
         answer_area=answer,
     )
-
-
-def _first(config: LabelConfig, tag: str) -> ControlInfo | None:
-    return next((c for c in config.controls if c.tag == tag), None)
 
 
 def _role(control: ControlInfo) -> str:

@@ -207,10 +207,18 @@ class LabelConfig:
                     seen.setdefault(label, None)
         return list(seen)
 
-    def control_for(self, kind: RegionKind | Literal["textarea"]) -> ControlInfo | None:
-        """The first control that writes ``kind`` results (``<kind>labels`` first, then the
-        generic ``Labels``), or ``None``."""
-        wanted = [f"{kind}labels", "labels"] if kind != "textarea" else ["textarea"]
+    def control_for(
+        self, kind: RegionKind | Literal["textarea"], *, generic_labels: bool = True
+    ) -> ControlInfo | None:
+        """The first control that writes ``kind`` results, or ``None``: ``<kind>labels``
+        first, then (``generic_labels``) the generic ``Labels``. The one rule for which
+        control gets rectangles, brushes and polygons: the COCO importer takes a generic
+        ``Labels`` too; the backend (``generic_labels=False``) writes only
+        ``<kind>labels`` results."""
+        if kind == "textarea":
+            wanted = ["textarea"]
+        else:
+            wanted = [f"{kind}labels", "labels"] if generic_labels else [f"{kind}labels"]
         for tag in wanted:
             for c in self.controls:
                 if c.tag == tag:
