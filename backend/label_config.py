@@ -1,7 +1,7 @@
 """What a Label Studio label config asks of the backend: which results to build, where
 prompts come from, and which label a prompt's boxes get.
 
-Parsed once per config by ``labelstudio.results.parse_label_config`` (the SDK's
+Parsed once per config by ``labelstudio.config.parse_label_config`` (the SDK's
 ``LabelInterface``); this module only reads roles off the parsed controls:
 
 * region controls (``RectangleLabels``, ``BrushLabels``, ``PolygonLabels`` on the
@@ -27,7 +27,7 @@ import functools
 import re
 from dataclasses import dataclass
 
-from labelstudio.results import ControlInfo, LabelConfig, parse_label_config
+from labelstudio.config import ControlInfo, LabelConfig, parse_label_config
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 # Words that say nothing about which label is meant ("all cars" vs "all people").

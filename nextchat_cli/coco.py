@@ -151,7 +151,7 @@ def _export(args: argparse.Namespace) -> int:
         load_tasks,
         write_json,
     )
-    from labelstudio.results import parse_label_config
+    from labelstudio.config import parse_label_config
 
     if (args.input is None) == (args.project is None):
         raise ValueError("give either a Label Studio JSON export file or --project ID (not both)")
