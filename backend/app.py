@@ -32,7 +32,7 @@ from werkzeug.exceptions import HTTPException
 from labelstudio.projects import ProjectStore, project_key
 from training.retrain import RetrainSettings
 from training.store import STORE_NAME
-from training.tasks import enqueue_pending
+from training.tasks import enqueue_pending, prepare_app
 
 from .model import BackendError, NextChatBackend, redact_paths
 from .model_cache import ModelStore
@@ -68,6 +68,7 @@ def create_app(
     retrain = retrain or RetrainSettings.from_env(model_dir=settings.model_dir)
     if settings.preload_model if preload is None else preload:
         store.warm_up_in_background()
+    prepare_app()
     if enqueue_retry_s:
         _start_pending_enqueuer(retrain, enqueue_retry_s)
 

@@ -41,7 +41,7 @@ from typing import Any
 from labelstudio.images import FetchedImage, FetchOptions, TaskError, fetch_images
 from labelstudio.projects import ProjectState, ProjectStore, project_key
 from labelstudio.results import LabelStudioFormatError, parse_results, textarea_result
-from nextchat_core.predictor import MAX_PROMPT_CHARS, Answer, NextChatPredictor, Query
+from nextchat_core.predictor import Answer, NextChatPredictor, Query, prompt_problem
 from training.versions import ModelVersion
 
 from .label_config import LabeledPrompt, LabelPlan, plan_for
@@ -475,25 +475,6 @@ def resolve_prompts(
     if plan.region_controls:
         return plan.label_prompts(), "label_values"
     return [], "none"
-
-
-def prompt_problem(prompt: str) -> str | None:
-    """Why ``prompt`` cannot be sent to the model, or ``None`` when it can."""
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return (
-            f"the prompt holds a character that is not text (a lone UTF-16 surrogate "
-            f"{prompt[exc.start]!r} at position {exc.start}): send valid Unicode"
-        )
-    if not prompt.strip():
-        return "the prompt is empty: type what to find, e.g. 'all cars'"
-    if len(prompt) > MAX_PROMPT_CHARS:
-        return (
-            f"the prompt has {len(prompt)} characters, more than the {MAX_PROMPT_CHARS} "
-            "allowed: shorten it"
-        )
-    return None
 
 
 def parse_context(context: Any, plan: LabelPlan) -> InteractiveContext:

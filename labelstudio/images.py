@@ -42,7 +42,8 @@ from PIL import Image
 
 from nextchat_core.image_processing import load_image
 
-from .results import LabelConfig, LabelStudioFormatError, image_reference
+from .config import LabelConfig
+from .results import LabelStudioFormatError, image_reference
 
 logger = logging.getLogger(__name__)
 

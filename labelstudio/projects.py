@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from nextchat_core.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -109,13 +110,6 @@ class ProjectStore:
     def _write(self, state: ProjectState) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f"{state.project}.json"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         # 0600: the file holds the Label Studio access token.
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(asdict(state), f)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a full or read-only disk leaves no empty .tmp
-            raise
+        with atomic_write(path, permissions=0o600) as f:
+            json.dump(asdict(state), f)

@@ -55,6 +55,27 @@ Task = Literal["ground", "chat", "caption"]
 MAX_PROMPT_CHARS = 2000
 
 
+def prompt_problem(prompt: str, *, task: str = "ground") -> str | None:
+    """Why ``prompt`` cannot be sent to the model, or ``None`` when it can (a caption's
+    input is its box, so its prompt may be empty). The one prompt rule: the predictor
+    raises it as ``ValueError``, the backend answers it per task."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # the tokenizer cannot take it
+        return (
+            f"the prompt holds a character that is not text (a lone UTF-16 surrogate "
+            f"{prompt[exc.start]!r} at position {exc.start}): send valid Unicode"
+        )
+    if not prompt.strip() and task != "caption":
+        return "the prompt is empty: type what to find, e.g. 'all cars'"
+    if len(prompt) > MAX_PROMPT_CHARS:
+        return (
+            f"the prompt has {len(prompt)} characters, more than the {MAX_PROMPT_CHARS} "
+            "allowed: shorten it"
+        )
+    return None
+
+
 @dataclass
 class Detection:
     """One located object. ``box``: original-pixel xyxy (clipped to the image);
@@ -284,13 +305,9 @@ class NextChatPredictor:
         prompt = q.prompt
         if not isinstance(prompt, str):
             raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
-        if not prompt.strip() and q.task != "caption":  # a caption's input is its box
-            raise ValueError("the prompt is empty: type what to find, e.g. 'the red car'")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise ValueError(
-                f"the prompt has {len(prompt)} characters, more than the {MAX_PROMPT_CHARS} "
-                "allowed; shorten it"
-            )
+        problem = prompt_problem(prompt, task=q.task)
+        if problem is not None:
+            raise ValueError(problem)
         boxes = [list(map(float, b)) for b in (q.boxes or [])]
         if boxes and q.task != "caption" and self.config.tokens.at not in prompt:
             # Regions named by index, "[0]", as NExT-Chat's data does (refer_regions).

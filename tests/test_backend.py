@@ -32,7 +32,7 @@ from backend.app import create_app
 from backend.label_config import plan_for
 from backend.model_cache import ModelStore
 from backend.settings import Settings
-from labelstudio.results import parse_label_config
+from labelstudio.config import parse_label_config
 from nextchat_core import frames
 from nextchat_core.masks import (
     mask_iou,

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from labelstudio.images import FetchOptions, TaskError, fetch_images
-from labelstudio.results import parse_label_config
+from labelstudio.config import parse_label_config
 
 CONFIG = parse_label_config(
     '<View><Image name="image" value="$image"/>'

@@ -161,12 +161,13 @@ def read_refexp_jsonl(path: str | Path, config: NextChatConfig) -> SampleSet:
                 raw = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{source}: not valid JSON: {exc}") from exc
-            records.append(parse_refexp_record(raw, root=path.parent, source=source))
+            records.append(parse_training_refexp(raw, root=path.parent, source=source))
     return SampleSet(records, config)
 
 
-def parse_refexp_record(raw: Any, *, root: Path, source: str) -> Record:
-    """One jsonl object -> a checked :class:`Record`."""
+def parse_training_refexp(raw: Any, *, root: Path, source: str) -> Record:
+    """One jsonl training object -> a checked :class:`Record` (records with predictions,
+    to be scored, are :func:`labelstudio.coco.evaluate.parse_scored_refexp`'s)."""
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: a record must be a JSON object, got {type(raw).__name__}")
     if "image" not in raw:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from labelstudio.coco.evaluate import RefExpRecord, evaluate_refexp
+from labelstudio.coco.evaluate import ScoredRefExp, evaluate_refexp
 from nextchat_core.image_processing import load_image
 from nextchat_core.predictor import NextChatPredictor, Query
 
@@ -33,7 +33,7 @@ def evaluate_predictor(
     if not recs:
         raise ValueError("the evaluation split has no referring-expression ('rec') records")
     start = time.perf_counter()
-    scored: list[RefExpRecord] = []
+    scored: list[ScoredRefExp] = []
     for i in range(0, len(recs), batch_size):
         chunk = recs[i : i + batch_size]
         images = [load_image(r.image) for r in chunk]
@@ -57,7 +57,7 @@ def evaluate_predictor(
                     if d.mask is not None:
                         pred_mask |= d.mask
             scored.append(
-                RefExpRecord(
+                ScoredRefExp(
                     image=str(rec.image),
                     expression=rec.text,
                     boxes=np.asarray(rec.boxes, dtype=np.float64).reshape(-1, 4),

@@ -35,6 +35,7 @@ from nextchat_core.batch import collate
 from nextchat_core.build import build_model, from_pretrained, save_pretrained
 from nextchat_core.config import PRESETS, get_preset
 from nextchat_core.device import resolve_device
+from nextchat_core.files import atomic_write_text
 from nextchat_core.image_processing import ImageProcessor
 from nextchat_core.predictor import NextChatPredictor
 from nextchat_core.tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -586,6 +587,4 @@ def _load_rng(path: Path) -> None:
 
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
