@@ -644,7 +644,7 @@ class NextChatModel(nn.Module):
             prev_at = (token == tk.at_id) & alive
             if all(row_done) or not bool(alive.any()):
                 break
-            cache.reorder_cache(parent)
+            cache.reorder_cache(parent)  # type: ignore[arg-type]  # a LongTensor
             next_embed = embed(token)
             box_rows = token == tk.boxes_id
             if box_rows.any():
