@@ -1,7 +1,7 @@
 """What a Label Studio label config asks of the backend: which results to build, where
 prompts come from, and which label a prompt's boxes get.
 
-Parsed once per config by ``labelstudio.results.parse_label_config`` (the SDK's
+Parsed once per config by ``labelstudio.config.parse_label_config`` (the SDK's
 ``LabelInterface``); this module only reads roles off the parsed controls:
 
 * region controls (``RectangleLabels``, ``BrushLabels``, ``PolygonLabels`` on the
@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import functools
 import re
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from labelstudio.results import ControlInfo, LabelConfig, parse_label_config
+from labelstudio.config import ControlInfo, LabelConfig, parse_label_config
 
-REGION_TAGS = ("rectanglelabels", "brushlabels", "polygonlabels")
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 # Words that say nothing about which label is meant ("all cars" vs "all people").
 _STOPWORDS = frozenset(
@@ -167,13 +167,19 @@ def plan_for(xml: str) -> LabelPlan:
 def _plan_for(xml: str) -> LabelPlan:
     config = parse_label_config(xml)
     image = next(iter(config.images))
-    region = {tag: _first(config, tag) for tag in REGION_TAGS}
+    region = {
+        kind: config.control_for(kind, generic_labels=False)
+        for kind in ("rectangle", "brush", "polygon")
+    }
     areas = [c for c in config.controls if c.tag == "textarea"]
     caption = next((c for c in areas if _role(c) == "caption"), None)
     answer = next((c for c in areas if _role(c) == "answer"), None)
     prompt = next((c for c in areas if _role(c) == "prompt"), None)
     if not any(region.values()) and caption is None and answer is None:
-        found = sorted({c.tag for c in config.controls}) or ["none"]
+        # Every tag of the config but the layout ones: what the user did write.
+        layout = {"view", "image", "label", "header", "text", "style", "choice", "hypertext"}
+        tags = {el.tag for el in ET.fromstring(xml).iter()}
+        found = sorted(t for t in tags if t.lower() not in layout) or ["no control tag"]
         raise ValueError(
             "label config has no control this backend can fill: add a <RectangleLabels>, "
             "<BrushLabels> or <PolygonLabels> on the <Image>, a per-region caption "
@@ -197,17 +203,13 @@ def _plan_for(xml: str) -> LabelPlan:
         config=config,
         image=image_name,
         image_key=config.images[image_name],
-        rectangles=region["rectanglelabels"],
-        brushes=region["brushlabels"],
-        polygons=region["polygonlabels"],
+        rectangles=region["rectangle"],
+        brushes=region["brush"],
+        polygons=region["polygon"],
         prompt_area=prompt,
         caption_area=caption,
         answer_area=answer,
     )
-
-
-def _first(config: LabelConfig, tag: str) -> ControlInfo | None:
-    return next((c for c in config.controls if c.tag == tag), None)
 
 
 def _role(control: ControlInfo) -> str:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from nextchat_core.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +32,12 @@ def project_key(project: Any) -> str | None:
     if project is None or project == "":
         return None
     if isinstance(project, dict):
-        project = project.get("id")
-        if project is None:
-            return None
+        if project.get("id") is None:
+            raise ValueError(
+                "a 'project' object needs its 'id' (Label Studio sends {\"id\": 12, ...}), "
+                f"got keys {sorted(project)[:5]}"
+            )
+        project = project["id"]
     if isinstance(project, bool) or not isinstance(project, int | str):
         raise ValueError(
             f"'project' must be the Label Studio project id like \"12.1700000000\", got "
@@ -106,9 +110,6 @@ class ProjectStore:
     def _write(self, state: ProjectState) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f"{state.project}.json"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         # 0600: the file holds the Label Studio access token.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
+        with atomic_write(path, permissions=0o600) as f:
             json.dump(asdict(state), f)
-        os.replace(tmp, path)

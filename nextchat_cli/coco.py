@@ -151,7 +151,7 @@ def _export(args: argparse.Namespace) -> int:
         load_tasks,
         write_json,
     )
-    from labelstudio.results import parse_label_config
+    from labelstudio.config import parse_label_config
 
     if (args.input is None) == (args.project is None):
         raise ValueError("give either a Label Studio JSON export file or --project ID (not both)")
@@ -231,7 +231,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         evaluate_refexp,
         format_coco_report,
         format_refexp_report,
-        load_refexp_records,
+        load_scored_refexps,
     )
 
     coco_mode = args.gt is not None or args.dt is not None
@@ -258,7 +258,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         report = evaluate_predictor(predictor, samples, max_records=args.max_records)
         text = format_refexp_report(report) + "\n" + format_task_report(report)
     else:
-        records = load_refexp_records(args.refexp)
+        records = load_scored_refexps(args.refexp)
         report = evaluate_refexp(records, iou_threshold=args.iou_threshold)
         text = format_refexp_report(report)
     print(text)

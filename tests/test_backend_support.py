@@ -13,6 +13,7 @@ import io
 import shutil
 import socketserver
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -159,6 +160,9 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         if self.path.startswith("/private/"):
             self.send_error(401, "Unauthorized")
             return
+        if self.path.startswith("/slow/"):  # a slow image host: answers after 1.5 s
+            time.sleep(1.5)
+            self.path = self.path[len("/slow") :]
         if self.path.startswith(("/data/upload/", "/storage-data/uploaded/")):
             if self.headers.get("Authorization") != f"Token {self.token}":
                 self.send_error(401, "Unauthorized")

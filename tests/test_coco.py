@@ -21,7 +21,8 @@ from labelstudio.coco.evaluate import (
 )
 from labelstudio.coco.export import coco_results, export_coco, load_tasks
 from labelstudio.coco.importer import import_coco, label_config_for
-from labelstudio.results import brush_result, parse_label_config
+from labelstudio.config import parse_label_config
+from labelstudio.results import brush_result
 from nextchat_cli import main as cli
 from nextchat_core import frames
 from nextchat_core.masks import mask_iou, mask_to_box, mask_to_coco_rle, polygon_to_mask

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image, ImageOps
 
 from labelstudio import results as ls_results
+from labelstudio.config import parse_label_config
 from labelstudio.images import image_file_name, read_image_size, resolve_local_image
 from labelstudio.results import (
     LabelStudioFormatError,
     brush_result,
-    parse_label_config,
     parse_results,
     parse_task,
     polygon_result,

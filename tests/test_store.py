@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from training.store import AnnotationStore
 
 
@@ -104,3 +106,17 @@ def test_sync_mirrors_a_label_studio_export(tmp_path):
     assert [t["id"] for t in store.export_tasks("2")] == [7]  # untouched
     assert store.changes_since_training("1") == before
     assert store.sync_project("1", export) == {"tasks": 2, "annotations": 2, "removed": 0}
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    from nextchat_core.files import atomic_write, atomic_write_text
+
+    path = tmp_path / "state.json"
+    atomic_write_text(path, "old")
+    with pytest.raises(RuntimeError), atomic_write(path) as f:
+        f.write("half")
+        raise RuntimeError("crash mid-write")
+    assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
+    with atomic_write(path, permissions=0o600) as f:
+        f.write("new")
+    assert path.read_text() == "new" and path.stat().st_mode & 0o777 == 0o600

@@ -39,6 +39,7 @@ import numpy as np
 
 from labelstudio.images import read_image_size, resolve_local_image
 from labelstudio.results import (
+    LabelStudioFormatError,
     image_reference,
     parse_task,
 )
@@ -160,12 +161,13 @@ def read_refexp_jsonl(path: str | Path, config: NextChatConfig) -> SampleSet:
                 raw = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{source}: not valid JSON: {exc}") from exc
-            records.append(parse_refexp_record(raw, root=path.parent, source=source))
+            records.append(parse_training_refexp(raw, root=path.parent, source=source))
     return SampleSet(records, config)
 
 
-def parse_refexp_record(raw: Any, *, root: Path, source: str) -> Record:
-    """One jsonl object -> a checked :class:`Record`."""
+def parse_training_refexp(raw: Any, *, root: Path, source: str) -> Record:
+    """One jsonl training object -> a checked :class:`Record` (records with predictions,
+    to be scored, are :func:`labelstudio.coco.evaluate.parse_scored_refexp`'s)."""
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: a record must be a JSON object, got {type(raw).__name__}")
     if "image" not in raw:
@@ -298,8 +300,13 @@ def read_label_studio(
     *,
     image_root: str | Path | None = None,
     resolve_image: ImageResolver | None = None,
+    errors: list[LabelStudioFormatError] | None = None,
 ) -> SampleSet:
     """Samples from a Label Studio JSON export (a file or the list of tasks).
+
+    With ``errors`` given, a region that cannot be used (NaN or negative sizes, outside
+    the image, an unknown type) is appended there and skipped, so one bad annotation never
+    sinks a retraining job; otherwise it raises ``LabelStudioFormatError``.
 
     Regions (rectangles, brushes, polygons; see :mod:`labelstudio.results`) are
     grouped by their prompt TextArea, else by their label name; each group becomes one
@@ -326,7 +333,7 @@ def read_label_studio(
         )
     records: list[Record] = []
     for task in tasks:
-        regions = parse_task(task, source="annotations")
+        regions = parse_task(task, source="annotations", errors=errors)
         if not regions:
             continue
         tid = task.get("id")

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from labelstudio.coco.evaluate import RefExpRecord, evaluate_refexp
+from labelstudio.coco.evaluate import ScoredRefExp, evaluate_refexp
 from nextchat_core.image_processing import load_image
 from nextchat_core.predictor import NextChatPredictor, Query
 
@@ -113,7 +113,7 @@ def format_task_report(report: dict[str, Any]) -> str:
 def _score_rec(
     predictor: NextChatPredictor, recs: list[Record], *, batch_size: int, with_masks: bool
 ) -> dict[str, Any]:
-    scored: list[RefExpRecord] = []
+    scored: list[ScoredRefExp] = []
     for i in range(0, len(recs), batch_size):
         chunk = recs[i : i + batch_size]
         images = [load_image(r.image) for r in chunk]
@@ -137,7 +137,7 @@ def _score_rec(
                     if d.mask is not None:
                         pred_mask |= d.mask
             scored.append(
-                RefExpRecord(
+                ScoredRefExp(
                     image=str(rec.image),
                     expression=rec.text,
                     boxes=np.asarray(rec.boxes, dtype=np.float64).reshape(-1, 4),

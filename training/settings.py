@@ -83,11 +83,19 @@ class ServiceSettings:
         """How to fetch a project's images: the Label Studio address and token that
         ``/setup`` stored for ``project`` (else ``LABEL_STUDIO_URL`` / ``_API_KEY``), and
         this process's timeout, size limit, concurrency and local-files root."""
+        # A token travels only with the host it was given for: the project's own pair from
+        # /setup, else LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY.
+        hostname: str | None
+        token: str | None
+        if project is not None and project.hostname:
+            hostname, token = project.hostname, project.access_token
+            if not token and hostname.rstrip("/") == (self.label_studio_url or "").rstrip("/"):
+                token = self.label_studio_api_key
+        else:
+            hostname, token = self.label_studio_url, self.label_studio_api_key
         return FetchOptions(
-            hostname=(project.hostname if project and project.hostname else None)
-            or self.label_studio_url,
-            access_token=(project.access_token if project and project.access_token else None)
-            or self.label_studio_api_key,
+            hostname=hostname,
+            access_token=token,
             timeout=self.fetch_timeout,
             max_bytes=int(self.max_download_mb * 2**20),
             workers=self.fetch_workers,

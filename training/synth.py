@@ -92,6 +92,7 @@ from PIL import Image, ImageDraw
 
 from nextchat_core import frames
 from nextchat_core.conversation import box_pairs
+from nextchat_core.files import atomic_write
 from nextchat_core.masks import coco_segmentation_to_mask, mask_to_box, mask_to_coco_rle
 
 if TYPE_CHECKING:
@@ -1036,15 +1037,13 @@ def write_dataset(
     t0 = time.perf_counter()
     n_records = 0
     tasks: dict[str, int] = {}
-    tmp = jsonl.with_suffix(".jsonl.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_write(jsonl) as f:  # a crash leaves no half-written data.jsonl behind
         for scene, records in generate(seed, n_scenes, config):
             Image.fromarray(scene.image).save(out / f"images/{scene.scene_id:06d}.png")
             for r in records:
                 f.write(json.dumps(r) + "\n")
                 tasks[r["task"]] = tasks.get(r["task"], 0) + 1
             n_records += len(records)
-    tmp.replace(jsonl)  # a crash leaves no half-written data.jsonl behind
     meta = {"seed": seed, "n_scenes": n_scenes, "config": config.to_dict()}
     (out / "synth.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     seconds = time.perf_counter() - t0

@@ -51,6 +51,12 @@ def retrain(self: Any, job_id: str, model_dir: str) -> dict[str, Any]:
         raise self.retry(exc=exc, countdown=3 * settings.heartbeat_s) from None
 
 
+def prepare_app() -> None:
+    """Build the Celery app and register its task now: the web process calls this at start,
+    so the first webhook (answered within Label Studio's 1 s) does not pay for it."""
+    get_app().tasks[RETRAIN_TASK]
+
+
 def enqueue(store: AnnotationStore, job: Job, model_dir: Path) -> bool:
     """Hand ``job`` to the broker; False (logged, job left for :func:`enqueue_pending`)
     when the broker cannot be reached."""

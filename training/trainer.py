@@ -35,6 +35,7 @@ from nextchat_core.batch import collate
 from nextchat_core.build import build_model, from_pretrained, save_pretrained
 from nextchat_core.config import PRESETS, get_preset
 from nextchat_core.device import resolve_device
+from nextchat_core.files import atomic_write_text
 from nextchat_core.image_processing import ImageProcessor
 from nextchat_core.predictor import NextChatPredictor
 from nextchat_core.tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -545,7 +546,8 @@ def _load_checkpoint(
 def _save_rng(path: Path) -> None:
     """The random states as ``rng.safetensors`` (torch, CUDA, numpy's key array) and
     ``rng.json`` (the rest): files that load without unpickling anything."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    keys = np.asarray(keys)
     tensors = {
         "torch": torch.get_rng_state(),
         "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
@@ -586,6 +588,4 @@ def _load_rng(path: Path) -> None:
 
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))

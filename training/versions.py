@@ -25,11 +25,12 @@ import logging
 import os
 import re
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from nextchat_core.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -127,10 +128,7 @@ def set_current_version(model_dir: str | os.PathLike[str], name: str) -> None:
         raise FileNotFoundError(
             f"{target} holds no checkpoint (config.json missing): write the version first"
         )
-    pointer = Path(model_dir) / CURRENT_FILE
-    tmp = pointer.with_name(f".{CURRENT_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(name + "\n")
-    os.replace(tmp, pointer)
+    atomic_write_text(Path(model_dir) / CURRENT_FILE, name + "\n")
 
 
 def read_current_version(model_dir: str | os.PathLike[str]) -> str | None:

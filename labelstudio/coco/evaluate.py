@@ -260,8 +260,10 @@ def _fmt(v: float | None) -> str:
 
 
 @dataclass
-class RefExpRecord:
-    """One referring expression with its ground truth and predictions (original pixels)."""
+class ScoredRefExp:
+    """One referring expression with its ground truth and predictions (original pixels):
+    what :func:`evaluate_refexp` scores. Training records (expression + ground truth, no
+    predictions) are another format, read by :func:`training.data.read_refexp_jsonl`."""
 
     image: str
     expression: str
@@ -271,8 +273,8 @@ class RefExpRecord:
     pred_mask: np.ndarray | None = None  # HxW bool prediction
 
 
-def parse_refexp_record(obj: Any, *, where: str = "record") -> RefExpRecord:
-    """A record dict (the format in this module's docstring) -> :class:`RefExpRecord`.
+def parse_scored_refexp(obj: Any, *, where: str = "record") -> ScoredRefExp:
+    """A record dict (the format in this module's docstring) -> :class:`ScoredRefExp`.
     Raises ``ValueError`` naming ``where`` and the field when a field is malformed."""
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: must be a JSON object, got {type(obj).__name__}")
@@ -287,7 +289,7 @@ def parse_refexp_record(obj: Any, *, where: str = "record") -> RefExpRecord:
         )
     if len(boxes) == 0 and mask is None:
         raise ValueError(f"{where}: needs ground truth: 'boxes' (xyxy pixels) and/or 'mask'")
-    return RefExpRecord(
+    return ScoredRefExp(
         image=str(obj.get("image", "")),
         expression=str(obj.get("expression", "")),
         boxes=boxes,
@@ -297,7 +299,7 @@ def parse_refexp_record(obj: Any, *, where: str = "record") -> RefExpRecord:
     )
 
 
-def load_refexp_records(path: str | os.PathLike[str]) -> list[RefExpRecord]:
+def load_scored_refexps(path: str | os.PathLike[str]) -> list[ScoredRefExp]:
     """Read a ``.jsonl`` file of records (blank lines ignored); ``ValueError`` naming the
     line of a malformed one."""
     records = []
@@ -310,7 +312,7 @@ def load_refexp_records(path: str | os.PathLike[str]) -> list[RefExpRecord]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{where}: not valid JSON ({exc.msg})") from exc
-            records.append(parse_refexp_record(obj, where=where))
+            records.append(parse_scored_refexp(obj, where=where))
     if not records:
         raise ValueError(f"{path} holds no records (expected one JSON object per line)")
     return records
@@ -378,17 +380,17 @@ def multi_instance_recall(
 
 
 def evaluate_refexp(
-    records: Iterable[RefExpRecord | dict[str, Any]], *, iou_threshold: float = 0.5
+    records: Iterable[ScoredRefExp | dict[str, Any]], *, iou_threshold: float = 0.5
 ) -> dict[str, Any]:
     """Referring-expression report for records whose predictions are filled in (dicts in
-    the module's record format, or :class:`RefExpRecord`).
+    the module's record format, or :class:`ScoredRefExp`).
 
     Returns ``{"n_records", "iou_threshold", "n_box_records", "rec_acc", "mean_box_iou",
     "n_gt_boxes", "multi_instance_recall", "n_mask_records", "mask_miou", "mask_ciou"}``;
     box metrics are ``None`` without box ground truth, mask metrics without masks.
     """
     parsed = [
-        r if isinstance(r, RefExpRecord) else parse_refexp_record(r, where=f"record {i}")
+        r if isinstance(r, ScoredRefExp) else parse_scored_refexp(r, where=f"record {i}")
         for i, r in enumerate(records)
     ]
     boxed = [r for r in parsed if len(r.boxes)]

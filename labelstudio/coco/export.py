@@ -43,14 +43,13 @@ from nextchat_core.masks import (
     mask_to_polygons,
 )
 
+from ..config import LabelConfig, parse_label_config
 from ..images import image_file_name, read_image_size, resolve_local_image
 from ..results import (
-    LabelConfig,
     LabelStudioFormatError,
     Region,
     TaskSource,
     image_reference,
-    parse_label_config,
     parse_task,
     result_image_size,
     task_id_of,

@@ -28,14 +28,8 @@ import numpy as np
 from nextchat_core import frames
 from nextchat_core.masks import coco_segmentation_to_mask
 
-from ..results import (
-    LabelConfig,
-    RegionKind,
-    brush_result,
-    parse_label_config,
-    polygon_result,
-    rectangle_result,
-)
+from ..config import LabelConfig, parse_label_config
+from ..results import RegionKind, brush_result, polygon_result, rectangle_result
 from .common import CocoLike, ResultsLike, load_instances, load_results
 
 logger = logging.getLogger(__name__)
