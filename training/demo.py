@@ -731,7 +731,7 @@ def readme_summary(metrics: dict[str, Any]) -> str:
     curve = metrics.get("curve") or []
     if curve:
         lines += [
-            "",
+            *([""] if lines[-1] else []),
             "| minutes of training | phase | Acc@0.5 | mean box IoU | mask mIoU |",
             "|---|---|---|---|---|",
             *(
