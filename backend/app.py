@@ -17,9 +17,11 @@ set every route needs them, except ``/webhook`` when ``WEBHOOK_ALLOW_UNAUTHENTIC
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import logging
+import sqlite3
 import threading
 import time
 from typing import Any
@@ -29,9 +31,10 @@ from werkzeug.exceptions import HTTPException
 
 from labelstudio.projects import ProjectStore, project_key
 from training.retrain import RetrainSettings
+from training.store import STORE_NAME
 from training.tasks import enqueue_pending, prepare_app
 
-from .model import BackendError, NextChatBackend
+from .model import BackendError, NextChatBackend, redact_paths
 from .model_cache import ModelStore
 from .settings import Settings
 from .webhook import TRAINING_EVENTS, handle_training_event, validate_webhook_payload
@@ -58,6 +61,9 @@ def create_app(
     backend = NextChatBackend(settings, store, ProjectStore(settings.model_dir))
     app = Flask("nextchat_backend")
     app.config["JSON_SORT_KEYS"] = False
+    # Werkzeug refuses a larger body with 413 before it is read.
+    app.config["MAX_CONTENT_LENGTH"] = int(settings.max_request_mb * 2**20)
+    predict_slots = threading.BoundedSemaphore(settings.predict_concurrency)
     app.extensions["nextchat"] = backend
     retrain = retrain or RetrainSettings.from_env(model_dir=settings.model_dir)
     if settings.preload_model if preload is None else preload:
@@ -92,15 +98,25 @@ def create_app(
 
     @app.get("/")
     @app.get("/health")
-    def health() -> Response:
+    def health() -> Response | tuple[Response, int]:
+        """Readiness (what Label Studio and the compose health check ask): UP only when a
+        model version can be served; 503 DOWN with the reason otherwise. It touches no
+        model and no lock, so it answers at once whatever /predict is doing."""
         body: dict[str, Any] = {"status": "UP", "model_class": NextChatBackend.model_class}
         try:
             body["model_version"] = store.current_version().name
         except (FileNotFoundError, ValueError) as exc:
-            body["model_version"] = None
-            body["detail"] = str(exc)
+            body.update(status="DOWN", model_version=None, detail=redact_paths(str(exc)))
         body["loaded"] = store.loaded_versions()
-        return jsonify(body)
+        problems = backend.storage_problems()
+        if problems:
+            body["storage"] = problems  # e.g. the prompt memory cannot be written
+        return jsonify(body), 200 if body["status"] == "UP" else 503
+
+    @app.get("/livez")
+    def livez() -> Response:
+        """Liveness: the process answers (restart it only when this fails)."""
+        return jsonify({"status": "UP"})
 
     @app.post("/setup")
     def setup() -> Response:
@@ -108,7 +124,27 @@ def create_app(
 
     @app.post("/predict")
     def predict() -> Response:
-        return jsonify(backend.predict(_json_object()))
+        if not predict_slots.acquire(blocking=False):
+            reply = _error(
+                503,
+                f"busy: {settings.predict_concurrency} predictions are already waiting for the "
+                "model; retry shortly (raise PREDICT_SLOTS/THREADS to queue more, WORKERS to "
+                "serve more)",
+            )
+            reply.headers["Retry-After"] = "1"
+            return reply
+        try:
+            payload = _json_object()
+            tasks = payload.get("tasks")
+            if isinstance(tasks, list) and len(tasks) > settings.max_tasks:
+                raise BackendError(
+                    413,
+                    f"{len(tasks)} tasks in one request, more than MAX_TASKS "
+                    f"({settings.max_tasks}); select fewer tasks or use batch pre-labeling",
+                )
+            return jsonify(backend.predict(payload))
+        finally:
+            predict_slots.release()
 
     @app.post("/webhook")
     def webhook() -> tuple[Response, int]:
@@ -124,7 +160,11 @@ def create_app(
     @app.get("/training")
     def training() -> Response:
         project = request.args.get("project")
-        jobs = retrain.store.jobs(project_key(project) if project else None)
+        try:
+            key = project_key(project) if project else None
+        except ValueError as exc:
+            raise BackendError(400, f"'project': {exc}") from None
+        jobs = retrain.store.jobs(key)
         return jsonify(
             {
                 "jobs": [job.as_dict() for job in jobs],
@@ -140,7 +180,10 @@ def create_app(
 
     @app.get("/versions")
     def versions() -> Response:
-        return jsonify(store.versions())
+        body = store.versions()
+        for d in body["details"]:
+            d.pop("path", None)  # server paths are the operator's business, not the client's
+        return jsonify(body)
 
     @app.errorhandler(BackendError)
     def _backend_error(exc: BackendError) -> Response:
@@ -154,14 +197,27 @@ def create_app(
     def _missing(exc: FileNotFoundError) -> Response:
         # The model checkpoint or version pointer is missing: a server-side setup problem.
         logger.error("%s", exc)
-        return _error(503, str(exc))
+        return _error(503, redact_paths(str(exc)))
+
+    @app.errorhandler(sqlite3.Error)
+    def _storage(exc: sqlite3.Error) -> Response:
+        # The annotation store under MODEL_DIR cannot be read or written (read-only,
+        # full, missing): say so, with the real cause, instead of a bare 500.
+        logger.error("annotation store %s: %s", retrain.model_dir / STORE_NAME, exc)
+        return _error(
+            503,
+            f"storage: the annotation store (MODEL_DIR/{STORE_NAME}) cannot be used: {exc}; "
+            "check that MODEL_DIR is writable and not full",
+        )
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
         # The last resort for a bug or a device failure (e.g. CUDA out of memory): logged
         # with its traceback and answered as Label Studio expects errors (500 + JSON).
         logger.exception("unhandled error on %s %s", request.method, request.path)
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+        if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.ENOSPC, errno.EACCES):
+            return _error(503, f"storage: {exc.strerror} writing under MODEL_DIR")
+        return _error(500, f"internal error: {type(exc).__name__}: {redact_paths(str(exc))}")
 
     return app
 
@@ -193,6 +249,10 @@ def _json_object() -> dict[str, Any]:
         payload = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BackendError(400, f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BackendError(
+            400, "the request body nests JSON too deeply to parse; Label Studio never sends that"
+        ) from None
     if not isinstance(payload, dict):
         raise BackendError(
             400, f"the request body must be a JSON object, got {type(payload).__name__}"

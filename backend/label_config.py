@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import re
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 from labelstudio.config import ControlInfo, LabelConfig, parse_label_config
@@ -175,7 +176,10 @@ def _plan_for(xml: str) -> LabelPlan:
     answer = next((c for c in areas if _role(c) == "answer"), None)
     prompt = next((c for c in areas if _role(c) == "prompt"), None)
     if not any(region.values()) and caption is None and answer is None:
-        found = sorted({c.tag for c in config.controls}) or ["none"]
+        # Every tag of the config but the layout ones: what the user did write.
+        layout = {"view", "image", "label", "header", "text", "style", "choice", "hypertext"}
+        tags = {el.tag for el in ET.fromstring(xml).iter()}
+        found = sorted(t for t in tags if t.lower() not in layout) or ["no control tag"]
         raise ValueError(
             "label config has no control this backend can fill: add a <RectangleLabels>, "
             "<BrushLabels> or <PolygonLabels> on the <Image>, a per-region caption "

@@ -32,6 +32,7 @@ fails: HTTP 422 (bad task data), or 502 when all failures are image downloads.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -104,6 +105,7 @@ class NextChatBackend:
         self.settings = settings
         self.store = store
         self.projects = projects
+        self._storage_problems: dict[str, str] = {}
 
     # --------------------------------------------------------------------- setup
     def setup(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -129,6 +131,18 @@ class NextChatBackend:
                 changes["label_config"] = schema
             if hostname:
                 changes["hostname"] = hostname.rstrip("/")
+                old = self.projects.get(project)
+                if not token and old is not None and old.hostname != changes["hostname"]:
+                    # A token goes only to the host it came with: a /setup that moves the
+                    # project to another host without a token of its own drops the old one.
+                    changes["access_token"] = None
+                    logger.warning(
+                        "setup: project %s moved from %s to %s without a token: the stored "
+                        "token is dropped",
+                        project,
+                        old.hostname,
+                        changes["hostname"],
+                    )
             if token:
                 changes["access_token"] = token
             if changes:
@@ -162,14 +176,28 @@ class NextChatBackend:
             raise BackendError(400, f"'params' must be an object, got {type(params).__name__}")
         context = parse_context(params.get("context"), plan)
         if context.prompt is not None and project is not None:
-            self.projects.remember_prompt(project, context.prompt)
+            self._remember_prompt(project, context.prompt)
         version = self.store.current_version()
         if not tasks:
             return {"results": [], "model_version": version.name}
 
         options = self._fetch_options(state, params)
         works = [_TaskWork(i, t) for i, t in enumerate(tasks)]
-        for work, fetched in zip(works, fetch_images(tasks, plan.config, options), strict=True):
+        for work in works:  # a task without a data object fails alone, before any fetch
+            data = work.task.get("data")
+            if not isinstance(data, dict):
+                work.error = TaskError(
+                    kind="no_image",
+                    detail=(
+                        "the task has no 'data' object"
+                        if data is None
+                        else f"the task's 'data' must be an object like {{\"image\": URL}}, "
+                        f"got {type(data).__name__}"
+                    ),
+                )
+        usable = [w for w in works if w.error is None]
+        fetched_all = fetch_images([w.task for w in usable], plan.config, options)
+        for work, fetched in zip(usable, fetched_all, strict=True):
             if isinstance(fetched, TaskError):
                 work.error = fetched
             else:
@@ -222,7 +250,24 @@ class NextChatBackend:
             out["errors"] = errors
         return out
 
+    def storage_problems(self) -> dict[str, str]:
+        """What could not be written lately (``/health`` reports it)."""
+        return dict(self._storage_problems)
+
     # ------------------------------------------------------------------ internals
+    def _remember_prompt(self, project: str, prompt: str) -> None:
+        # The prompt memory ("next, approve") is a convenience: a read-only or full
+        # MODEL_DIR must not stop predictions, only be reported.
+        try:
+            self.projects.remember_prompt(project, prompt)
+        except OSError as exc:
+            self._storage_problems["prompt_memory"] = (
+                f"cannot remember the last prompt under MODEL_DIR/projects: {exc.strerror}"
+            )
+            logger.warning("project %s: cannot remember the prompt: %s", project, exc)
+        else:
+            self._storage_problems.pop("prompt_memory", None)
+
     def _fetch_options(self, state: ProjectState | None, params: dict[str, Any]) -> FetchOptions:
         login, password = params.get("login"), params.get("password")
         return self.settings.fetch_options(
@@ -515,3 +560,14 @@ def _text(
     return textarea_result(
         answer_text(text, box_token), from_name=from_name, to_name=to_name, region_id=region_id
     )
+
+
+_SERVER_PATH = re.compile(
+    r"(?<![\w:/.%])/(?!data/|upload/|storage-data/)(?:[^\s'\"/:;,()]+/)+([^\s'\"/:;,()]+)"
+)
+
+
+def redact_paths(text: str) -> str:
+    """``text`` with absolute server paths cut to their last part (``.../demo``): error
+    replies say which file, not where the server keeps it."""
+    return _SERVER_PATH.sub(lambda m: ".../" + m.group(1), text)

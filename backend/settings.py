@@ -41,9 +41,15 @@ class Settings(ServiceSettings):
     batch_size: int = 8  # BATCH_SIZE: images (and prompts) per model call
     max_new_tokens: int = 48  # MAX_NEW_TOKENS: generation limit per prompt
     workers: int = 1  # WORKERS: gunicorn processes (each loads the model once)
-    threads: int = 4  # THREADS: gunicorn threads per process (model calls are serialized)
+    threads: int = 8  # THREADS: gunicorn threads per process (model calls are serialized)
     timeout: int = 300  # GUNICORN_TIMEOUT: seconds before a silent worker is restarted
     preload_model: bool = True  # PRELOAD_MODEL: load weights when a worker starts
+    max_request_mb: float = 20.0  # MAX_REQUEST_MB: larger request bodies get 413 unread
+    max_tasks: int = 5000  # MAX_TASKS: tasks per /predict request (more: 413)
+    # PREDICT_SLOTS: /predict requests let in at once (they wait for the model, which runs
+    # one call at a time); more get 503 + Retry-After at once, so the other THREADS stay
+    # free for /health and /webhook (default: THREADS - 2, at least 1).
+    predict_slots: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -62,9 +68,12 @@ class Settings(ServiceSettings):
             "batch_size": env_int(env, "BATCH_SIZE", 8, lo=1),
             "max_new_tokens": env_int(env, "MAX_NEW_TOKENS", 48, lo=4),
             "workers": env_int(env, "WORKERS", 1, lo=1),
-            "threads": env_int(env, "THREADS", 4, lo=1),
+            "threads": env_int(env, "THREADS", 8, lo=1),
             "timeout": env_int(env, "GUNICORN_TIMEOUT", 300, lo=1),
             "preload_model": env_bool(env, "PRELOAD_MODEL", True),
+            "max_request_mb": env_float(env, "MAX_REQUEST_MB", 20.0, lo=0.01, hi=10000.0),
+            "max_tasks": env_int(env, "MAX_TASKS", 5000, lo=1),
+            "predict_slots": env_int(env, "PREDICT_SLOTS", 0, lo=0) or None,
         }
         values.update(overrides)
         settings = cls(**{k: v for k, v in values.items() if v is not None or k in overrides})
@@ -82,6 +91,11 @@ class Settings(ServiceSettings):
             raise ValueError(
                 "set both BASIC_AUTH_USER and BASIC_AUTH_PASS (or neither): only one is set"
             )
+
+    @property
+    def predict_concurrency(self) -> int:
+        """How many ``/predict`` requests are let in at once (``PREDICT_SLOTS``)."""
+        return self.predict_slots or max(1, self.threads - 2)
 
     @property
     def basic_auth_enabled(self) -> bool:

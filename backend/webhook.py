@@ -10,11 +10,18 @@ the project's active job) and hands it to the broker; the workers do the rest.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from labelstudio.projects import project_key
+from labelstudio.results import LabelStudioFormatError, parse_results
 from training.retrain import RetrainSettings
+from training.store import AnnotationStore, Job
 from training.tasks import enqueue
+
+# How long a webhook waits for the broker (Label Studio gives up after 1 s); a slower
+# hand-over goes on in the background and the pending-job enqueuer retries a failed one.
+ENQUEUE_WAIT_S = 0.4
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +59,22 @@ def validate_webhook_payload(payload: Any) -> str:
             raise ValueError(
                 f"{action} needs 'task': an object with its 'id' and 'data' (the image to "
                 "train on), as Label Studio sends it"
+            )
+        # Regions that could never be trained on (NaN, negative sizes, outside the image)
+        # are refused here, with what and where, instead of failing a later job. The size
+        # only scales pixels: results without their own original_width/height are checked
+        # in percent, which does not depend on it.
+        problems: list[LabelStudioFormatError] = []
+        parse_results(
+            annotation.get("result", []),
+            task_id=task["id"],
+            image_size=(1000, 1000),
+            errors=problems,
+        )
+        if problems:
+            raise ValueError(
+                f"{action}: annotation {annotation['id']} has {len(problems)} unusable "
+                f"region(s): " + "; ".join(str(p) for p in problems[:5])
             )
     if action == "ANNOTATIONS_DELETED":
         annotations = payload.get("annotations")
@@ -96,7 +119,7 @@ def handle_training_event(payload: dict[str, Any], settings: RetrainSettings) ->
         job, _ = store.request_job(project, "threshold")
     enqueued = False
     if job is not None:
-        enqueued = job.enqueued or enqueue(store, job, settings.model_dir)
+        enqueued = job.enqueued or _enqueue_briefly(store, job, settings)
     logger.info(
         "%s for project %s: %d change(s)%s",
         action,
@@ -114,3 +137,19 @@ def handle_training_event(payload: dict[str, Any], settings: RetrainSettings) ->
         "job": job.job_id if job else None,
         "enqueued": enqueued,
     }
+
+
+def _enqueue_briefly(store: AnnotationStore, job: Job, settings: RetrainSettings) -> bool:
+    """Hand ``job`` to the broker, waiting at most ``ENQUEUE_WAIT_S``: a broker that
+    accepts TCP and never answers would otherwise hold the webhook for the Redis socket
+    timeout (10 s). The attempt goes on in a daemon thread; the job is recorded already,
+    so a slow or failed hand-over only delays it (duplicates run once)."""
+    done: list[bool] = []
+    thread = threading.Thread(
+        target=lambda: done.append(enqueue(store, job, settings.model_dir)),
+        name=f"enqueue-{job.job_id}",
+        daemon=True,
+    )
+    thread.start()
+    thread.join(ENQUEUE_WAIT_S)
+    return bool(done and done[0])

@@ -127,8 +127,9 @@ def parse_label_config(xml: str) -> LabelConfig:
     }
     if not images:
         raise ValueError(
-            'label config has no <Image name=... value="$key"/> tag: '
-            "COCO export and import need an image labeling config"
+            'label config has no <Image name=... value="$key"/> tag: this backend labels '
+            "images (and COCO export and import need an image config); add one, e.g. "
+            '<Image name="image" value="$image"/>'
         )
     controls = []
     for c in li.controls or []:

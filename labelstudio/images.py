@@ -22,18 +22,22 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import logging
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 import requests
 import requests.auth
+import urllib3
 from PIL import Image
 
 from nextchat_core.image_processing import load_image
@@ -44,6 +48,16 @@ from .results import LabelStudioFormatError, image_reference
 logger = logging.getLogger(__name__)
 
 _CLOUD = ("s3", "gs", "azure-blob")
+# Never fetched by default: link-local addresses (cloud metadata services answer at
+# 169.254.169.254 and fd00:ec2::254, Alibaba's at 100.100.100.200) and "this network".
+DEFAULT_DENY_NETWORKS: tuple[str, ...] = (
+    "169.254.0.0/16",
+    "fe80::/10",
+    "fd00:ec2::254/128",
+    "100.100.100.200/32",
+    "0.0.0.0/8",
+)
+MAX_REDIRECTS = 5
 
 
 @dataclass
@@ -88,6 +102,11 @@ class FetchOptions:
     # params.password): HTTP basic auth for image hosts other than Label Studio itself.
     task_data_login: str | None = None
     task_data_password: str | None = None
+    # Where images may be fetched from (FETCH_DENY_NETWORKS / FETCH_ALLOW_NETWORKS): an
+    # address in ``deny_networks`` is refused, and with ``allow_networks`` set only those
+    # are allowed; checked for every redirect hop, before connecting.
+    deny_networks: tuple[str, ...] = field(default_factory=lambda: DEFAULT_DENY_NETWORKS)
+    allow_networks: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         token = "set" if self.access_token else "none"
@@ -260,20 +279,25 @@ def _fetch(ref: str, task_id: Any, options: FetchOptions, cache_dir: str) -> str
             "a cloud storage image needs the task's id (Label Studio presigns it per task)"
         )
     if ref.startswith("/data/") and "?d=" in ref and options.local_files_root is not None:
-        # Label Studio Local Storage: read the file from the shared folder when it is
-        # mounted here, else download it through Label Studio (the SDK's fallback).
+        # Label Studio Local Storage with the shared folder mounted here: read it from disk
+        # by the same rule as a plain local path (symlinks resolved, never outside the
+        # root); a file that rule refuses is never fetched some other way.
         relative = parse_qs(parsed.query).get("d", [""])[-1]
-        candidate = (options.local_files_root / relative.lstrip("/")).resolve()
-        if candidate.is_relative_to(options.local_files_root.resolve()) and candidate.is_file():
-            return str(candidate)
+        return str(_local_file(relative.lstrip("/"), options))
     from label_studio_sdk._extensions.label_studio_tools.core.utils.io import (
         get_local_path,
         http_session,
+        local_files_resolver,
     )
 
-    # The SDK reads the session from a context variable, which is per thread: set it here,
-    # in the worker thread that downloads.
-    with http_session(_session(options)):
+    # The SDK reads the session (and the local-files resolver) from context variables,
+    # which are per thread: set them here, in the worker thread that downloads.
+    resolver = (
+        (lambda rel: str(_local_file(rel.lstrip("/"), options)))
+        if options.local_files_root is not None
+        else None
+    )
+    with http_session(_session(options)), local_files_resolver(resolver):
         # Label Studio's address and token go only with references served by Label Studio
         # (relative URLs, cloud URIs, its own host); other hosts never see the token.
         to_label_studio = parsed.scheme not in ("http", "https") or (
@@ -296,38 +320,143 @@ def _local_file(path: str, options: FetchOptions) -> Path:
             "folder that holds them (use an http(s) URL or a Label Studio upload instead)"
         )
     resolved = (root / path).resolve() if not os.path.isabs(path) else Path(path).resolve()
-    if not resolved.is_relative_to(root.resolve()):
-        raise ValueError(f"local path is outside LOCAL_FILES_DOCUMENT_ROOT ({root})")
+    if not resolved.is_relative_to(root.resolve()):  # also a symlink that points out
+        raise ValueError("local path is outside LOCAL_FILES_DOCUMENT_ROOT")
     if not resolved.is_file():
         raise FileNotFoundError(f"no such file under LOCAL_FILES_DOCUMENT_ROOT: {path}")
     return resolved
 
 
+class FetchRefused(ValueError):
+    """A destination the fetch rules do not allow (``FETCH_DENY_NETWORKS`` /
+    ``FETCH_ALLOW_NETWORKS``); said before any connection is made."""
+
+
 class _LimitedSession(requests.Session):
-    """A session with a default timeout and a download size limit (the SDK passes none)."""
+    """Every image download (ours and the SDK's, through ``http_session``) goes through
+    this: one deadline for the whole download (``timeout``: connect, redirects and body
+    together; requests' own timeout is per socket read, so a host that drips a byte a
+    second would hold a thread forever), the body read in pieces and abandoned at
+    ``max_bytes`` whatever Content-Length says (or omits: chunked replies), redirects
+    followed here so that each hop's address is checked (:meth:`_check_destination`) and
+    credentials never follow a redirect to another host. requests offers none of these
+    as options, hence the subclass."""
 
-    def __init__(self, timeout: float, max_bytes: int) -> None:
+    def __init__(self, options: FetchOptions) -> None:
         super().__init__()
-        self._timeout = timeout
-        self._max_bytes = max_bytes
-        self.hooks["response"].append(self._check_size)
+        self._timeout = options.timeout
+        self._max_bytes = options.max_bytes
+        self._deny = [ipaddress.ip_network(n, strict=False) for n in options.deny_networks]
+        self._allow = [ipaddress.ip_network(n, strict=False) for n in options.allow_networks]
 
-    def request(
+    def request(  # type: ignore[override]
         self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any
     ) -> requests.Response:
-        kwargs.setdefault("timeout", self._timeout)
-        text_method = method.decode() if isinstance(method, bytes) else method
-        text_url = url.decode() if isinstance(url, bytes) else url
-        return super().request(text_method, text_url, *args, **kwargs)
-
-    def _check_size(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
-        length = response.headers.get("Content-Length")
-        if length and length.isdigit() and int(length) > self._max_bytes:
+        deadline = time.monotonic() + self._timeout
+        method = method.decode() if isinstance(method, bytes) else method
+        url = url.decode() if isinstance(url, bytes) else url
+        for name in ("timeout", "allow_redirects", "stream"):
+            kwargs.pop(name, None)
+        headers = dict(kwargs.pop("headers", None) or {})
+        origin = urlparse(url).netloc
+        for _ in range(MAX_REDIRECTS + 1):
+            self._check_destination(url)
+            remaining = self._remaining(deadline)
+            try:
+                response = super().request(
+                    method,
+                    url,
+                    *args,
+                    headers=headers,
+                    timeout=(remaining, remaining),
+                    allow_redirects=False,
+                    stream=True,
+                    **kwargs,
+                )
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                # Refused, reset, silent or not HTTP: one message for all, so a task's
+                # author cannot map which ports of the backend's network are open.
+                raise requests.ConnectionError(
+                    f"no HTTP response from {urlparse(url).hostname} within {self._timeout:g} s"
+                ) from exc
+            if not response.is_redirect:
+                self._read_body(response, deadline)
+                return response
+            target = requests.compat.urljoin(response.url, response.headers["location"])
             response.close()
-            raise ValueError(
-                f"image is {int(length) / 2**20:.1f} MiB, above MAX_DOWNLOAD_MB "
-                f"({self._max_bytes / 2**20:.1f} MiB)"
-            )
+            url, method = target, "GET" if response.status_code in (301, 302, 303) else method
+            if urlparse(url).netloc != origin:
+                # Another host: Label Studio's token and task-data logins stay behind.
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+                kwargs["auth"] = _NO_AUTH
+        raise requests.TooManyRedirects(f"more than {MAX_REDIRECTS} redirects")
+
+    def _remaining(self, deadline: float) -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise requests.Timeout(f"timed out after {self._timeout:g} s")
+        return remaining
+
+    def _check_destination(self, url: str) -> None:
+        parsed = urlparse(url)
+        host = parsed.hostname
+        if parsed.scheme not in ("http", "https") or not host:
+            raise FetchRefused(f"only http(s) URLs can be fetched, got {_short(url)}")
+        try:
+            infos = socket.getaddrinfo(host, parsed.port or 443, proto=socket.IPPROTO_TCP)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise requests.ConnectionError(f"cannot resolve host {host}") from exc
+        for info in infos:
+            address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+            if getattr(address, "ipv4_mapped", None) is not None:
+                address = address.ipv4_mapped  # type: ignore[union-attr]
+            if any(address in net for net in self._deny) or (
+                self._allow and not any(address in net for net in self._allow)
+            ):
+                raise FetchRefused(
+                    f"image host {host} is not an allowed destination (refused by "
+                    "FETCH_DENY_NETWORKS / FETCH_ALLOW_NETWORKS)"
+                )
+
+    def _read_body(self, response: requests.Response, deadline: float) -> None:
+        """Read the body into ``response.content``, within the deadline and size limit."""
+        raw = response.raw
+        data = bytearray()
+        sock = getattr(getattr(raw, "connection", None), "sock", None)
+        try:
+            while True:
+                remaining = self._remaining(deadline)
+                if sock is not None:
+                    sock.settimeout(remaining)  # no single read outlasts the deadline
+                chunk = raw.read1(65536, decode_content=True)
+                if not chunk:
+                    break
+                data += chunk
+                if len(data) > self._max_bytes:
+                    raise ValueError(
+                        f"image is larger than MAX_DOWNLOAD_MB ({self._max_bytes / 2**20:.1f} "
+                        "MiB); stopped reading at the limit"
+                    )
+        except requests.RequestException:
+            raise  # our own deadline (requests' errors are OSErrors too)
+        except (TimeoutError, urllib3.exceptions.TimeoutError) as exc:
+            raise requests.Timeout(f"timed out after {self._timeout:g} s") from exc
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            raise requests.ConnectionError(f"the connection broke off: {exc}") from exc
+        finally:
+            if len(data) > self._max_bytes or time.monotonic() >= deadline:
+                response.close()
+        # requests keeps a read body in ``_content``; filling it lets every caller (the
+        # SDK uses ``response.content``) read what was already downloaded here.
+        response._content = bytes(data)
+        response._content_consumed = True
+
+
+def _no_auth(request: requests.PreparedRequest) -> requests.PreparedRequest:
+    return request
+
+
+_NO_AUTH = _no_auth
 
 
 class _TaskDataAuth(requests.auth.AuthBase):
@@ -347,7 +476,7 @@ class _TaskDataAuth(requests.auth.AuthBase):
 
 
 def _session(options: FetchOptions) -> requests.Session:
-    session = _LimitedSession(options.timeout, options.max_bytes)
+    session = _LimitedSession(options)
     if options.task_data_login and options.task_data_password:
         session.auth = _TaskDataAuth(
             options.task_data_login, options.task_data_password, options.hostname
@@ -373,11 +502,13 @@ def _why(exc: BaseException) -> str:
             403: " (forbidden: check the token's permissions)",
             404: " (not found: check the task's image URL)",
         }.get(code, "")
+        if code >= 500:
+            hint = " (the image host failed: a server error on its side; retry later or check that host)"
         return f"HTTP {code}{hint}"
     if isinstance(exc, requests.Timeout):
-        return "timed out (raise FETCH_TIMEOUT for slow storage)"
+        return f"{exc} (FETCH_TIMEOUT is the deadline for each image; raise it for slow storage)"
     if isinstance(exc, requests.ConnectionError):
-        return "connection failed (is the host reachable from the backend?)"
+        return f"{exc} (is the host reachable from the backend?)"
     # The SDK's messages and ours carry no secrets (tokens travel in headers only).
     return str(exc)
 
@@ -385,6 +516,9 @@ def _why(exc: BaseException) -> str:
 def _short(ref: str, limit: int = 120) -> str:
     if ref.startswith("data:"):
         return ref[:30] + "..."
-    # Drop query strings: presigned URLs carry credentials there.
+    # Drop query strings (presigned URLs carry credentials there) and user:password@.
     base = ref.split("?", 1)[0] if "?d=" not in ref else ref
+    parsed = urlparse(base)
+    if parsed.password is not None or parsed.username is not None:
+        base = parsed._replace(netloc="***@" + parsed.netloc.rsplit("@", 1)[-1]).geturl()
     return base if len(base) <= limit else base[: limit - 3] + "..."

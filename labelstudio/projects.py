@@ -32,9 +32,12 @@ def project_key(project: Any) -> str | None:
     if project is None or project == "":
         return None
     if isinstance(project, dict):
-        project = project.get("id")
-        if project is None:
-            return None
+        if project.get("id") is None:
+            raise ValueError(
+                "a 'project' object needs its 'id' (Label Studio sends {\"id\": 12, ...}), "
+                f"got keys {sorted(project)[:5]}"
+            )
+        project = project["id"]
     if isinstance(project, bool) or not isinstance(project, int | str):
         raise ValueError(
             f"'project' must be the Label Studio project id like \"12.1700000000\", got "

@@ -28,22 +28,23 @@ from transformers import PreTrainedTokenizerBase
 
 from .config import PRESETS, NextChatConfig, get_preset
 from .modeling import NextChatModel
+from .released import (
+    RELEASED_INDEX,
+    RELEASED_VISION_PREFIX,
+    DerivedConfig,
+    KeyReport,
+    check_released_shapes,
+    find_clip_dir,
+    map_released_key,
+    read_added_tokens,
+    released_config,
+)
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-RELEASED_INDEX = "pytorch_model.bin.index.json"
-
-# Buffers that old transformers versions saved and this model recomputes.
-_IGNORED_SUFFIXES = (
-    "rotary_emb.inv_freq",
-    "rotary_emb.cos_cached",
-    "rotary_emb.sin_cached",
-    "embeddings.position_ids",
-)
-RELEASED_VISION_PREFIX = "model.vision_tower.vision_model."
 
 
 def build_model(
@@ -113,6 +114,10 @@ class LoadedCheckpoint:
     tokenizer: PreTrainedTokenizerBase
     path: Path
     layout: str  # "own" or "released"
+    # Released layout: where CLIP's weights came from ("shards" or the CLIP directory) and
+    # where each derived config value came from (see nextchat_core.released).
+    vision_source: str = "checkpoint"
+    config_sources: dict[str, str] = field(default_factory=dict)
 
 
 def from_pretrained(
@@ -126,8 +131,10 @@ def from_pretrained(
 ) -> LoadedCheckpoint:
     """Load a checkpoint directory of either layout (detected from its files).
 
-    ``config`` overrides the config derived from a released ``config.json`` (which names
-    only the LLM sizes; CLIP and SAM sizes are those of the 7B-336 release).
+    A released directory's config is derived from the directory itself (``config.json``,
+    the shards' shapes, the tokenizer's added tokens; see :func:`released_config`);
+    ``config`` overrides it. ``clip_path`` names the separate CLIP directory (the official
+    loader's source of CLIP weights; see :func:`~nextchat_core.released.find_clip_dir`).
     """
     path = Path(path)
     if not path.is_dir():
@@ -157,130 +164,13 @@ def load_config(path: str | Path) -> NextChatConfig:
     """The config of a checkpoint directory of either layout, without loading weights."""
     path = Path(path)
     if (path / RELEASED_INDEX).exists():
-        return released_config(json.loads((path / CONFIG_NAME).read_text()))
+        return derive_released(path).config
     if not (path / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint: {CONFIG_NAME} missing")
     return NextChatConfig.load(path / CONFIG_NAME)
 
 
 # ------------------------------------------------------------------- released format
-
-
-def map_released_key(key: str, own_keys: Iterable[str] | None = None) -> str | None:
-    """Released NExT-Chat state-dict key -> this model's key; ``None`` for buffers this model
-    recomputes (rotary caches, position ids).
-
-    ``own_keys`` resolves the CLIP prefix, whose nesting differs across transformers
-    versions (``vision_model.`` was flattened away in 5.x).
-    """
-    if key.endswith(_IGNORED_SUFFIXES):
-        return None
-    if key.startswith("model.vision_tower."):
-        rest = key[len("model.vision_tower.") :]
-        candidates = [f"vision_tower.model.{rest}"]
-        if rest.startswith("vision_model."):
-            candidates.append(f"vision_tower.model.{rest[len('vision_model.') :]}")
-        if own_keys is not None:
-            own = set(own_keys)
-            for c in candidates:
-                if c in own:
-                    return c
-        return candidates[-1]
-    if key.startswith("model.mm_projector."):
-        return key[len("model.") :]
-    if key.startswith("model."):
-        return f"language_model.{key}"
-    if key.startswith("lm_head."):
-        return f"language_model.{key}"
-    if key.startswith("sam.model."):
-        return "sam." + key[len("sam.model.") :]
-    if key.startswith(("loc_encoder.", "loc_decoder.", "seg_prompt_mlp.")):
-        return key
-    raise ValueError(f"unexpected key in a released NExT-Chat checkpoint: {key!r}")
-
-
-@dataclass
-class KeyReport:
-    """How a released state dict (or manifest of shapes) covers this model."""
-
-    mapped: int = 0
-    ignored: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)  # ours, not in the checkpoint
-    unexpected: list[str] = field(default_factory=list)  # theirs, not in ours
-    mismatched: list[str] = field(default_factory=list)  # "key: checkpoint [..] vs model [..]"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "mapped": self.mapped,
-            "ignored": len(self.ignored),
-            "missing": len(self.missing),
-            "unexpected": len(self.unexpected),
-            "mismatched": len(self.mismatched),
-            "missing_keys": self.missing[:20],
-            "unexpected_keys": self.unexpected[:20],
-            "mismatched_keys": self.mismatched[:20],
-        }
-
-
-def check_released_shapes(
-    model: nn.Module, shapes: Mapping[str, Iterable[int]], *, include_vision: bool = True
-) -> KeyReport:
-    """Compare a released checkpoint's ``{key: shape}`` with this model's tensors.
-
-    ``include_vision=False`` expects CLIP to come from elsewhere (its keys are neither
-    required from ``shapes`` nor counted as missing).
-    """
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    report = KeyReport()
-    covered: set[str] = set()
-    for key, shape in shapes.items():
-        target = map_released_key(key, own)
-        if target is None:
-            report.ignored.append(key)
-            continue
-        if target not in own:
-            report.unexpected.append(key)
-            continue
-        covered.add(target)
-        if tuple(shape) != own[target]:
-            report.mismatched.append(
-                f"{key}: checkpoint {list(shape)} vs model {list(own[target])}"
-            )
-        else:
-            report.mapped += 1
-    for k in own:
-        if k not in covered and (include_vision or not k.startswith("vision_tower.")):
-            report.missing.append(k)
-    return report
-
-
-def released_config(hf_config: Mapping[str, Any]) -> NextChatConfig:
-    """Our config for a released ``config.json`` (``model_type: nextchat``)."""
-    if hf_config.get("model_type") != "nextchat":
-        raise ValueError(
-            f"expected a NExT-Chat config.json (model_type 'nextchat'), got "
-            f"model_type {hf_config.get('model_type')!r}"
-        )
-    cfg = get_preset("nextchat-7b-336")
-    llm = cfg.llm
-    llm.hidden_size = hf_config.get("hidden_size", llm.hidden_size)
-    llm.num_layers = hf_config.get("num_hidden_layers", llm.num_layers)
-    llm.num_heads = hf_config.get("num_attention_heads", llm.num_heads)
-    llm.num_kv_heads = hf_config.get("num_key_value_heads", llm.num_heads)
-    llm.intermediate_size = hf_config.get("intermediate_size", llm.intermediate_size)
-    llm.vocab_size = hf_config.get("vocab_size", llm.vocab_size)
-    llm.max_position_embeddings = hf_config.get(
-        "max_position_embeddings", llm.max_position_embeddings
-    )
-    llm.rms_norm_eps = hf_config.get("rms_norm_eps", llm.rms_norm_eps)
-    cfg.vision.select_layer = hf_config.get("mm_vision_select_layer", cfg.vision.select_layer)
-    cfg.projector.depth = hf_config.get("mm_depth", cfg.projector.depth)
-    cfg.vision.hidden_size = hf_config.get("mm_hidden_size", cfg.vision.hidden_size)
-    if "224" in str(hf_config.get("mm_vision_tower", "")):
-        cfg.vision.image_size = 224  # AoZhang/nextchat-7b uses CLIP ViT-L/14 at 224 px
-    cfg.preset = "nextchat-7b-336" if cfg.vision.image_size == 336 else "nextchat-7b"
-    cfg.validate()
-    return cfg
 
 
 def read_released_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -296,6 +186,31 @@ def read_released_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_released_shapes(path: Path) -> dict[str, list[int]]:
+    """``{key: shape}`` of a sharded released checkpoint (memory-mapped, no copy)."""
+    return {k: list(v.shape) for k, v in read_released_state_dict(path).items()}
+
+
+def derive_released(
+    path: Path,
+    *,
+    shapes: dict[str, list[int]] | None = None,
+    clip_path: str | Path | None = None,
+) -> DerivedConfig:
+    """The config of a released directory, derived from its own files."""
+    hf_config = json.loads((path / CONFIG_NAME).read_text())
+    clip_dir = find_clip_dir(path, hf_config, clip_path)
+    clip_config = json.loads((clip_dir / CONFIG_NAME).read_text()) if clip_dir else None
+    if clip_config is not None:  # a full CLIPModel config nests the vision part
+        clip_config = clip_config.get("vision_config", clip_config)
+    return released_config(
+        hf_config,
+        shapes if shapes is not None else read_released_shapes(path),
+        clip_config=clip_config,
+        token_ids=read_added_tokens(path),
+    )
+
+
 def _load_released(
     path: Path,
     *,
@@ -304,12 +219,17 @@ def _load_released(
     clip_path: str | Path | None,
     config: NextChatConfig | None,
 ) -> LoadedCheckpoint:
-    config = config or released_config(json.loads((path / CONFIG_NAME).read_text()))
-    model = build_model(config, device="meta")
     raw = read_released_state_dict(path)
-    has_vision = any(k.startswith("model.vision_tower.") for k in raw)
+    hf_config = json.loads((path / CONFIG_NAME).read_text())
+    derived = derive_released(
+        path, shapes={k: list(v.shape) for k, v in raw.items()}, clip_path=clip_path
+    )
+    config = config or derived.config
+    model = build_model(config, device="meta")
+    clip_dir = find_clip_dir(path, hf_config, clip_path)
+    in_shards = any(k.startswith("model.vision_tower.") for k in raw)
     report = check_released_shapes(
-        model, {k: v.shape for k, v in raw.items()}, include_vision=has_vision
+        model, {k: v.shape for k, v in raw.items()}, include_vision=in_shards and clip_dir is None
     )
     _raise_on_bad_report(report, str(path))
     own_keys = list(model.state_dict())
@@ -318,19 +238,43 @@ def _load_released(
         target = map_released_key(key, own_keys)
         if target is not None:
             state[target] = tensor
-    if not has_vision:
-        if clip_path is None:
-            raise ValueError(
-                f"{path} has no CLIP weights (no '{RELEASED_VISION_PREFIX}' keys); pass "
-                "clip_path=<local openai/clip-vit-large-patch14-336 directory>"
+    if clip_dir is not None:
+        # The official loader always reads CLIP from its own directory and ignores any
+        # model.vision_tower.* in the shards; so does this one, and it says when they differ.
+        clip = _read_clip(clip_dir, own_keys)
+        differ = [k for k, v in clip.items() if k in state and not torch.equal(state[k], v)]
+        if differ:
+            log.warning(
+                "%s: the shards' CLIP weights differ from %s in %d tensors (e.g. %s); using "
+                "the CLIP directory, as the official loader does",
+                path,
+                clip_dir,
+                len(differ),
+                differ[0],
             )
-        state.update(_read_clip(Path(clip_path), own_keys))
+        state.update(clip)
+        vision_source = f"clip directory {clip_dir}"
+    elif in_shards:
+        vision_source = "shards (model.vision_tower.*)"
+    else:
+        raise ValueError(
+            f"{path} has no CLIP weights (no '{RELEASED_VISION_PREFIX}' keys) and its CLIP "
+            f"directory {hf_config.get('mm_vision_tower')!r} is not on this machine; pass "
+            "clip_path=<local openai/clip-vit-large-patch14-336 directory>"
+        )
     _assign(model, state, source=str(path))
     if dtype is not None:
         model = model.to(dtype)
     model = model.to(device)
     model.eval()
-    return LoadedCheckpoint(model, load_tokenizer(path, config), path, "released")
+    return LoadedCheckpoint(
+        model,
+        load_tokenizer(path, config),
+        path,
+        "released",
+        vision_source=vision_source,
+        config_sources=derived.sources,
+    )
 
 
 def _read_clip(path: Path, own_keys: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -447,9 +391,10 @@ def inspect_checkpoint(
             }
         if not (path / RELEASED_INDEX).exists():
             raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor {RELEASED_INDEX}")
-        config = released_config(json.loads((path / CONFIG_NAME).read_text()))
-        raw = read_released_state_dict(path)
-        shapes = {k: list(v.shape) for k, v in raw.items()}
+        shapes = read_released_shapes(path)
+        hf_config = json.loads((path / CONFIG_NAME).read_text())
+        derived = derive_released(path, shapes=shapes)
+        clip_dir = find_clip_dir(path, hf_config, None)
         source = str(path)
     else:
         data = json.loads(Path(manifest).read_text())  # type: ignore[arg-type]
@@ -458,17 +403,43 @@ def inspect_checkpoint(
                 f"{manifest} is not a state-dict manifest: expected a 'tensors' object"
             )
         shapes = data["tensors"]
-        config = get_preset("nextchat-7b-336")
+        derived = DerivedConfig(get_preset("nextchat-7b-336"), {})
+        clip_dir = None
         source = str(manifest)
+    config = derived.config
     model = build_model(config, device="meta")
     has_vision = any(k.startswith("model.vision_tower.") for k in shapes)
-    report = check_released_shapes(model, shapes, include_vision=has_vision)
+    report = check_released_shapes(model, shapes, include_vision=has_vision and clip_dir is None)
+    if clip_dir is not None:
+        vision_source = f"clip directory {clip_dir}" + (
+            " (the shards' model.vision_tower.* are ignored, as by the official loader)"
+            if has_vision
+            else ""
+        )
+    elif has_vision:
+        vision_source = "shards (model.vision_tower.*)"
+    else:
+        vision_source = "missing: pass clip_path (no CLIP in the shards, no CLIP directory)"
+    derived_sizes = {
+        "vision": f"{config.vision.image_size}px/{config.vision.patch_size} "
+        f"width {config.vision.hidden_size} x{config.vision.num_layers} "
+        f"heads {config.vision.num_heads}",
+        "llm": f"hidden {config.llm.hidden_size} x{config.llm.num_layers} "
+        f"vocab {config.llm.vocab_size}",
+        "sam": f"{config.sam.image_size}px width {config.sam.encoder_embed_dim} "
+        f"x{config.sam.encoder_depth} prompt {config.sam.prompt_dim}",
+        "tokens": config.tokens.added_token_ids(),
+        "pad_color": list(config.vision.pad_color),
+    }
     return {
         "path": source,
         "layout": "released",
         "preset": config.preset if not (report.missing or report.mismatched) else None,
         "parameters": sum(v.numel() for v in model.parameters()),
         "vision_tower_included": has_vision,
+        "vision_source": vision_source,
+        "derived": derived_sizes,
+        "assumed": {k: v for k, v in derived.sources.items() if v.startswith("assumed")},
         **report.as_dict(),
     }
 

@@ -41,6 +41,10 @@ class VisionConfig:
     # Per-channel normalization after centered pad-to-square (CLIP's mean/std).
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    # RGB fill of the centered pad to square, a property of what the checkpoint was trained
+    # on. NExT-Chat's Expand2square pads with WHITE (following Shikra), not the CLIP mean
+    # colour of LLaVA's expand2square.
+    pad_color: tuple[int, int, int] = (255, 255, 255)
     frozen: bool = True  # the released model never trains CLIP
     # Add a learned 2-D position embedding to a conv backbone's feature map. Conv features
     # carry no absolute position, and LLaMA's rotary embedding acts on queries and keys
@@ -208,6 +212,11 @@ class TokenConfig:
     def added_tokens(self) -> list[str]:
         return [self.im_patch, self.im_start, self.im_end, self.at, self.boxes]
 
+    def added_token_ids(self) -> dict[str, int]:
+        """The five added tokens and their ids, in the released order."""
+        ids = [self.im_patch_id, self.im_start_id, self.im_end_id, self.at_id, self.boxes_id]
+        return dict(zip(self.added_tokens(), ids, strict=True))
+
 
 @dataclass
 class TemplateConfig:
@@ -229,8 +238,19 @@ class TemplateConfig:
     # A free question; {question} is the user's text. Small models put the image AFTER the
     # text so that (causal) image tokens can attend to the question.
     chat_question: str = "<image> {question}"
+    # How the conversation becomes ids. "one-string": rendered as ONE string and tokenized
+    # by the official rule (nextchat_core.tokenizer.encode_text), what the released model
+    # was trained on. "per-turn": each turn's pieces tokenized apart, which puts standalone
+    # spaces beside the added tokens; only the demo model shipped before this field existed
+    # was trained so, and it keeps it (its accuracy drops by half under "one-string").
+    tokenization: Literal["one-string", "per-turn"] = "one-string"
 
     def validate(self) -> None:
+        if self.tokenization not in ("one-string", "per-turn"):
+            raise ValueError(
+                f"template.tokenization must be 'one-string' or 'per-turn', got "
+                f"{self.tokenization!r}"
+            )
         if "{expr}" not in self.rec_question:
             raise ValueError("template.rec_question must contain '{expr}'")
         if "{boxes}" not in self.rec_answer:
@@ -429,6 +449,8 @@ def _demo() -> NextChatConfig:
             drop_cls=False,
             frozen=False,
             position_embedding=True,
+            # The shipped demo was trained padding with the CLIP mean colour.
+            pad_color=(123, 117, 104),
             extra=convnext,
         ),
         llm=LLMConfig(

@@ -13,6 +13,7 @@ checkpoint's config (:class:`~nextchat_core.config.TemplateConfig`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -20,6 +21,7 @@ from typing import Literal
 from transformers import PreTrainedTokenizerBase
 
 from .config import NextChatConfig
+from .tokenizer import encode_text
 
 IGNORE_INDEX = -100  # label value that takes no loss (the HF convention)
 BOX_PAIR = "<at> <boxes>"
@@ -50,6 +52,31 @@ class EncodedConversation:
 def box_pairs(n: int) -> str:
     """``n`` box references in text: ``"<at> <boxes> <at> <boxes> ..."``."""
     return " ".join([BOX_PAIR] * n)
+
+
+_REGION_REF = re.compile(r"\[(\d+)\]")
+
+
+def refer_regions(text: str, boxes: Sequence[Sequence[float]]) -> tuple[str, list[list[float]]]:
+    """A user text that names input regions by index, ``[0]``, ``[1]`` ... (as NExT-Chat's
+    and Shikra's data do), with each reference written as ``<at> <boxes>``; returns the text
+    and the boxes in the order the references appear (a region named twice is passed twice).
+    Raises ``ValueError`` for an index with no box."""
+    ordered: list[list[float]] = []
+
+    def pair(match: re.Match[str]) -> str:
+        k = int(match.group(1))
+        if k >= len(boxes):
+            raise ValueError(
+                f"the prompt names region [{k}] but {len(boxes)} input box(es) were given; "
+                f"use [0] to [{len(boxes) - 1}]"
+                if boxes
+                else f"the prompt names region [{k}] but no input boxes were given"
+            )
+        ordered.append([float(v) for v in boxes[k]])
+        return BOX_PAIR
+
+    return _REGION_REF.sub(pair, text), ordered
 
 
 def grounding_turns(
@@ -88,6 +115,42 @@ def chat_turns(question: str, config: NextChatConfig, *, answer: str | None = No
     return turns
 
 
+def render_conversation(
+    turns: Sequence[Turn],
+    config: NextChatConfig,
+    *,
+    num_image_tokens: int,
+    add_generation_prompt: bool = False,
+) -> tuple[str, list[tuple[int, int]]]:
+    """The whole conversation as ONE string, as the official code renders it, and the
+    character spans of the assistant answers (each ending with ``</s>``).
+
+    Vicuna v1.1 (FastChat ``ADD_COLON_TWO``): ``{system} USER: {q} ASSISTANT: {a}</s>USER:
+    ... ASSISTANT:``. ``<image>`` is expanded in the text to ``<im_start>``,
+    ``num_image_tokens`` x ``<im_patch>``, ``<im_end>`` (the official prompt holds them
+    literally). An empty ``template.system`` (small presets) leaves the system line out.
+    """
+    tk, tpl = config.tokens, config.template
+    image = tk.im_start + tk.im_patch * num_image_tokens + tk.im_end
+    eos = tpl.sep2
+    parts: list[str] = [tpl.system + tpl.sep] if tpl.system else []
+    spans: list[tuple[int, int]] = []
+    length = len(parts[0]) if parts else 0
+    for turn in turns:
+        text = turn.text.replace(tk.image_placeholder, image)
+        if turn.role == "user":
+            piece = f"{tpl.user_role}: {text}{tpl.sep}"
+        else:
+            head = f"{tpl.assistant_role}: "
+            piece = f"{head}{text}{eos}"
+            spans.append((length + len(head), length + len(piece)))
+        parts.append(piece)
+        length += len(piece)
+    if add_generation_prompt:
+        parts.append(f"{tpl.assistant_role}:")
+    return "".join(parts), spans
+
+
 def encode_conversation(
     turns: Sequence[Turn],
     tokenizer: PreTrainedTokenizerBase,
@@ -97,7 +160,13 @@ def encode_conversation(
     num_images: int = 1,
     add_generation_prompt: bool = False,
 ) -> EncodedConversation:
-    """Render ``turns`` with the template and tokenize them.
+    """Render ``turns`` as one string and tokenize it in one pass, by the official rule.
+
+    The ids are those of transformers 4.31's slow ``LlamaTokenizer`` on that string (what
+    the released model was trained on; see :func:`~nextchat_core.tokenizer.encode_text`):
+    ``... ▁USER : <im_start> <im_patch>... <im_end> ▁Where ▁is ... ? ▁ASSISTANT :`` and
+    ``Answer : <at> <boxes> ▁.`` - no standalone ``▁`` next to an added token. Labels are
+    the tokens that end inside an assistant answer (its ``</s>`` included).
 
     Raises ``ValueError`` when the number of ``<image>`` markers differs from
     ``num_images``, when an ``<at>`` is not followed by ``<boxes>``, or when turns do not
@@ -106,7 +175,6 @@ def encode_conversation(
     if not turns:
         raise ValueError("a conversation needs at least one user turn")
     tk = config.tokens
-    tpl = config.template
     marker = tk.image_placeholder
     found = sum(t.text.count(marker) for t in turns)
     if found != num_images:
@@ -122,17 +190,63 @@ def encode_conversation(
                 f"turn {i} has role {turn.role!r}; turns must alternate user/assistant, "
                 "starting with the user"
             )
+    if add_generation_prompt and turns[-1].role != "user":
+        raise ValueError("add_generation_prompt needs the last turn to be the user's")
+    if config.template.tokenization == "per-turn":
+        input_ids, labels = _encode_per_turn(
+            turns, tokenizer, config, num_image_tokens, add_generation_prompt
+        )
+        return _checked(input_ids, labels, config)
+    text, spans = render_conversation(
+        turns,
+        config,
+        num_image_tokens=num_image_tokens,
+        add_generation_prompt=add_generation_prompt,
+    )
+    pieces = encode_text(text, tokenizer, tk)
+    input_ids: list[int] = [tk.bos_id]
+    labels: list[int] = [IGNORE_INDEX]
+    for tid, end in pieces:
+        input_ids.append(tid)
+        target = any(lo < end <= hi for lo, hi in spans)
+        labels.append(tid if target else IGNORE_INDEX)
+    return _checked(input_ids, labels, config)
 
+
+def _checked(
+    input_ids: list[int], labels: list[int], config: NextChatConfig
+) -> EncodedConversation:
+    """Every ``<at>`` is followed by ``<boxes>``; ``<boxes>`` takes no LM loss (its input
+    embedding comes from ``loc_encoder``)."""
+    tk = config.tokens
+    for pos, tid in enumerate(input_ids):
+        if tid == tk.at_id and (pos + 1 >= len(input_ids) or input_ids[pos + 1] != tk.boxes_id):
+            raise ValueError(
+                f"every {tk.at} must be followed by {tk.boxes} (write boxes as '{BOX_PAIR}')"
+            )
+        if tid == tk.boxes_id:
+            labels[pos] = IGNORE_INDEX
+    return EncodedConversation(
+        input_ids=input_ids, labels=labels, num_boxes=input_ids.count(tk.boxes_id)
+    )
+
+
+def _encode_per_turn(
+    turns: Sequence[Turn],
+    tokenizer: PreTrainedTokenizerBase,
+    config: NextChatConfig,
+    num_image_tokens: int,
+    add_generation_prompt: bool,
+) -> tuple[list[int], list[int]]:
+    """The ``per-turn`` tokenization (see ``TemplateConfig.tokenization``): each turn's
+    text tokenized on its own, split at ``<image>``; ``<at> <boxes>`` written adjacent."""
+    tk, tpl = config.tokens, config.template
     image_ids = [tk.im_start_id] + [tk.im_patch_id] * num_image_tokens + [tk.im_end_id]
 
-    # The space inside "<at> <boxes>" would become a token of its own (its ids would sit
-    # between the pair); the pair is always adjacent in ids, as in generation.
-    pair_joined = tk.at + tk.boxes
-
-    def encode_text(text: str) -> list[int]:
-        text = text.replace(f"{tk.at} {tk.boxes}", pair_joined)
+    def encode(text: str) -> list[int]:
+        text = text.replace(f"{tk.at} {tk.boxes}", tk.at + tk.boxes)
         ids: list[int] = []
-        for k, part in enumerate(text.split(marker)):
+        for k, part in enumerate(text.split(tk.image_placeholder)):
             if k:
                 ids.extend(image_ids)
             if part:
@@ -147,25 +261,13 @@ def encode_conversation(
         labels.extend(ids if target else [IGNORE_INDEX] * len(ids))
 
     if tpl.system:
-        add(encode_text(tpl.system + tpl.sep), target=False)
+        add(encode(tpl.system + tpl.sep), target=False)
     for turn in turns:
         if turn.role == "user":
-            add(encode_text(f"{tpl.user_role}: {turn.text}{tpl.sep}"), target=False)
+            add(encode(f"{tpl.user_role}: {turn.text}{tpl.sep}"), target=False)
         else:
-            add(encode_text(f"{tpl.assistant_role}:"), target=False)
-            add([*encode_text(f" {turn.text}"), tk.eos_id], target=True)
+            add(encode(f"{tpl.assistant_role}:"), target=False)
+            add([*encode(f" {turn.text}"), tk.eos_id], target=True)
     if add_generation_prompt:
-        if turns[-1].role != "user":
-            raise ValueError("add_generation_prompt needs the last turn to be the user's")
-        add(encode_text(f"{tpl.assistant_role}:"), target=False)
-
-    for pos, tid in enumerate(input_ids):
-        if tid == tk.at_id and (pos + 1 >= len(input_ids) or input_ids[pos + 1] != tk.boxes_id):
-            raise ValueError(
-                f"every {tk.at} must be followed by {tk.boxes} (write boxes as '{BOX_PAIR}')"
-            )
-        if tid == tk.boxes_id:
-            labels[pos] = IGNORE_INDEX
-    return EncodedConversation(
-        input_ids=input_ids, labels=labels, num_boxes=input_ids.count(tk.boxes_id)
-    )
+        add(encode(f"{tpl.assistant_role}:"), target=False)
+    return input_ids, labels

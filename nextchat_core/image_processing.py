@@ -1,7 +1,8 @@
 """Image loading and the two preprocessing paths of NExT-Chat.
 
-* Vision tower: centered pad-to-square with the mean color (LLaVA/NExT-Chat
-  ``expand2square``), resize to the tower's input size, CLIP normalization.
+* Vision tower: centered pad-to-square with the checkpoint's ``vision.pad_color`` (white
+  for NExT-Chat, whose ``Expand2square`` follows Shikra), resize to the tower's input size,
+  CLIP normalization.
 * SAM: longest side resized to ``sam.image_size``, SAM normalization, centered padding to
   a square (zeros after normalization, i.e. the mean color) - the same centered placement
   as the square frame, so boxes move between the frames through ``frames`` alone.
@@ -42,6 +43,50 @@ def max_image_pixels() -> int:
         raise ValueError(f"NEXTCHAT_MAX_IMAGE_PIXELS must be an integer, got {raw!r}") from None
 
 
+# Longest side over shortest: beyond this the short side vanishes in the model's frames
+# (a 40000x40 strip is 1 px tall after SAM's resize to 1024) and the square it is padded
+# to costs max(W, H)^2 pixels however small the file.
+DEFAULT_MAX_ASPECT_RATIO = 100.0
+
+
+def max_aspect_ratio() -> float:
+    """``NEXTCHAT_MAX_ASPECT_RATIO`` when set (read at each call), else the default."""
+    raw = os.environ.get("NEXTCHAT_MAX_ASPECT_RATIO", "").strip()
+    if not raw:
+        return DEFAULT_MAX_ASPECT_RATIO
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if value < 1:
+        raise ValueError(f"NEXTCHAT_MAX_ASPECT_RATIO must be a number >= 1, got {raw!r}")
+    return value
+
+
+def check_image_size(width: int, height: int, *, name: str = "image") -> None:
+    """Raise ``ValueError`` (naming the limit and its setting) for an image the model
+    cannot take: zero-sized, above the pixel limit, so elongated that its padded square
+    (``max(W, H)^2``, what the vision frame allocates) is above it, or beyond the aspect
+    ratio limit. Called before any pixel is decoded or allocated."""
+    limit = max_image_pixels()
+    if width < 1 or height < 1:
+        raise ValueError(f"{name} is {width}x{height}: an image needs at least 1x1 pixels")
+    if width * height > limit:
+        raise ValueError(
+            f"{name} is {width}x{height} = {width * height} pixels, above the limit of "
+            f"{limit}; downscale it or raise NEXTCHAT_MAX_IMAGE_PIXELS"
+        )
+    ratio = max(width, height) / min(width, height)
+    side = max(width, height)
+    if side * side > limit or ratio > max_aspect_ratio():
+        raise ValueError(
+            f"{name} is {width}x{height}, an aspect ratio of {ratio:.0f}:1; the model pads "
+            f"images to a square ({side}x{side} = {side * side} pixels) and allows at most "
+            f"{limit} pixels there (NEXTCHAT_MAX_IMAGE_PIXELS) and {max_aspect_ratio():g}:1 "
+            "(NEXTCHAT_MAX_ASPECT_RATIO): crop it or split it into tiles"
+        )
+
+
 def load_image(source: Any) -> Image.Image:
     """Open an image from a path, bytes, a file object, a PIL image or an ``HxWx3`` uint8
     array; apply its EXIF orientation and convert to 8-bit RGB.
@@ -51,12 +96,14 @@ def load_image(source: Any) -> Image.Image:
     source of another kind.
     """
     if isinstance(source, Image.Image):
+        check_image_size(source.width, source.height)
         img = source
     elif isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
             raise TypeError(
                 f"an array image must be HxWx3 uint8 RGB, got shape {source.shape} dtype {source.dtype}"
             )
+        check_image_size(source.shape[1], source.shape[0], name="the array image")
         return Image.fromarray(source)
     elif isinstance(source, str | os.PathLike | bytes | bytearray) or hasattr(source, "read"):
         img = _open(source)
@@ -74,16 +121,19 @@ def _open(source: Any) -> Image.Image:
         raise FileNotFoundError(f"image file not found: {source}")
     fp = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
     try:
-        img = Image.open(fp)
-        w, h = img.size
-        limit = max_image_pixels()
-        if w * h > limit:
+        try:
+            img = Image.open(fp)
+        except Image.DecompressionBombError as exc:
+            # Pillow's own guard (at twice Image.MAX_IMAGE_PIXELS) fires before ours can
+            # read the size; say it in this product's terms.
             raise ValueError(
-                f"image {name} is {w}x{h} = {w * h} pixels, above the limit of "
-                f"{limit}; downscale it or raise NEXTCHAT_MAX_IMAGE_PIXELS"
-            )
+                f"image {name} is above the limit of {max_image_pixels()} pixels "
+                f"(NEXTCHAT_MAX_IMAGE_PIXELS; {exc}); downscale it"
+            ) from None
+        w, h = img.size
+        check_image_size(w, h, name=f"image {name}")
         img.load()  # decode now so truncation errors surface here, not later
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"cannot decode image {name}: {exc} (expected a PNG/JPEG/...)") from exc
     return img
 
@@ -109,7 +159,7 @@ class ProcessedImage:
     in :meth:`ImageProcessor.tensors`, where float work is cheap).
 
     ``vision``: ``VxVx3`` uint8, the vision-tower frame (centered pad to square with the
-    mean color, resized to V). ``sam``: ``hxwx3`` uint8, the image with its longest side
+    pad colour, resized to V). ``sam``: ``hxwx3`` uint8, the image with its longest side
     resized to S (placed on the SAM canvas by ``tensors``). ``width``/``height``: the
     EXIF-transposed original size in pixels.
     """
@@ -127,6 +177,7 @@ class ImageProcessor:
         self.vision_size = config.vision.image_size
         self.sam_size = config.sam.image_size
         self.mean = tuple(config.vision.image_mean)
+        self.pad_color = tuple(int(c) for c in config.vision.pad_color)
         self.std = tuple(config.vision.image_std)
         self.sam_mean = tuple(config.sam.pixel_mean)
         self.sam_std = tuple(config.sam.pixel_std)
@@ -141,10 +192,9 @@ class ImageProcessor:
         )
 
     def vision_resize(self, img: Image.Image) -> np.ndarray:
-        """``VxVx3`` uint8: centered pad to square with the mean color, bicubic resize."""
+        """``VxVx3`` uint8: centered pad to square with the pad colour, bicubic resize."""
         g = SquareGeometry(img.width, img.height)
-        fill = tuple(round(m * 255) for m in self.mean)
-        square = Image.new("RGB", (g.side, g.side), fill)
+        square = Image.new("RGB", (g.side, g.side), self.pad_color)
         square.paste(img, (g.pad_x, g.pad_y))
         square = square.resize((self.vision_size, self.vision_size), Image.Resampling.BICUBIC)
         return np.array(square)  # writable, so torch.from_numpy shares it without a warning

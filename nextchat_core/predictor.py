@@ -10,11 +10,17 @@ Scores (NExT-Chat has none; users need one to sort and threshold): a box's ``sco
 the probability the model gave the ``<at>`` token at the step that produced it; a mask's
 ``mask_score`` is that probability times SAM's predicted IoU (clamped to [0, 1]). An
 answer's ``score`` is the mean of its boxes' scores (0 with no box).
+
+Decoding: greedy by default - what NExT-Chat's published tables were measured with (its
+eval configs: ``num_beams=1``), deterministic (the same task gives the same pre-label on
+every run) and the cheapest; ``num_beams=5`` is what its public demo uses, and
+``do_sample`` samples. Pass either to ``predict`` / ``predict_batch``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,11 +34,22 @@ from transformers import PreTrainedTokenizerBase
 
 from . import frames
 from .build import from_pretrained
-from .conversation import Turn, caption_turns, chat_turns, encode_conversation, grounding_turns
+from .config import NextChatConfig
+from .conversation import (
+    Turn,
+    caption_turns,
+    chat_turns,
+    encode_conversation,
+    grounding_turns,
+    refer_regions,
+)
 from .device import resolve_device
 from .frames import SamGeometry
 from .image_processing import ImageProcessor, ProcessedImage
 from .modeling import NextChatModel
+from .tokenizer import decode_text
+
+log = logging.getLogger(__name__)
 
 Task = Literal["ground", "chat", "caption"]
 MAX_PROMPT_CHARS = 2000
@@ -42,6 +59,13 @@ def prompt_problem(prompt: str, *, task: str = "ground") -> str | None:
     """Why ``prompt`` cannot be sent to the model, or ``None`` when it can (a caption's
     input is its box, so its prompt may be empty). The one prompt rule: the predictor
     raises it as ``ValueError``, the backend answers it per task."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (
+            f"the prompt holds a character that is not text (a lone UTF-16 surrogate "
+            f"{prompt[exc.start]!r} at position {exc.start}): send valid Unicode"
+        )
     if not prompt.strip() and task != "caption":
         return "the prompt is empty: type what to find, e.g. 'all cars'"
     if len(prompt) > MAX_PROMPT_CHARS:
@@ -67,18 +91,21 @@ class Detection:
 @dataclass
 class Answer:
     """The model's reply to one prompt about one image. ``text`` keeps the
-    ``<at> <boxes>`` pairs, one per detection, in order."""
+    ``<at> <boxes>`` pairs, one per detection, in order. ``truncated``: the answer was cut
+    off by ``max_new_tokens`` before the model ended it (it may have had more to list)."""
 
     prompt: str
     text: str
     detections: list[Detection] = field(default_factory=list)
     score: float = 0.0
+    truncated: bool = False
 
 
 @dataclass
 class Query:
     """One prompt for one image of a batch. ``boxes``: original-pixel xyxy input regions
-    (``caption`` task: exactly one)."""
+    (``caption`` task: exactly one), referred to in ``prompt`` by index (``"what is [0]
+    holding?"``) or by ``<at> <boxes>`` slots in order."""
 
     image_index: int
     prompt: str
@@ -149,9 +176,14 @@ class NextChatPredictor:
         *,
         device: str = "cpu",
         dtype: torch.dtype | None = None,
+        config: NextChatConfig | None = None,
+        clip_path: str | Path | None = None,
         **kwargs: Any,
     ) -> NextChatPredictor:
-        ckpt = from_pretrained(path, device=device, dtype=dtype)
+        """Load a checkpoint directory of either layout (see
+        :func:`nextchat_core.build.from_pretrained`; a released directory's config is derived
+        from its own files unless ``config`` is given) and wrap it."""
+        ckpt = from_pretrained(path, device=device, dtype=dtype, config=config, clip_path=clip_path)
         return cls(ckpt.model, ckpt.tokenizer, device=device, dtype=dtype, **kwargs)
 
     # ---------------------------------------------------------------- one image
@@ -277,6 +309,9 @@ class NextChatPredictor:
         if problem is not None:
             raise ValueError(problem)
         boxes = [list(map(float, b)) for b in (q.boxes or [])]
+        if boxes and q.task != "caption" and self.config.tokens.at not in prompt:
+            # Regions named by index, "[0]", as NExT-Chat's data does (refer_regions).
+            prompt, boxes = refer_regions(prompt, boxes)
         marker = self.config.tokens.image_placeholder
         if q.task == "caption":
             if len(boxes) != 1:
@@ -353,6 +388,15 @@ class NextChatPredictor:
                         with_masks=with_masks,
                     )
                 )
+                if gen.truncated[i]:
+                    answers[-1].truncated = True
+                    log.warning(
+                        "answer to %r cut off at max_new_tokens=%d after %d box(es): raise "
+                        "max_new_tokens to let the model finish listing",
+                        q.prompt[:80],
+                        kwargs["max_new_tokens"],
+                        len(gen.boxes[i]),
+                    )
         return answers
 
     def _to_answer(
@@ -368,9 +412,7 @@ class NextChatPredictor:
     ) -> Answer:
         tk = self.config.tokens
         p = enc.processed
-        ids = [t for t in sequence if t not in (tk.eos_id, tk.pad_id)]
-        text = str(self.tokenizer.decode(ids, skip_special_tokens=False)).strip()
-        text = text.replace(tk.at + tk.boxes, f"{tk.at} {tk.boxes}")
+        text = decode_text(sequence, self.tokenizer, tk)
         square = frames.sort_corners(boxes.float().cpu().numpy())
         px = frames.square_to_pixel(square, p.width, p.height, clip=True)
         dets = [Detection(box=px[j], score=float(scores[j])) for j in range(len(px))]

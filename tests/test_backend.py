@@ -76,6 +76,10 @@ def images(tmp_path_factory) -> Path:
     (root / "truncated.png").write_bytes(full[: len(full) // 2])
     # 9000 x 9000 = 81 M pixels (above the 64 M guard) in a few kB: a decompression bomb.
     Image.new("1", (9000, 9000)).save(root / "huge.png")
+    # A 40000 x 40 strip: a few kB, 1.6 M pixels, but a 40000^2 square once padded.
+    Image.new("RGB", (40000, 40), (200, 30, 30)).save(root / "strip.png")
+    # 20000 x 20000: above Pillow's own bomb guard, which fires before ours can look.
+    Image.new("1", (20000, 20000)).save(root / "bomb20k.png")
     (root / "notes.txt").write_text("not an image")
     return root
 
@@ -383,6 +387,8 @@ def test_one_bad_task_never_fails_the_batch(client, server):
         "gray16.png",
         "cmyk.jpg",
         "palette.png",
+        "strip.png",
+        "bomb20k.png",
     ]
     tasks = [task(server, i, n) for i, n in enumerate(names)]
     tasks.append({"id": 99, "data": {"text": "a text task"}})  # no image at all
@@ -406,6 +412,11 @@ def test_one_bad_task_never_fails_the_batch(client, server):
     assert errors[99]["kind"] == "no_image" and "image" in errors[99]["detail"]
     assert "unsupported image reference scheme" in errors[100]["detail"]
     assert "LOCAL_FILES_DOCUMENT_ROOT" in errors[101]["detail"]
+    # the strip is refused before a pixel is allocated, as an image problem
+    assert errors[10]["kind"] == "decode" and "aspect ratio of 1000:1" in errors[10]["detail"]
+    assert "NEXTCHAT_MAX_IMAGE_PIXELS" in errors[10]["detail"]
+    # the product's limit and setting, not only Pillow's message
+    assert "NEXTCHAT_MAX_IMAGE_PIXELS" in errors[11]["detail"]
 
 
 def test_a_request_whose_every_task_fails_is_an_error(client, server):
@@ -857,3 +868,208 @@ def test_nextchat_serve_runs_under_gunicorn(ckpt, server, tmp_path):
         proc.stop()
     out = proc.text()
     assert "Booting worker" in out and "gthread" in out
+
+
+# ------------------------------------------------- faults from a sweep of the running service
+
+
+def test_bad_input_is_a_4xx_naming_the_problem_and_never_fails_its_batch(client, server):
+    # a lone surrogate typed as the prompt (JSON "\ud800" escapes decode to one)
+    body = json.dumps(
+        {
+            "tasks": [task(server, 1)],
+            "label_config": label_config("boxes"),
+            "params": {"context": typed("green \ud800 square")},
+        }
+    )
+    reply = client.post("/predict", data=body, content_type="application/json")
+    assert reply.status_code == 400 and "surrogate" in reply.get_json()["detail"]
+    # ... or in a task's own prompt field; a task whose data is a string; one with no data
+    tasks = [
+        task(server, 1),
+        task(server, 2, prompt="green \ud800 square"),
+        {"id": 3, "data": "scene.png"},
+        {"id": 4},
+    ]
+    body = json.dumps({"tasks": tasks, "label_config": label_config("boxes")})
+    out = client.post("/predict", data=body, content_type="application/json")
+    assert out.status_code == 200, out.get_json()
+    out = out.get_json()
+    assert isinstance(out["results"][0], dict) and out["results"][1:] == [[], [], []]
+    errors = {e["task"]: e["detail"] for e in out["errors"]}
+    assert "surrogate" in errors[2]
+    assert "'data' must be an object" in errors[3] and "got str" in errors[3]
+    assert "no 'data' object" in errors[4]
+    # JSON nested 100,000 deep
+    deep = b"[" * 100_000 + b"]" * 100_000
+    reply = client.post("/predict", data=deep, content_type="application/json")
+    assert reply.status_code == 400 and "too deeply" in reply.get_json()["detail"]
+    # a project id that is a path
+    reply = client.get("/training?project=../x")
+    assert reply.status_code == 400 and "project" in reply.get_json()["detail"]
+    # a project object without its id
+    reply = client.post("/setup", json={"project": {"a": 1}, "schema": label_config("boxes")})
+    assert reply.status_code == 400 and "'id'" in reply.get_json()["detail"]
+    # a Choices-only config is named as such
+    choices = (
+        '<View><Image name="image" value="$image"/><Choices name="c" toName="image">'
+        '<Choice value="a"/></Choices></View>'
+    )
+    reply = client.post("/setup", json={"project": "7.1", "schema": choices})
+    assert reply.status_code == 400 and "found: Choices" in reply.get_json()["detail"]
+
+
+def test_body_size_and_task_count_are_limited(store, store_settings, server):
+    settings = store_settings.with_overrides(max_request_mb=0.5, max_tasks=3)
+    client = create_app(settings, store=store, preload=False).test_client()
+    big = json.dumps({"tasks": [{}] * 200_000, "label_config": label_config("boxes")})
+    reply = client.post("/predict", data=big, content_type="application/json")
+    assert reply.status_code == 413
+    tasks = [task(server, i) for i in range(4)]
+    reply = client.post("/predict", json={"tasks": tasks, "label_config": label_config("boxes")})
+    assert reply.status_code == 413 and "MAX_TASKS" in reply.get_json()["detail"]
+
+
+def test_a_token_only_goes_to_the_host_it_came_with(client, store_settings):
+    from labelstudio.projects import ProjectStore
+
+    first = {"project": "41.1", "hostname": "http://ls.example:8080", "access_token": "secret"}
+    assert client.post("/setup", json=first).status_code == 200
+    assert (
+        client.post("/setup", json={"project": "41.1", "hostname": "http://evil:1"}).status_code
+        == 200
+    )
+    state = ProjectStore(store_settings.model_dir).get("41")
+    assert state.hostname == "http://evil:1" and state.access_token is None
+    options = store_settings.with_overrides(
+        label_studio_url="http://ls.example:8080", label_studio_api_key="env-key"
+    ).fetch_options(state)
+    assert options.hostname == "http://evil:1" and options.access_token is None
+
+
+def test_health_is_readiness_and_livez_is_liveness(store, store_settings, tmp_path):
+    settings = store_settings.with_overrides(model_dir=tmp_path / "md")
+    client = create_app(settings, preload=False).test_client()
+    assert client.get("/health").status_code == 200
+    (tmp_path / "md").mkdir(exist_ok=True)
+    (tmp_path / "md" / "current").write_text("gone-version\n")  # names a missing version
+    reply = client.get("/health")
+    assert reply.status_code == 503 and reply.get_json()["status"] == "DOWN"
+    assert client.get("/livez").get_json() == {"status": "UP"}
+    for d in (
+        create_app(store_settings, store=store, preload=False)
+        .test_client()
+        .get("/versions")
+        .get_json()["details"]
+    ):
+        assert "path" not in d
+
+
+def test_an_unwritable_model_dir_is_named_and_predictions_go_on(
+    store, store_settings, server, tmp_path
+):
+    md = tmp_path / "md"
+    md.mkdir()
+    (md / "projects").write_text("not a folder")  # the prompt memory cannot be written
+    (md / "annotations.sqlite").mkdir()  # nor can the annotation store be opened
+    settings = store_settings.with_overrides(model_dir=md)
+    client = create_app(settings, store=store, preload=False, enqueue_retry_s=None).test_client()
+    out = predict(client, [task(server, 1)], "boxes", context=typed("the red circle"))
+    assert regions_of(out["results"][0], "rectanglelabels")
+    health = client.get("/health").get_json()
+    assert "prompt_memory" in health["storage"]
+    reply = client.post(
+        "/webhook", json={"action": "START_TRAINING", "project": {"id": 3, "title": "p"}}
+    )
+    assert reply.status_code == 503 and "annotation store" in reply.get_json()["detail"]
+    assert reply.get_json()["detail"].startswith("storage")
+    assert not list(md.glob("**/*.tmp"))
+
+
+def test_invalid_annotations_are_refused_at_the_webhook(store, store_settings, tmp_path):
+    settings = store_settings.with_overrides(model_dir=tmp_path / "md")
+    client = create_app(settings, store=store, preload=False).test_client()
+    rect = {"x": 150, "y": 10, "width": 10, "height": 10, "rectanglelabels": ["Car"]}
+    for value, message in (
+        (rect, "outside the image"),
+        ({**rect, "x": float("nan")}, "finite number"),
+        ({**rect, "x": 10, "width": -5}, "negative size"),
+    ):
+        body = {
+            "action": "ANNOTATION_CREATED",
+            "project": {"id": 3},
+            "task": {"id": 5, "data": {"image": "x.png"}},
+            "annotation": {
+                "id": 12,
+                "result": [
+                    {"id": "r1", "type": "rectanglelabels", "from_name": "label",
+                     "to_name": "image", "original_width": 96, "original_height": 64,
+                     "value": value}
+                ],
+            },
+        }  # fmt: skip
+        reply = client.post(
+            "/webhook", data=json.dumps(body), content_type="application/json"
+        )  # NaN goes out as the JavaScript literal, as Label Studio's JSON can
+        assert reply.status_code == 400, reply.get_json()
+        assert message in reply.get_json()["detail"] and "r1" in reply.get_json()["detail"]
+
+
+def test_a_hung_broker_does_not_hold_a_webhook(store, store_settings, tmp_path, monkeypatch):
+    import socket
+
+    from training import celery_app
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts TCP, never answers: a hung broker
+    monkeypatch.setenv("CELERY_BROKER_URL", f"redis://127.0.0.1:{silent.getsockname()[1]}/0")
+    celery_app.get_app.cache_clear()
+    try:
+        settings = store_settings.with_overrides(model_dir=tmp_path / "md")
+        client = create_app(
+            settings, store=store, preload=False, enqueue_retry_s=None
+        ).test_client()
+        t0 = time.perf_counter()
+        reply = client.post(
+            "/webhook", json={"action": "START_TRAINING", "project": {"id": 3, "title": "p"}}
+        )
+        took = time.perf_counter() - t0
+        assert reply.status_code == 201 and reply.get_json()["enqueued"] is False
+        assert took < 1.0, took  # Label Studio gives up on a webhook after 1 s
+    finally:
+        silent.close()
+        celery_app.get_app.cache_clear()
+
+
+def test_light_routes_answer_while_predictions_fill_the_slots(store, store_settings, server):
+    settings = store_settings.with_overrides(predict_slots=1)
+    app = create_app(settings, store=store, preload=False)
+    slow_done = threading.Event()
+
+    def slow() -> None:
+        # holds the only slot: its image comes from a host that answers after 1.5 s
+        app.test_client().post(
+            "/predict",
+            json={
+                "tasks": [task(server, 1, "slow/scene.png")],
+                "label_config": label_config("boxes"),
+            },
+        )
+        slow_done.set()
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    time.sleep(0.3)
+    client = app.test_client()
+    t0 = time.perf_counter()
+    busy = client.post(
+        "/predict", json={"tasks": [task(server, 2)], "label_config": label_config("boxes")}
+    )
+    health = client.get("/health")
+    took = time.perf_counter() - t0
+    thread.join()
+    assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
+    assert "PREDICT_SLOTS" in busy.get_json()["detail"]
+    assert health.status_code == 200 and took < 0.5, took
+    assert slow_done.is_set()

@@ -333,7 +333,7 @@ def test_released_layout_loads_with_weights_only(tiny_model, tiny_tokenizer, tin
 
 
 def test_released_config_json_gives_the_7b_preset():
-    from nextchat_core.build import released_config
+    from nextchat_core.released import released_config
 
     hf = {
         "model_type": "nextchat",
@@ -349,7 +349,13 @@ def test_released_config_json_gives_the_7b_preset():
         "mm_use_im_start_end": True,
         "mm_vision_tower": "openai/clip-vit-large-patch14-336",
     }
-    assert released_config(hf) == get_preset("nextchat-7b-336")
+    assert released_config(hf).config == get_preset("nextchat-7b-336")
+    # the released state dict's own shapes derive the same sizes, heads from the preset
+    shapes = json.loads(MANIFEST.read_text())["tensors"]
+    derived = released_config(hf, shapes, token_ids={"<at>": 32003, "<boxes>": 32004})
+    assert derived.config == get_preset("nextchat-7b-336")
+    assert derived.sources["sam.encoder_global_attn_indexes"] == "shapes"
+    assert not [k for k, v in derived.sources.items() if v.startswith("assumed")]
     with pytest.raises(ValueError, match="model_type 'nextchat'"):
         released_config({"model_type": "llava"})
 

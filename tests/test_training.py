@@ -111,7 +111,11 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     cfg = config_for(tmp_path, data, output_dir=str(tmp_path / "split"))
     part = train(cfg, stop_after=3)
     assert part.steps == 3 and not part.final_dir.exists()
-    assert (tmp_path / "split" / "checkpoints" / "step-00000003").is_dir()
+    step = tmp_path / "split" / "checkpoints" / "step-00000003"
+    assert step.is_dir()
+    # the random states load without unpickling (safetensors + JSON); torch.load is only
+    # ever called with weights_only=True
+    assert (step / "rng.safetensors").is_file() and not (step / "rng.pt").exists()
     resumed = train(cfg)
     assert resumed.steps == 6
     from safetensors.torch import load_file

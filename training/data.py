@@ -39,6 +39,7 @@ import numpy as np
 
 from labelstudio.images import read_image_size, resolve_local_image
 from labelstudio.results import (
+    LabelStudioFormatError,
     image_reference,
     parse_task,
 )
@@ -299,8 +300,13 @@ def read_label_studio(
     *,
     image_root: str | Path | None = None,
     resolve_image: ImageResolver | None = None,
+    errors: list[LabelStudioFormatError] | None = None,
 ) -> SampleSet:
     """Samples from a Label Studio JSON export (a file or the list of tasks).
+
+    With ``errors`` given, a region that cannot be used (NaN or negative sizes, outside
+    the image, an unknown type) is appended there and skipped, so one bad annotation never
+    sinks a retraining job; otherwise it raises ``LabelStudioFormatError``.
 
     Regions (rectangles, brushes, polygons; see :mod:`labelstudio.results`) are
     grouped by their prompt TextArea, else by their label name; each group becomes one
@@ -327,7 +333,7 @@ def read_label_studio(
         )
     records: list[Record] = []
     for task in tasks:
-        regions = parse_task(task, source="annotations")
+        regions = parse_task(task, source="annotations", errors=errors)
         if not regions:
             continue
         tid = task.get("id")

@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from labelstudio.results import LabelStudioFormatError
 from nextchat_core.device import resolve_device
 from training import versions
 from training.settings import ServiceSettings
@@ -256,8 +257,19 @@ def _run(
     resolve = _image_resolver(settings, job.project_id, work / "images")
     config = load_config(parent_path)
     train_tasks, held_tasks = split_tasks(tasks, settings.holdout)
-    train_set = read_label_studio(train_tasks, config, resolve_image=resolve)
-    held_set = read_label_studio(held_tasks, config, resolve_image=resolve)
+    bad: list[LabelStudioFormatError] = []
+    train_set = read_label_studio(train_tasks, config, resolve_image=resolve, errors=bad)
+    held_set = read_label_studio(held_tasks, config, resolve_image=resolve, errors=bad)
+    if bad:
+        # Stored before the webhook checked them (or from a Label Studio pull): skipped,
+        # counted, never the end of the job.
+        log.warning(
+            "job %s: %d annotation region(s) skipped as unusable, e.g. %s",
+            job.job_id,
+            len(bad),
+            bad[0],
+        )
+        report({"phase": "fetching images", "skipped_regions": len(bad)})
     if len(train_set) == 0:
         raise ValueError(
             f"project {job.project_id}: the annotations hold no boxes, brushes or polygons to "

@@ -13,12 +13,13 @@ Which model is served (the base checkpoint, the versions under ``MODEL_DIR``) is
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from labelstudio.images import FetchOptions, local_files_root_from_env
+from labelstudio.images import DEFAULT_DENY_NETWORKS, FetchOptions, local_files_root_from_env
 from labelstudio.projects import ProjectState
 
 from .versions import default_model_dir
@@ -38,8 +39,13 @@ class ServiceSettings:
     label_studio_api_key: str | None = field(default=None, repr=False)  # LABEL_STUDIO_API_KEY
     local_files_root: Path | None = None  # LOCAL_FILES_DOCUMENT_ROOT: local paths allowed under it
     fetch_workers: int = 8  # FETCH_WORKERS: concurrent image downloads per request
-    fetch_timeout: float = 20.0  # FETCH_TIMEOUT: seconds per image download
-    max_download_mb: float = 200.0  # MAX_DOWNLOAD_MB: refuse larger image files
+    fetch_timeout: float = 20.0  # FETCH_TIMEOUT: deadline per image download, seconds
+    max_download_mb: float = 200.0  # MAX_DOWNLOAD_MB: stop reading an image at this size
+    # FETCH_DENY_NETWORKS: comma-separated CIDRs never fetched from ("none": no list);
+    # default link-local / cloud-metadata addresses. FETCH_ALLOW_NETWORKS: if set, images
+    # are fetched only from these CIDRs (e.g. Label Studio's and the image store's).
+    fetch_deny_networks: tuple[str, ...] = DEFAULT_DENY_NETWORKS
+    fetch_allow_networks: tuple[str, ...] = ()
     torch_threads: int | None = None  # TORCH_THREADS: CPU threads per process (torch default)
 
     @staticmethod
@@ -54,7 +60,11 @@ class ServiceSettings:
             "fetch_timeout": env_float(env, "FETCH_TIMEOUT", 20.0, lo=0.1, hi=3600.0),
             "max_download_mb": env_float(env, "MAX_DOWNLOAD_MB", 200.0, lo=0.001, hi=1e6),
             "torch_threads": env_int(env, "TORCH_THREADS", 0, lo=0) or None,
+            "fetch_allow_networks": env_networks(env, "FETCH_ALLOW_NETWORKS") or (),
         }
+        deny = env_networks(env, "FETCH_DENY_NETWORKS")
+        if deny is not None:
+            values["fetch_deny_networks"] = deny
         model_dir = env_str(env, "MODEL_DIR")
         if model_dir:
             values["model_dir"] = Path(model_dir)
@@ -73,17 +83,25 @@ class ServiceSettings:
         """How to fetch a project's images: the Label Studio address and token that
         ``/setup`` stored for ``project`` (else ``LABEL_STUDIO_URL`` / ``_API_KEY``), and
         this process's timeout, size limit, concurrency and local-files root."""
+        # A token travels only with the host it was given for: the project's own pair from
+        # /setup, else LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY.
+        if project is not None and project.hostname:
+            hostname, token = project.hostname, project.access_token
+            if not token and hostname.rstrip("/") == (self.label_studio_url or "").rstrip("/"):
+                token = self.label_studio_api_key
+        else:
+            hostname, token = self.label_studio_url, self.label_studio_api_key
         return FetchOptions(
-            hostname=(project.hostname if project and project.hostname else None)
-            or self.label_studio_url,
-            access_token=(project.access_token if project and project.access_token else None)
-            or self.label_studio_api_key,
+            hostname=hostname,
+            access_token=token,
             timeout=self.fetch_timeout,
             max_bytes=int(self.max_download_mb * 2**20),
             workers=self.fetch_workers,
             local_files_root=self.local_files_root,
             task_data_login=task_data_login or None,
             task_data_password=task_data_password or None,
+            deny_networks=self.fetch_deny_networks,
+            allow_networks=self.fetch_allow_networks,
         )
 
 
@@ -140,6 +158,26 @@ def env_choice(env: Mapping[str, str], key: str, options: tuple[str, ...]) -> st
     if raw is not None and raw not in options:
         raise ValueError(f"{key} must be one of {', '.join(options)}, got {raw!r}")
     return raw
+
+
+def env_networks(env: Mapping[str, str], key: str) -> tuple[str, ...] | None:
+    """Comma-separated CIDRs (``10.0.0.0/8,::1/128``); ``none`` for an empty list; ``None``
+    when unset."""
+    raw = env_str(env, key)
+    if raw is None:
+        return None
+    if raw.lower() == "none":
+        return ()
+    nets = []
+    for part in (p.strip() for p in raw.split(",")):
+        try:
+            nets.append(str(ipaddress.ip_network(part, strict=False)))
+        except ValueError:
+            raise ValueError(
+                f"{key} must be comma-separated networks such as 10.0.0.0/8,192.168.1.5/32 "
+                f"(or 'none'), got {part!r}"
+            ) from None
+    return tuple(nets)
 
 
 def env_url(env: Mapping[str, str], key: str) -> str | None:

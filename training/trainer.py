@@ -504,14 +504,7 @@ def _save_checkpoint(
         )
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    rng = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
+    _save_rng(tmp)
     _write_json(tmp / "trainer_state.json", state)
     tmp.rename(final)  # atomic: a checkpoint directory is complete or absent
     for old in sorted(root.glob("step-*"))[:-keep]:
@@ -546,13 +539,50 @@ def _load_checkpoint(
         )
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=False)  # our own file: numpy/python states
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    _load_rng(path)
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def _save_rng(path: Path) -> None:
+    """The random states as ``rng.safetensors`` (torch, CUDA, numpy's key array) and
+    ``rng.json`` (the rest): files that load without unpickling anything."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+    }
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = state
+    save_file(tensors, str(path / "rng.safetensors"))
+    version, py_state, gauss = random.getstate()
+    _write_json(
+        path / "rng.json",
+        {
+            "python": [version, list(py_state), gauss],
+            "numpy": [kind, int(pos), int(has_gauss), float(cached)],
+        },
+    )
+
+
+def _load_rng(path: Path) -> None:
+    if not (path / "rng.safetensors").is_file():
+        raise ValueError(
+            f"checkpoint {path} has no rng.safetensors (written by an older version, which "
+            "pickled its random state): delete its checkpoints folder to start over"
+        )
+    tensors = load_file(str(path / "rng.safetensors"))
+    meta = json.loads((path / "rng.json").read_text())
+    version, py_state, gauss = meta["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state(
+        (kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached)
+    )
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda_{i}"] for i in range(sum(k.startswith("cuda_") for k in tensors))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _write_json(path: Path, data: Any) -> None:

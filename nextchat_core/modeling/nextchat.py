@@ -375,6 +375,8 @@ class NextChatModel(nn.Module):
         logits_processor: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
         static_cache: bool = False,
         compile_decoder: bool = False,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
     ) -> GenerationOutput:
         """Decode with the KV cache; ``<at>`` becomes a box.
 
@@ -390,7 +392,28 @@ class NextChatModel(nn.Module):
         attention mask, so every decode step has the same shapes; ``compile_decoder``
         (implies it) runs the step through ``torch.compile(mode="reduce-overhead")``, i.e.
         CUDA graphs on a GPU: decoding a 7B model is otherwise bound by kernel launches.
+
+        After ``<at>`` (NExT-Chat's loop): the model's own next token is kept if it is
+        ``</s>`` (the answer ends; the box of that ``<at>`` is kept); any other token is
+        written as ``<boxes>``, never read as a new trigger. ``num_beams > 1`` runs beam
+        search (:meth:`_beam_search`) with the same box feedback in every beam; greedy
+        (``num_beams=1``) is what the published tables were measured with.
         """
+        if num_beams > 1:
+            if do_sample or static_cache or compile_decoder or logits_processor is not None:
+                raise ValueError(
+                    "num_beams > 1 runs plain beam search: it cannot be combined with "
+                    "do_sample, static_cache, compile_decoder or a logits_processor"
+                )
+            return self._beam_search(
+                input_ids,
+                attention_mask,
+                image_features,
+                input_boxes=input_boxes,
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                length_penalty=length_penalty,
+            )
         tk = self.config.tokens
         bsz = input_ids.shape[0]
         device = input_ids.device
@@ -428,6 +451,7 @@ class NextChatModel(nn.Module):
         hiddens: list[list[torch.Tensor]] = [[] for _ in range(bsz)]
         scores: list[list[torch.Tensor]] = [[] for _ in range(bsz)]
         finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+        ended = torch.zeros(bsz, dtype=torch.bool, device=device)  # the model chose </s>
         prev_at = torch.zeros(bsz, dtype=torch.bool, device=device)
         at_prob = torch.zeros(bsz, device=device)
         step = 0
@@ -446,6 +470,10 @@ class NextChatModel(nn.Module):
                 generator=generator,
             )
             box = self.loc_decoder(h_last)
+            chose_eos = (token == tk.eos_id) & ~finished & (step <= max_new_tokens)
+            ended |= chose_eos
+            # </s> right after <at> ends the answer; the slot is still written as <boxes>.
+            stop_after_box = prev_at & chose_eos
             token = torch.where(prev_at, torch.full_like(token, tk.boxes_id), token)
             if step > max_new_tokens:  # past the limit: only pending boxes, then stop
                 token = torch.where(prev_at, token, torch.full_like(token, tk.eos_id))
@@ -459,7 +487,7 @@ class NextChatModel(nn.Module):
             for row, t in enumerate(token.tolist()):
                 if not finished[row]:
                     sequences[row].append(t)
-            finished = finished | (token == tk.eos_id)
+            finished = finished | (token == tk.eos_id) | stop_after_box
             prev_at = new_at
             if bool(finished.all()):
                 break
@@ -490,7 +518,158 @@ class NextChatModel(nn.Module):
                 torch.stack(h) if h else torch.zeros(0, hdim, device=device) for h in hiddens
             ],
             box_scores=[torch.stack(s) if s else torch.zeros(0, device=device) for s in scores],
+            truncated=(~ended).tolist(),
         )
+
+    def _beam_search(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_features: torch.Tensor | None,
+        *,
+        input_boxes: torch.Tensor | None,
+        max_new_tokens: int,
+        num_beams: int,
+        length_penalty: float,
+    ) -> GenerationOutput:
+        """Beam search with NExT-Chat's box feedback in each beam.
+
+        Each row keeps ``num_beams`` hypotheses scored by their summed log-probabilities; a
+        hypothesis that chooses ``</s>`` is finished, ranked by ``score / length **
+        length_penalty`` (HF's rule). After ``<at>`` a beam's slot is ``<boxes>`` (log-prob
+        0) and its input embedding is ``loc_encoder(loc_decoder(h_at))`` of that beam's own
+        state. A row stops once it holds ``num_beams`` finished hypotheses and none of its
+        live beams can beat the worst of them; at ``max_new_tokens`` its live beams are
+        ranked too (and flagged ``truncated``). Written here because transformers'
+        ``generate`` cannot replace the next input embedding from the last hidden state.
+        """
+        tk = self.config.tokens
+        bsz, k = input_ids.shape[0], num_beams
+        device = input_ids.device
+        embed = self.language_model.get_input_embeddings()
+        lm_head = self.language_model.get_output_embeddings()
+        embeds = self.embed_inputs(input_ids, image_features, input_boxes)
+        embeds = embeds.repeat_interleave(k, dim=0)
+        mask = attention_mask.repeat_interleave(k, dim=0)
+        position = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.language_model.config)
+        h_last = self._llm(
+            embeds, mask, position_ids=position, use_cache=True, **{_CACHE_KWARG: cache}
+        )[:, -1]
+        position = position[:, -1:]
+        n = bsz * k
+        inf = float("-inf")
+        beam_scores = torch.zeros(bsz, k, device=device)
+        beam_scores[:, 1:] = inf  # identical beams at first: expand beam 0 only
+        beam_scores = beam_scores.view(-1)
+        seqs: list[list[int]] = [[] for _ in range(n)]
+        boxes: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        hiddens: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        scores: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        prev_at = torch.zeros(n, dtype=torch.bool, device=device)
+        at_prob = torch.zeros(n, device=device)
+        # per row: finished hypotheses (rank, sequence, beam index at the time, truncated)
+        done: list[list[tuple[float, list[int], int, bool]]] = [[] for _ in range(bsz)]
+        kept: dict[int, tuple[list, list, list]] = {}  # id -> (boxes, hiddens, scores)
+        row_done = [False] * bsz
+        vocab = lm_head.out_features
+
+        def rank(score: float, length: int) -> float:
+            return score / max(length, 1) ** length_penalty
+
+        def finish(r: int, score: float, seq: list[int], src: int, cut: bool) -> None:
+            key = len(kept)
+            kept[key] = (boxes[src], hiddens[src], scores[src])
+            done[r].append((rank(score, len(seq)), seq, key, cut))
+            done[r].sort(key=lambda d: -d[0])
+            del done[r][k:]
+
+        step = 0
+        while True:
+            step += 1
+            logprobs = lm_head(h_last).float().log_softmax(-1)
+            probs_at = logprobs[:, tk.at_id].exp()
+            box = self.loc_decoder(h_last)
+            forced = torch.full_like(logprobs, inf)
+            forced[:, tk.boxes_id] = 0.0
+            logprobs = torch.where(prev_at.unsqueeze(-1), forced, logprobs)
+            for i in prev_at.nonzero()[:, 0].tolist():
+                boxes[i] = [*boxes[i], box[i].float()]
+                hiddens[i] = [*hiddens[i], h_last[i]]
+                scores[i] = [*scores[i], at_prob[i]]
+            if step > max_new_tokens and not bool(prev_at.any()):
+                break
+            if step > max_new_tokens:  # past the limit: pending boxes only, others stay
+                stay = torch.full_like(logprobs, inf)
+                stay[:, tk.pad_id] = 0.0
+                logprobs = torch.where(prev_at.unsqueeze(-1), logprobs, stay)
+            cand = (beam_scores.unsqueeze(-1) + logprobs).view(bsz, k * vocab)
+            top, idx = cand.topk(2 * k, dim=-1)
+            parents, new_tokens, new_scores = [], [], []
+            for r in range(bsz):
+                picked: list[tuple[float, int, int]] = []
+                for score, j in zip(top[r].tolist(), idx[r].tolist(), strict=True):
+                    src, tok = r * k + j // vocab, j % vocab
+                    if score == inf or row_done[r]:
+                        continue
+                    if tok == tk.eos_id:
+                        finish(r, score, [*seqs[src], tok], src, False)
+                    elif len(picked) < k:
+                        picked.append((score, src, tok))
+                best = max((p[0] for p in picked), default=inf)
+                if len(done[r]) == k and (best == inf or rank(best, step) <= done[r][-1][0]):
+                    row_done[r] = True
+                while len(picked) < k:  # fewer live candidates than beams: dead fillers
+                    picked.append((inf, r * k, tk.pad_id))
+                for score, src, tok in picked:
+                    parents.append(src)
+                    new_tokens.append(tok)
+                    new_scores.append(inf if row_done[r] else score)
+            parent = torch.tensor(parents, device=device)
+            token = torch.tensor(new_tokens, device=device)
+            beam_scores = torch.tensor(new_scores, device=device)
+            seqs = [[*seqs[p], t] for p, t in zip(parents, new_tokens, strict=True)]
+            boxes = [boxes[p] for p in parents]
+            hiddens = [hiddens[p] for p in parents]
+            scores = [scores[p] for p in parents]
+            alive = torch.isfinite(beam_scores)
+            at_prob = torch.where(token == tk.at_id, probs_at[parent], at_prob[parent])
+            h_box = box[parent]
+            prev_at = (token == tk.at_id) & alive
+            if all(row_done) or not bool(alive.any()):
+                break
+            cache.reorder_cache(parent)
+            next_embed = embed(token)
+            box_rows = token == tk.boxes_id
+            if box_rows.any():
+                located = self.loc_encoder(h_box).to(next_embed.dtype)
+                next_embed = torch.where(box_rows.unsqueeze(-1), located, next_embed)
+            position = position[parent] + 1
+            mask = torch.cat([mask[parent], torch.ones_like(mask[:, :1])], dim=1)
+            h_last = self._llm(
+                next_embed.unsqueeze(1),
+                mask,
+                position_ids=position,
+                use_cache=True,
+                **{_CACHE_KWARG: cache},
+            )[:, -1]
+
+        hdim = self.config.llm.hidden_size
+        out = GenerationOutput(sequences=[])
+        for r in range(bsz):
+            if not row_done[r]:  # cut off by max_new_tokens: its live beams are ranked too
+                for i in range(r * k, r * k + k):
+                    if torch.isfinite(beam_scores[i]):
+                        live = [t for t in seqs[i] if t != tk.pad_id]
+                        finish(r, float(beam_scores[i]), live, i, True)
+            _, seq, key, cut = done[r][0]
+            bx, hs, sc = kept[key]
+            out.sequences.append(seq)
+            out.boxes.append(torch.stack(bx) if bx else torch.zeros(0, 4, device=device))
+            out.at_hidden.append(torch.stack(hs) if hs else torch.zeros(0, hdim, device=device))
+            out.box_scores.append(torch.stack(sc) if sc else torch.zeros(0, device=device))
+            out.truncated.append(cut)
+        return out
 
     def _decode_step(
         self, embeds: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: Cache

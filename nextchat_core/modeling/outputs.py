@@ -60,7 +60,7 @@ class NextChatOutput:
 
 @dataclass
 class GenerationOutput:
-    """Greedy/sampled generation for a batch of B prompts.
+    """Greedy/sampled/beam generation for a batch of B prompts.
 
     ``sequences``: per row, the generated token ids (``<boxes>`` written after each
     ``<at>``, stopping at and including ``</s>``).
@@ -68,12 +68,15 @@ class GenerationOutput:
     ``at_hidden``: per row, ``kxH`` trigger hidden states (for the mask path).
     ``box_scores``: per row, ``k`` probabilities of the ``<at>`` token at the step that
     produced it (the box confidence).
+    ``truncated``: per row, whether ``max_new_tokens`` ended it before the model chose
+    ``</s>`` (an answer that may have had more instances to list).
     """
 
     sequences: list[list[int]]
     boxes: list[torch.Tensor] = field(default_factory=list)
     at_hidden: list[torch.Tensor] = field(default_factory=list)
     box_scores: list[torch.Tensor] = field(default_factory=list)
+    truncated: list[bool] = field(default_factory=list)
 
 
 @dataclass
