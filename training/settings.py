@@ -85,6 +85,8 @@ class ServiceSettings:
         this process's timeout, size limit, concurrency and local-files root."""
         # A token travels only with the host it was given for: the project's own pair from
         # /setup, else LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY.
+        hostname: str | None
+        token: str | None
         if project is not None and project.hostname:
             hostname, token = project.hostname, project.access_token
             if not token and hostname.rstrip("/") == (self.label_studio_url or "").rstrip("/"):
