@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from labelstudio.config import parse_label_config
 from labelstudio.images import FetchOptions, TaskError, fetch_images
-from labelstudio.results import parse_label_config
 
 CONFIG = parse_label_config(
     '<View><Image name="image" value="$image"/>'
