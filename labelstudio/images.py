@@ -349,7 +349,7 @@ class _LimitedSession(requests.Session):
         self._deny = [ipaddress.ip_network(n, strict=False) for n in options.deny_networks]
         self._allow = [ipaddress.ip_network(n, strict=False) for n in options.allow_networks]
 
-    def request(  # type: ignore[override]
+    def request(
         self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any
     ) -> requests.Response:
         deadline = time.monotonic() + self._timeout
@@ -363,7 +363,7 @@ class _LimitedSession(requests.Session):
             self._check_destination(url)
             remaining = self._remaining(deadline)
             try:
-                response = super().request(
+                response = super().request(  # type: ignore[misc]  # the popped keywords
                     method,
                     url,
                     *args,
@@ -407,9 +407,10 @@ class _LimitedSession(requests.Session):
         except (socket.gaierror, UnicodeError) as exc:
             raise requests.ConnectionError(f"cannot resolve host {host}") from exc
         for info in infos:
-            address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
-            if getattr(address, "ipv4_mapped", None) is not None:
-                address = address.ipv4_mapped  # type: ignore[union-attr]
+            address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+            mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:169.254.x.x is IPv4
+            if mapped is not None:
+                address = mapped
             if any(address in net for net in self._deny) or (
                 self._allow and not any(address in net for net in self._allow)
             ):

@@ -238,6 +238,11 @@ class TemplateConfig:
     # A free question; {question} is the user's text. Small models put the image AFTER the
     # text so that (causal) image tokens can attend to the question.
     chat_question: str = "<image> {question}"
+    # The yes/no question a region's confidence asks (POPE-style, which NExT-Chat is
+    # evaluated on), and the first words of its two answers.
+    exists_question: str = "Is there {expr} in the image?"
+    yes_answer: str = "Yes"
+    no_answer: str = "No"
     # How the conversation becomes ids. "one-string": rendered as ONE string and tokenized
     # by the official rule (nextchat_core.tokenizer.encode_text), what the released model
     # was trained on. "per-turn": each turn's pieces tokenized apart, which puts standalone
@@ -257,6 +262,8 @@ class TemplateConfig:
             raise ValueError("template.rec_answer must contain '{boxes}'")
         if "{region}" not in self.caption_question:
             raise ValueError("template.caption_question must contain '{region}'")
+        if "{expr}" not in self.exists_question:
+            raise ValueError("template.exists_question must contain '{expr}'")
         if "{question}" not in self.chat_question:
             raise ValueError("template.chat_question must contain '{question}'")
 
@@ -485,6 +492,7 @@ def _demo() -> NextChatConfig:
             rec_question="Where is {expr}? <image>",
             caption_question="What is in the region {region}? <image>",
             chat_question="{question} <image>",
+            exists_question="Is there {expr}?",
         ),
     )
 

@@ -193,10 +193,10 @@ def encode_conversation(
     if add_generation_prompt and turns[-1].role != "user":
         raise ValueError("add_generation_prompt needs the last turn to be the user's")
     if config.template.tokenization == "per-turn":
-        input_ids, labels = _encode_per_turn(
-            turns, tokenizer, config, num_image_tokens, add_generation_prompt
+        return _checked(
+            *_encode_per_turn(turns, tokenizer, config, num_image_tokens, add_generation_prompt),
+            config,
         )
-        return _checked(input_ids, labels, config)
     text, spans = render_conversation(
         turns,
         config,

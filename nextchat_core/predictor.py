@@ -36,6 +36,7 @@ from . import frames
 from .build import from_pretrained
 from .config import NextChatConfig
 from .conversation import (
+    IGNORE_INDEX,
     Turn,
     caption_turns,
     chat_turns,
@@ -61,7 +62,7 @@ def prompt_problem(prompt: str, *, task: str = "ground") -> str | None:
     raises it as ``ValueError``, the backend answers it per task."""
     try:
         prompt.encode("utf-8")
-    except UnicodeEncodeError as exc:
+    except UnicodeEncodeError as exc:  # the tokenizer cannot take it
         return (
             f"the prompt holds a character that is not text (a lone UTF-16 surrogate "
             f"{prompt[exc.start]!r} at position {exc.start}): send valid Unicode"
@@ -160,6 +161,7 @@ class NextChatPredictor:
         )
         self._num_image_tokens = model.num_image_tokens
         self._image: _Encoded | None = None
+        self._answer_tokens: dict[str, int] = {}
         # SAM's encoder runs in chunks (its activations dominate peak memory) and, on CUDA,
         # on a side stream: decoding is launch-bound, so the GPU has room for SAM meanwhile.
         self.sam_batch_size = sam_batch_size
@@ -323,6 +325,66 @@ class NextChatPredictor:
             raise ValueError(f"unknown task {q.task!r}; expected 'ground', 'chat' or 'caption'")
         return grounding_turns(prompt, self.config), boxes
 
+    def exists(self, prompts: str | Sequence[str]) -> list[float]:
+        """For the image of :meth:`set_image`: the model's probability that each prompt's
+        object is in the image - ``p(yes) / (p(yes) + p(no))`` for the first answer token
+        of ``template.exists_question`` (one teacher-forced forward pass per prompt, all
+        prompts in one batch; no decoding)."""
+        if self._image is None:
+            raise RuntimeError("call set_image(image) before exists()")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return self._exists([self._image], [Query(0, p) for p in prompts])
+
+    def _exists(self, encoded: list[_Encoded], queries: Sequence[Query]) -> list[float]:
+        tpl = self.config.template
+        rows = []
+        for q in queries:
+            question = tpl.exists_question.format(expr=q.prompt.strip())
+            rows.append(
+                encode_conversation(
+                    chat_turns(question, self.config),
+                    self.tokenizer,
+                    self.config,
+                    num_image_tokens=self._num_image_tokens,
+                    add_generation_prompt=True,
+                ).input_ids
+            )
+        yes, no = self._answer_token(tpl.yes_answer), self._answer_token(tpl.no_answer)
+        ids, mask = self._left_padded(rows)
+        feats = torch.cat([encoded[q.image_index].features for q in queries])
+        with self._context():
+            model = self.model
+            embeds = model.embed_inputs(ids.to(self.device), feats, None)
+            h = model._llm(embeds, mask.to(self.device))[:, -1]
+            logits = model.language_model.get_output_embeddings()(h).float()
+            pair = logits[:, [yes, no]].softmax(-1)[:, 0]
+        return [float(v) for v in pair.cpu()]
+
+    def _answer_token(self, answer: str) -> int:
+        """The first token the model writes for an answer starting with ``answer``."""
+        cached = self._answer_tokens.get(answer)
+        if cached is None:
+            enc = encode_conversation(
+                chat_turns("x", self.config, answer=answer),
+                self.tokenizer,
+                self.config,
+                num_image_tokens=self._num_image_tokens,
+            )
+            cached = next(t for t in enc.labels if t != IGNORE_INDEX)
+            self._answer_tokens[answer] = cached
+        return cached
+
+    def _left_padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``BxT`` ids and mask, LEFT-padded (generation appends on the right)."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.config.tokens.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+        return ids, mask
+
     def _answer(
         self,
         encoded: list[_Encoded],
@@ -331,7 +393,6 @@ class NextChatPredictor:
         with_masks: bool,
         **generate_kwargs: Any,
     ) -> list[Answer]:
-        tk = self.config.tokens
         rows, in_boxes = [], []
         for q in queries:
             turns, boxes = self._turns(q)
@@ -358,12 +419,7 @@ class NextChatPredictor:
                 frames.check_pixel_box(b, p.width, p.height, what="input box")
                 in_boxes.append(frames.pixel_to_square(np.asarray(b), p.width, p.height))
             rows.append(enc.input_ids)
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tk.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):  # left padding: generation appends on the right
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
+        ids, mask = self._left_padded(rows)
         feats = torch.cat([encoded[q.image_index].features for q in queries])
         box_tensor = (
             torch.tensor(np.stack(in_boxes), dtype=torch.float32, device=self.device)

@@ -104,7 +104,7 @@ def encode_text(
     """
     added = tokens.added_token_ids()
     special = {
-        t: int(tokenizer.convert_tokens_to_ids(t))
+        t: int(tokenizer.convert_tokens_to_ids(t))  # type: ignore[arg-type]
         for t in tokenizer.all_special_tokens
         if t and t not in added
     }

@@ -440,3 +440,38 @@ def test_sam_sdpa_attention_matches_segment_anything():
                 m.__class__ = Attention  # back to the library's own forward
         x = torch.randn(2, 3, 64, 64)
         torch.testing.assert_close(encoder(x), reference(x), atol=1e-5, rtol=1e-4)
+
+
+def test_exists_is_the_yes_share_of_the_first_answer_token(tiny_model, tiny_tokenizer, tiny_config):
+    """``NextChatPredictor.exists`` (the yes/no signal for region confidence) equals
+    p(yes) / (p(yes) + p(no)) read off a plain teacher-forced forward pass of each prompt
+    alone, although it batches prompts of different lengths with left padding."""
+    from nextchat_core.batch import Sample
+    from nextchat_core.conversation import IGNORE_INDEX, chat_turns
+
+    img, _ = make_scene()
+    predictor = NextChatPredictor(tiny_model, tiny_tokenizer)
+    predictor.set_image(img, with_masks=False)
+    prompts = ["a red circle", "the blue square on the left of everything"]
+    got = predictor.exists(prompts)
+    tpl = tiny_config.template
+    for prompt, p_yes in zip(prompts, got, strict=True):
+        question = tpl.exists_question.format(expr=prompt)
+        batch = collate(
+            [Sample(img, chat_turns(question, tiny_config, answer=tpl.yes_answer))],
+            tokenizer=tiny_tokenizer,
+            config=tiny_config,
+            num_image_tokens=tiny_model.num_image_tokens,
+            with_masks=False,
+        )
+        with torch.no_grad():  # one right-padded row, the model's own embedding path
+            feats = tiny_model.encode_images(batch["pixel_values"])
+            embeds = tiny_model.embed_inputs(batch["input_ids"], feats, None)
+            h = tiny_model._llm(embeds, batch["attention_mask"])[0]
+            logits = tiny_model.language_model.get_output_embeddings()(h).float()
+        first = int((batch["labels"][0] != IGNORE_INDEX).nonzero()[0])
+        yes = int(batch["labels"][0, first])
+        no = predictor._answer_token(tpl.no_answer)
+        want = logits[first - 1, [yes, no]].softmax(-1)[0]
+        assert p_yes == pytest.approx(float(want), abs=1e-5)
+    assert all(0.0 < p < 1.0 for p in got)

@@ -546,7 +546,8 @@ def _load_checkpoint(
 def _save_rng(path: Path) -> None:
     """The random states as ``rng.safetensors`` (torch, CUDA, numpy's key array) and
     ``rng.json`` (the rest): files that load without unpickling anything."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    keys = np.asarray(keys)
     tensors = {
         "torch": torch.get_rng_state(),
         "numpy_keys": torch.from_numpy(keys.astype(np.int64)),

@@ -417,7 +417,6 @@ class NextChatModel(nn.Module):
         tk = self.config.tokens
         bsz = input_ids.shape[0]
         device = input_ids.device
-        embed = self.language_model.get_input_embeddings()
         lm_head = self.language_model.get_output_embeddings()
         embeds = self.embed_inputs(input_ids, image_features, input_boxes)
         mask = attention_mask.clone()
@@ -491,24 +490,14 @@ class NextChatModel(nn.Module):
             prev_at = new_at
             if bool(finished.all()):
                 break
-            next_embed = embed(token)
-            box_rows = token == tk.boxes_id
-            if box_rows.any():
-                located = self.loc_encoder(box).to(next_embed.dtype)
-                next_embed = torch.where(box_rows.unsqueeze(-1), located, next_embed)
+            next_embed = self._next_input(token, box)
             position = position + 1
             if static_cache:
                 step_mask[:, 0, 0, length + step - 1] = True
                 h_last = step_fn(next_embed.unsqueeze(1), step_mask, position, cache)
             else:
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                h_last = self._llm(
-                    next_embed.unsqueeze(1),
-                    mask,
-                    position_ids=position,
-                    use_cache=True,
-                    **{_CACHE_KWARG: cache},
-                )[:, -1]
+                h_last = self._decode_step(next_embed.unsqueeze(1), mask, position, cache)
 
         hdim = self.config.llm.hidden_size
         return GenerationOutput(
@@ -546,7 +535,6 @@ class NextChatModel(nn.Module):
         tk = self.config.tokens
         bsz, k = input_ids.shape[0], num_beams
         device = input_ids.device
-        embed = self.language_model.get_input_embeddings()
         lm_head = self.language_model.get_output_embeddings()
         embeds = self.embed_inputs(input_ids, image_features, input_boxes)
         embeds = embeds.repeat_interleave(k, dim=0)
@@ -638,21 +626,11 @@ class NextChatModel(nn.Module):
             prev_at = (token == tk.at_id) & alive
             if all(row_done) or not bool(alive.any()):
                 break
-            cache.reorder_cache(parent)
-            next_embed = embed(token)
-            box_rows = token == tk.boxes_id
-            if box_rows.any():
-                located = self.loc_encoder(h_box).to(next_embed.dtype)
-                next_embed = torch.where(box_rows.unsqueeze(-1), located, next_embed)
+            cache.reorder_cache(parent)  # type: ignore[arg-type]  # a LongTensor
+            next_embed = self._next_input(token, h_box)
             position = position[parent] + 1
             mask = torch.cat([mask[parent], torch.ones_like(mask[:, :1])], dim=1)
-            h_last = self._llm(
-                next_embed.unsqueeze(1),
-                mask,
-                position_ids=position,
-                use_cache=True,
-                **{_CACHE_KWARG: cache},
-            )[:, -1]
+            h_last = self._decode_step(next_embed.unsqueeze(1), mask, position, cache)
 
         hdim = self.config.llm.hidden_size
         out = GenerationOutput(sequences=[])
@@ -670,6 +648,17 @@ class NextChatModel(nn.Module):
             out.box_scores.append(torch.stack(sc) if sc else torch.zeros(0, device=device))
             out.truncated.append(cut)
         return out
+
+    def _next_input(self, token: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+        """``BxH`` input embeddings of the next step: the token's own, or, where the token
+        is ``<boxes>``, ``loc_encoder(box)`` (``box``: ``Bx4``, ``loc_decoder`` of the
+        ``<at>`` state) - NExT-Chat's feedback of the decoded location."""
+        next_embed = self.language_model.get_input_embeddings()(token)
+        box_rows = token == self.config.tokens.boxes_id
+        if box_rows.any():
+            located = self.loc_encoder(box).to(next_embed.dtype)
+            next_embed = torch.where(box_rows.unsqueeze(-1), located, next_embed)
+        return next_embed
 
     def _decode_step(
         self, embeds: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: Cache
