@@ -25,7 +25,7 @@ test: $(STAMP)
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy nextchat_core backend training
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy nextchat_core labelstudio training backend nextchat_cli
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -35,7 +35,7 @@ from training.store import STORE_NAME
 from training.tasks import enqueue_pending, prepare_app
 
 from .model import BackendError, NextChatBackend, redact_paths
-from .model_cache import ModelStore
+from .model_cache import ModelCache
 from .settings import Settings
 from .webhook import TRAINING_EVENTS, handle_training_event, validate_webhook_payload
 
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 def create_app(
     settings: Settings | None = None,
     *,
-    store: ModelStore | None = None,
+    store: ModelCache | None = None,
     preload: bool | None = None,
     retrain: RetrainSettings | None = None,
     enqueue_retry_s: float | None = 5.0,
@@ -57,7 +57,7 @@ def create_app(
     ``enqueue_retry_s``: how often jobs recorded while the broker was down are handed
     to it again (``None``: never)."""
     settings = settings or Settings.from_env()
-    store = store or ModelStore(settings)
+    store = store or ModelCache(settings)
     backend = NextChatBackend(settings, store, ProjectStore(settings.model_dir))
     app = Flask("nextchat_backend")
     app.config["JSON_SORT_KEYS"] = False

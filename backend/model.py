@@ -41,11 +41,11 @@ from typing import Any
 from labelstudio.images import FetchedImage, FetchOptions, TaskError, fetch_images
 from labelstudio.projects import ProjectState, ProjectStore, project_key
 from labelstudio.results import LabelStudioFormatError, parse_results, textarea_result
-from nextchat_core.predictor import Answer, NextChatPredictor, Query, prompt_problem
+from nextchat_core.predictor import Answer, NextChatPredictor, Query, Task, prompt_problem
 from training.versions import ModelVersion
 
 from .label_config import LabeledPrompt, LabelPlan, plan_for
-from .model_cache import ModelStore
+from .model_cache import ModelCache
 from .results import LabeledDetection, answer_text, deduplicate, detection_results, new_region_id
 from .settings import Settings
 
@@ -73,10 +73,10 @@ class InteractiveContext:
 
 
 @dataclass
-class _Job:
+class _ModelQuery:
     """One model query for one task. ``region``: the context result a caption is for."""
 
-    query_task: str  # "ground" | "chat" | "caption"
+    query_task: Task
     prompt: str
     label: str | None = None
     box: list[float] | None = None  # caption input, original pixels xyxy
@@ -88,7 +88,7 @@ class _TaskWork:
     index: int
     task: dict[str, Any]
     image: FetchedImage | None = None
-    jobs: list[_Job] = field(default_factory=list)
+    queries: list[_ModelQuery] = field(default_factory=list)
     answers: list[Answer] = field(default_factory=list)
     detections: list[LabeledDetection] = field(default_factory=list)
     captions: list[Answer | None] = field(default_factory=list)  # one per detection
@@ -101,7 +101,7 @@ class NextChatBackend:
 
     model_class = "NextChatBackend"
 
-    def __init__(self, settings: Settings, store: ModelStore, projects: ProjectStore) -> None:
+    def __init__(self, settings: Settings, store: ModelCache, projects: ProjectStore) -> None:
         self.settings = settings
         self.store = store
         self.projects = projects
@@ -202,9 +202,9 @@ class NextChatBackend:
                 work.error = fetched
             else:
                 work.image = fetched
-                self._plan_jobs(work, plan, context, state)
+                self._plan_queries(work, plan, context, state)
 
-        ready = [w for w in works if w.error is None and w.jobs]
+        ready = [w for w in works if w.error is None and w.queries]
         box_token = "<at> <boxes>"
         if ready:
             with self.store.use(version) as (version, predictor):
@@ -276,7 +276,7 @@ class NextChatBackend:
             task_data_password=password if isinstance(password, str) else None,
         )
 
-    def _plan_jobs(
+    def _plan_queries(
         self,
         work: _TaskWork,
         plan: LabelPlan,
@@ -297,15 +297,15 @@ class NextChatBackend:
                 logger.warning("task %s: ignoring a context region: %s", task_id, exc)
             raw = {_rid(r): r for r in context.regions}
             for region in regions:
-                work.jobs.append(
-                    _Job(
+                work.queries.append(
+                    _ModelQuery(
                         "caption",
                         "caption",
                         box=[float(v) for v in region.box_xyxy],
                         region=raw.get(region.region_id),
                     )
                 )
-            if work.jobs:
+            if work.queries:
                 return
         prompts, source = resolve_prompts(plan, work.task, context, state)
         if not prompts:
@@ -317,22 +317,24 @@ class NextChatBackend:
             if problem:
                 work.error = TaskError(kind="prompt", detail=f"{source} prompt: {problem}")
                 logger.error("task %s: %s", task_id, work.error.detail)
-                work.jobs = []
+                work.queries = []
                 return
-            work.jobs.append(_Job("chat" if chat else "ground", lp.prompt, label=lp.label))
+            work.queries.append(
+                _ModelQuery("chat" if chat else "ground", lp.prompt, label=lp.label)
+            )
 
     def _run(
         self, predictor: NextChatPredictor, works: Sequence[_TaskWork], plan: LabelPlan
     ) -> None:
-        """Run every job, ``batch_size`` tasks' images at a time, into ``work.answers``."""
+        """Run every query, ``batch_size`` tasks' images at a time, into ``work.answers``."""
         size = self.settings.batch_size
         for start in range(0, len(works), size):
             chunk = works[start : start + size]
             images = [w.image.image for w in chunk if w.image is not None]
             queries = [
-                Query(i, job.prompt, job.query_task, [job.box] if job.box else None)  # type: ignore[arg-type]
+                Query(i, q.prompt, q.query_task, [q.box] if q.box else None)
                 for i, w in enumerate(chunk)
-                for job in w.jobs
+                for q in w.queries
             ]
             try:
                 answers = predictor.predict_batch(
@@ -349,11 +351,13 @@ class NextChatBackend:
                 continue
             it = iter(answers)
             for w in chunk:
-                w.answers = [next(it) for _ in w.jobs]
+                w.answers = [next(it) for _ in w.queries]
 
     def _run_one(self, predictor: NextChatPredictor, work: _TaskWork, plan: LabelPlan) -> None:
         assert work.image is not None
-        queries = [Query(0, j.prompt, j.query_task, [j.box] if j.box else None) for j in work.jobs]  # type: ignore[arg-type]
+        queries = [
+            Query(0, q.prompt, q.query_task, [q.box] if q.box else None) for q in work.queries
+        ]
         try:
             work.answers = predictor.predict_batch(
                 [work.image.image], queries, with_masks=plan.needs_masks
@@ -374,7 +378,7 @@ class NextChatBackend:
         for w in works:
             if w.error is not None or not w.detections or w.image is None:
                 continue
-            if any(j.query_task == "caption" for j in w.jobs):
+            if any(j.query_task == "caption" for j in w.queries):
                 continue  # the interactive context's region was captioned instead
             queries = [
                 Query(0, "caption", "caption", [[float(v) for v in item.detection.box]])
@@ -393,9 +397,9 @@ class NextChatBackend:
 
     def _detections(self, work: _TaskWork, plan: LabelPlan) -> list[LabeledDetection]:
         items = [
-            LabeledDetection(det, job.prompt, job.label)
-            for job, answer in zip(work.jobs, work.answers, strict=True)
-            if job.query_task != "caption"
+            LabeledDetection(det, query.prompt, query.label)
+            for query, answer in zip(work.queries, work.answers, strict=True)
+            if query.query_task != "caption"
             for det in answer.detections
             if det.score >= self.settings.score_threshold
             # a box clipped to nothing (predicted outside the image) is no region at all;
@@ -412,10 +416,10 @@ class NextChatBackend:
             return []  # "no prediction for this task": see the module docstring
         w, h = work.image.width, work.image.height
         result: list[dict[str, Any]] = []
-        for job, answer in zip(work.jobs, work.answers, strict=True):
-            if job.query_task == "caption" and job.region is not None and plan.caption_area:
+        for query, answer in zip(work.queries, work.answers, strict=True):
+            if query.query_task == "caption" and query.region is not None and plan.caption_area:
                 # Interactive caption: the annotator's region, echoed, with its caption.
-                region = dict(job.region)
+                region = dict(query.region)
                 region.setdefault("id", new_region_id())
                 result.append(region)
                 result.append(
@@ -438,8 +442,8 @@ class NextChatBackend:
                     )
                 )
         if plan.answer_area is not None:
-            for job, answer in zip(work.jobs, work.answers, strict=True):
-                if job.query_task == "chat":
+            for query, answer in zip(work.queries, work.answers, strict=True):
+                if query.query_task == "chat":
                     result.append(_text(answer.text, box_token, plan.answer_area.name, plan.image))
         scores = [item.detection.score for item in work.detections]
         return {

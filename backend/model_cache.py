@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelStore:
+class ModelCache:
     """Resolves the version to serve and holds its predictor, loaded once per process.
 
     ``loads`` counts checkpoint loads (tests assert weights are not loaded per request).

@@ -1,5 +1,6 @@
-"""The active-learning loop's commands: ``nextchat worker``, ``train-status``, ``retrain``,
-``versions``, ``promote``, ``rollback``. All read ``MODEL_DIR`` (``--model-dir`` wins)."""
+"""The active-learning loop's commands: ``nextchat worker``, ``train-status``, ``retrain``
+and ``loop-demo``. All read ``MODEL_DIR`` (``--model-dir`` wins); the model versions'
+commands are :mod:`nextchat_cli.versions`."""
 
 from __future__ import annotations
 
@@ -10,17 +11,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nextchat_cli import versions as versions_commands
+
+
+def add_model_dir_command(
+    sub: argparse._SubParsersAction, name: str, help: str, func: Any
+) -> argparse.ArgumentParser:
+    """A subcommand with ``--model-dir`` (the ``MODEL_DIR`` shared with the backend)."""
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("--model-dir", help="MODEL_DIR shared with the backend (default: $MODEL_DIR)")
+    p.set_defaults(func=func)
+    return p
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    def add(name: str, help: str, func: Any) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        p.add_argument(
-            "--model-dir", help="MODEL_DIR shared with the backend (default: $MODEL_DIR)"
-        )
-        p.set_defaults(func=func)
-        return p
-
-    p = add(
+    p = add_model_dir_command(
+        sub,
         "worker",
         "start a retraining worker (Celery; broker from CELERY_BROKER_URL, else SQLite "
         "under MODEL_DIR; CUDA when present)",
@@ -29,16 +35,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=int, default=1, help="jobs at once (default 1)")
     p.add_argument("--loglevel", default="INFO")
     p.add_argument("--hostname", help="worker name (default nextchat@<host>)")
-    p = add("train-status", "show retraining jobs and their progress", _status)
+    p = add_model_dir_command(
+        sub, "train-status", "show retraining jobs and their progress", _status
+    )
     p.add_argument("--project", help="only this project's jobs")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p = add("retrain", "request a retraining job for a project (as START_TRAINING does)", _retrain)
+    p = add_model_dir_command(
+        sub, "retrain", "request a retraining job for a project (as START_TRAINING does)", _retrain
+    )
     p.add_argument("project", help="Label Studio project id")
-    p = add("versions", "list model versions (the served one marked with *)", _versions)
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p = add("promote", "serve VERSION from the next request on", _promote)
-    p.add_argument("version")
-    add("rollback", "serve the version promoted before the current one", _rollback)
+    versions_commands.register(sub)
     p = sub.add_parser(
         "loop-demo",
         help="run the active-learning loop end to end on a new domain and measure it",
@@ -58,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_loop_demo)
 
 
-def _settings(args: argparse.Namespace):  # -> RetrainSettings (lazy import: fast --help)
+def settings_for(args: argparse.Namespace):  # -> RetrainSettings (lazy import: fast --help)
     from training.retrain import RetrainSettings
 
     if args.model_dir:
@@ -67,7 +73,7 @@ def _settings(args: argparse.Namespace):  # -> RetrainSettings (lazy import: fas
 
 
 def _worker(args: argparse.Namespace) -> int:
-    settings = _settings(args)  # validates the environment before Celery starts
+    settings = settings_for(args)  # validates the environment before Celery starts
     from training.celery_app import get_app
 
     app = get_app()
@@ -87,7 +93,7 @@ def _redact(url: str) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_for(args)
     jobs = settings.store.jobs(args.project)
     if args.json:
         print(json.dumps([j.as_dict() for j in jobs], indent=2, default=str))
@@ -125,49 +131,12 @@ def _status(args: argparse.Namespace) -> int:
 def _retrain(args: argparse.Namespace) -> int:
     from training.tasks import enqueue
 
-    settings = _settings(args)
+    settings = settings_for(args)
     job, created = settings.store.request_job(str(args.project), "manual")
     sent = job.enqueued or enqueue(settings.store, job, settings.model_dir)
     state = "created" if created else "already active"
     broker = "enqueued" if sent else "broker unreachable: enqueued when it is back"
     print(f"job {job.job_id} {state} for project {job.project_id} ({broker})")
-    return 0
-
-
-def _versions(args: argparse.Namespace) -> int:
-    from training import versions
-
-    settings = _settings(args)
-    current = versions.read_current_version(settings.model_dir)
-    listed = versions.list_versions(settings.model_dir)
-    if args.json:
-        print(json.dumps({"current": current, "versions": listed}, indent=2, default=str))
-        return 0
-    if current is None:
-        print("* base checkpoint (nothing promoted)")
-    for v in listed:
-        mark = "*" if v["name"] == current else " "
-        new = v.get("eval_new") or {}
-        acc = f"held-out Acc@0.5 {new['rec_acc']:.3f}" if "rec_acc" in new else ""
-        print(f"{mark} {v['name']}  {acc}")
-    return 0
-
-
-def _promote(args: argparse.Namespace) -> int:
-    from training import versions
-
-    settings = _settings(args)
-    versions.promote(settings.model_dir, args.version, reason="nextchat promote")
-    print(f"serving {args.version} from the next request on")
-    return 0
-
-
-def _rollback(args: argparse.Namespace) -> int:
-    from training import versions
-
-    settings = _settings(args)
-    target = versions.rollback(settings.model_dir)
-    print(f"serving {target or 'the base checkpoint'} from the next request on")
     return 0
 
 

@@ -17,14 +17,20 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 from .conversation import IGNORE_INDEX
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy. ``logits``: ``BxTxV``; ``labels``: ``BxT`` aligned with
-    the inputs (shifted here), ``IGNORE_INDEX`` where no loss is taken."""
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1)
-    if (shift_labels != IGNORE_INDEX).sum() == 0:
-        return logits.sum() * 0.0  # keeps the graph for a batch with no text targets
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+def lm_loss(
+    hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module
+) -> torch.Tensor | None:
+    """Next-token cross-entropy, or ``None`` when no position carries a label.
+    ``hidden``: ``BxTxH`` LLM outputs; ``labels``: ``BxT`` aligned with the inputs (shifted
+    here), ``IGNORE_INDEX`` where no loss is taken. Logits are computed only where a label
+    is taken: the 32k-vocab projection of every position would dominate memory for long
+    image prompts."""
+    target = labels[:, 1:]
+    sel = target != IGNORE_INDEX
+    if not sel.any():
+        return None
+    logits = lm_head(hidden[:, :-1][sel])
+    return F.cross_entropy(logits.float(), target[sel])
 
 
 def box_losses(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,6 +45,17 @@ def box_losses(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, 
     else:
         giou = pred.sum() * 0.0
     return l1, giou
+
+
+def cycle1_loss(encoded_pred: torch.Tensor, h_at: torch.Tensor) -> torch.Tensor:
+    """``MSE(loc_encoder(pred_box), h_at)``: the predicted box, encoded again, should give
+    back the ``<at>`` hidden state it was decoded from (both ``MxH``)."""
+    return F.mse_loss(encoded_pred.float(), h_at.float())
+
+
+def cycle2_loss(round_trip: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """``L1(loc_decoder(loc_encoder(b)), b)`` over the ``Mx4`` square-frame input boxes."""
+    return F.l1_loss(round_trip.float(), boxes.float())
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from backend.app import create_app
-from backend.model_cache import ModelStore
+from backend.model_cache import ModelCache
 from backend.settings import Settings
 from labelstudio.projects import ProjectState
 from nextchat_cli.loop_demo import REDIS_URL, Loop, annotation_event, free_port, make_tasks
@@ -407,7 +407,7 @@ def test_workers_fetch_images_with_the_backends_rules(tmp_path):
 
 def test_backend_and_workers_agree_on_the_served_version(tmp_path, base):
     model_dir = tmp_path / "md"
-    served = ModelStore(Settings.from_env({}, checkpoint=str(base), model_dir=model_dir))
+    served = ModelCache(Settings.from_env({}, checkpoint=str(base), model_dir=model_dir))
     assert served.current_version() == versions.served_version(model_dir, str(base))
     assert served.current_version().source == "base"
     assert served.current_version().name.startswith("tiny-base-")

@@ -30,7 +30,7 @@ from test_backend_support import (
 
 from backend.app import create_app
 from backend.label_config import plan_for
-from backend.model_cache import ModelStore
+from backend.model_cache import ModelCache
 from backend.settings import Settings
 from labelstudio.config import parse_label_config
 from nextchat_core import frames
@@ -98,8 +98,8 @@ def store_settings(ckpt, tmp_path_factory) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def store(store_settings) -> ModelStore:
-    return ModelStore(store_settings)
+def store(store_settings) -> ModelCache:
+    return ModelCache(store_settings)
 
 
 @pytest.fixture()
@@ -645,7 +645,7 @@ def test_webhook_events(store, store_settings, tmp_path):
 
 def test_weights_load_once_and_a_new_version_is_picked_up(ckpt, server, tmp_path):
     settings = Settings.from_env({}, checkpoint=str(ckpt), model_dir=tmp_path / "md")
-    store = ModelStore(settings)
+    store = ModelCache(settings)
     client = create_app(settings, store=store, preload=False).test_client()
     base = client.get("/health").get_json()["model_version"]
     replies: list[int] = []

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from labelstudio.results import LabelStudioFormatError
 from nextchat_core.device import resolve_device
@@ -39,6 +39,11 @@ from training import versions
 from training.settings import ServiceSettings
 
 from .store import AnnotationStore, Job
+
+if TYPE_CHECKING:  # imported where used: torch and the trainer are heavy
+    from nextchat_core.config import NextChatConfig
+
+    from .data import SampleSet
 
 log = logging.getLogger(__name__)
 
@@ -205,12 +210,8 @@ def _run(
     progress: Progress | None,
     beat: _Heartbeat,
 ) -> dict[str, Any]:
+    """The steps of the module docstring, in order; each is one function below."""
     import torch
-
-    from nextchat_core.build import load_config
-
-    from .data import read_label_studio
-    from .trainer import TrainConfig, train
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -224,29 +225,89 @@ def _run(
     work = settings.model_dir / "jobs" / job.job_id
     work.mkdir(parents=True, exist_ok=True)
     published = versions.version_dir(settings.model_dir, name)
-    served = versions.served_version(settings.model_dir, settings.checkpoint)
-    parent_name, parent_path = served.name, served.path
+    parent = versions.served_version(settings.model_dir, settings.checkpoint)
     if (published / versions.VERSION_META).is_file():
         # A redelivery after the version was published: finish the promotion step only.
         meta = json.loads((published / versions.VERSION_META).read_text())
         return _gate_and_promote(settings, name, meta, already=True)
 
-    synced = None
-    if settings.label_studio_url and settings.label_studio_api_key:
-        # Pull mode: Label Studio is the source of truth; the store mirrors the project
-        # (annotations made before this backend was connected are included).
-        from labelstudio.coco.export import fetch_project
+    synced = _pull_from_label_studio(job, settings, store, report)
+    data = _training_data(job, settings, store, parent.path, work, report)
+    # Workers train on CUDA when present (NEXTCHAT_DEVICE overrides), the backend on cpu.
+    device = resolve_device(settings.device or "auto")
+    final, timings = _train_stages(job, settings, data, parent.path, work, device, report)
 
-        report({"phase": "pulling annotations from Label Studio"})
-        exported, _ = fetch_project(
-            int(job.project_id),
-            base_url=settings.label_studio_url,
-            api_key=settings.label_studio_api_key,
-        )
-        synced = store.sync_project(job.project_id, exported)
-        log.info(
-            "job %s: synced project %s from Label Studio: %s", job.job_id, job.project_id, synced
-        )
+    report({"phase": "evaluating", "held_out": len(data.held_out)})
+    old = _evaluate(parent.path, data.held_out, device)
+    new = _evaluate(final, data.held_out, device)
+    meta = {
+        "job_id": job.job_id,
+        "project": job.project_id,
+        "parent": parent.name,
+        "created_at": time.time(),
+        "train_samples": len(data.train),
+        "held_out_samples": len(data.held_out),
+        "tasks": data.tasks,
+        "synced_from_label_studio": synced,
+        "stages": timings,
+        "eval_old": old,
+        "eval_new": new,
+    }
+    staged = versions.staging_dir(settings.model_dir, name)
+    staged.rmdir()
+    os.rename(final, staged)  # same file system (MODEL_DIR): no copy of the weights
+    versions.publish_version(settings.model_dir, staged, name, meta)
+    outcome = _gate_and_promote(settings, name, meta, already=False)
+    shutil.rmtree(work, ignore_errors=True)  # resumable checkpoints are not needed any more
+    return outcome
+
+
+def _pull_from_label_studio(
+    job: Job, settings: RetrainSettings, store: AnnotationStore, report: Progress
+) -> dict[str, Any] | None:
+    """Pull mode (``LABEL_STUDIO_URL`` and ``_API_KEY`` set): Label Studio is the source of
+    truth and the store mirrors the project (annotations made before this backend was
+    connected are included). Returns what the sync changed, ``None`` without pull mode."""
+    if not (settings.label_studio_url and settings.label_studio_api_key):
+        return None
+    from labelstudio.coco.export import fetch_project
+
+    report({"phase": "pulling annotations from Label Studio"})
+    exported, _ = fetch_project(
+        int(job.project_id),
+        base_url=settings.label_studio_url,
+        api_key=settings.label_studio_api_key,
+    )
+    synced = store.sync_project(job.project_id, exported)
+    log.info("job %s: synced project %s from Label Studio: %s", job.job_id, job.project_id, synced)
+    return synced
+
+
+@dataclass(frozen=True)
+class _TrainingData:
+    """A job's annotations as training samples, split by :func:`split_tasks`."""
+
+    tasks: int  # annotated tasks in the store
+    train: SampleSet
+    held_out: SampleSet  # for the promotion gate
+    config: NextChatConfig  # the served checkpoint's
+    has_masks: bool  # any training region with a mask (stage 3 runs only then)
+
+
+def _training_data(
+    job: Job,
+    settings: RetrainSettings,
+    store: AnnotationStore,
+    parent_path: Path,
+    work: Path,
+    report: Progress,
+) -> _TrainingData:
+    """Stored annotations -> Label Studio export shape -> training samples, images fetched
+    like ``/predict`` does, split into a training and a held-out slice."""
+    from nextchat_core.build import load_config
+
+    from .data import read_label_studio
+
     tasks = store.export_tasks(job.project_id)
     if len(tasks) < settings.min_tasks:
         raise ValueError(
@@ -276,18 +337,34 @@ def _run(
             "train on"
         )
     has_masks = any(any(m is not None for m in (r.masks or [])) for r in train_set.records)
-    # Workers train on CUDA when present (NEXTCHAT_DEVICE overrides), the backend on cpu.
-    device = resolve_device(settings.device or "auto")
-    big = config.llm.hidden_size >= 2048
+    return _TrainingData(len(tasks), train_set, held_set, config, has_masks)
+
+
+def _train_stages(
+    job: Job,
+    settings: RetrainSettings,
+    data: _TrainingData,
+    parent_path: Path,
+    work: Path,
+    device: str,
+    report: Progress,
+) -> tuple[Path, list[dict[str, Any]]]:
+    """The configured stages, each continuing from the previous one (the first from the
+    served version); LoRA + bf16 on CUDA for a large model. A stage a redelivered job
+    finished before is not run again. Returns the last stage's final checkpoint and the
+    stages' timings."""
+    from .trainer import TrainConfig, train
+
+    big = data.config.llm.hidden_size >= 2048
     use_lora = settings.lora == "on" or (settings.lora == "auto" and device != "cpu" and big)
     init, timings = str(parent_path), []
     for stage in settings.stages:
-        if stage == 3 and not has_masks:
+        if stage == 3 and not data.has_masks:
             log.info("job %s: no masks among the annotations: stage 3 skipped", job.job_id)
             continue
         steps = min(
             settings.max_steps,
-            max(10, math.ceil(settings.epochs * len(train_set) / settings.batch_size)),
+            max(10, math.ceil(settings.epochs * len(data.train) / settings.batch_size)),
         )
         cfg = TrainConfig(
             stage=stage,
@@ -312,7 +389,7 @@ def _run(
         def on_step(p: dict[str, Any], stage: int = stage) -> None:
             report({"phase": f"stage {stage}", **p})
 
-        result = train(cfg, progress=on_step, samples=train_set)
+        result = train(cfg, progress=on_step, samples=data.train)
         seconds = time.perf_counter() - t0
         timings.append(
             {
@@ -325,30 +402,7 @@ def _run(
         init = str(result.final_dir)
     if init == str(parent_path):
         raise ValueError(f"no stage of {settings.stages} could run on these annotations")
-
-    report({"phase": "evaluating", "held_out": len(held_set)})
-    old = _evaluate(parent_path, held_set, device)
-    new = _evaluate(Path(init), held_set, device)
-    staged = versions.staging_dir(settings.model_dir, name)
-    staged.rmdir()
-    os.rename(init, staged)  # same file system (MODEL_DIR): no copy of the weights
-    meta = {
-        "job_id": job.job_id,
-        "project": job.project_id,
-        "parent": parent_name,
-        "created_at": time.time(),
-        "train_samples": len(train_set),
-        "held_out_samples": len(held_set),
-        "tasks": len(tasks),
-        "synced_from_label_studio": synced,
-        "stages": timings,
-        "eval_old": old,
-        "eval_new": new,
-    }
-    versions.publish_version(settings.model_dir, staged, name, meta)
-    outcome = _gate_and_promote(settings, name, meta, already=False)
-    shutil.rmtree(work, ignore_errors=True)  # resumable checkpoints are not needed any more
-    return outcome
+    return Path(init), timings
 
 
 def _gate_and_promote(

@@ -20,7 +20,6 @@ from transformers import Cache, DynamicCache, LlamaConfig, LlamaForCausalLM, Sta
 
 from .. import frames, losses
 from ..config import LossConfig, NextChatConfig
-from ..conversation import IGNORE_INDEX
 from .outputs import GenerationOutput, MaskOutput, NextChatOutput
 from .sam_attention import use_sdpa_attention
 from .vision_tower import VisionTower, channels_last_on_cpu
@@ -50,9 +49,10 @@ class NextChatModel(nn.Module):
 
     Parts (names match the released state dict up to the prefixes mapped in
     :mod:`nextchat_core.build`): ``vision_tower``, ``mm_projector``, ``language_model``
-    (a LlamaForCausalLM), ``loc_encoder`` (4 -> hidden -> llm, ReLU), ``loc_decoder``
-    (llm -> hidden -> 4, ReLU, no sigmoid/clamp), ``seg_prompt_mlp`` (llm -> hidden ->
-    tokens*prompt_dim, ReLU) and ``sam`` (segment-anything ``Sam``).
+    (a LlamaForCausalLM), ``loc_encoder`` (4 -> hidden -> llm) and ``loc_decoder``
+    (llm -> hidden -> 4, no sigmoid/clamp) with ``config.loc.activation`` between their
+    Linears (ReLU in NExT-Chat, GELU in the demo model), ``seg_prompt_mlp`` (llm -> hidden
+    -> tokens*prompt_dim, ReLU) and ``sam`` (segment-anything ``Sam``).
     """
 
     def __init__(self, config: NextChatConfig) -> None:
@@ -304,13 +304,9 @@ class NextChatModel(nn.Module):
         if return_logits:
             out.logits = lm_head(hidden)
         if labels is not None and w.lm:
-            # Logits only where a label is taken: the 32k-vocab projection of every
-            # position would dominate memory for long image prompts.
-            target = labels[:, 1:]
-            sel = target != IGNORE_INDEX
-            if sel.any():
-                logits = lm_head(hidden[:, :-1][sel])
-                out.lm_loss = F.cross_entropy(logits.float(), target[sel])
+            lm = losses.lm_loss(hidden, labels, lm_head)
+            if lm is not None:
+                out.lm_loss = lm
                 total = total + w.lm * out.lm_loss
 
         at_mask = input_ids == tk.at_id
@@ -322,13 +318,11 @@ class NextChatModel(nn.Module):
                 out.l1_loss, out.giou_loss = losses.box_losses(pred, boxes)
                 total = total + w.l1 * out.l1_loss + w.giou * out.giou_loss
             if w.cycle1:
-                out.cycle1_loss = F.mse_loss(self.loc_encoder(pred).float(), h_at.float())
+                out.cycle1_loss = losses.cycle1_loss(self.loc_encoder(pred), h_at)
                 total = total + w.cycle1 * out.cycle1_loss
             if w.cycle2:
                 b = boxes.to(pred.dtype)
-                out.cycle2_loss = F.l1_loss(
-                    self.loc_decoder(self.loc_encoder(b)).float(), b.float()
-                )
+                out.cycle2_loss = losses.cycle2_loss(self.loc_decoder(self.loc_encoder(b)), b)
                 total = total + w.cycle2 * out.cycle2_loss
 
             if mask_targets is not None and mask_targets.shape[0]:
