@@ -307,7 +307,7 @@ def _loop(
     params = [p for p in [*trained.parameters(), *head.parameters()] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=phase.lr, weight_decay=phase.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, min(phase.warmup, phase.steps // 10), phase.steps)
-    state = {"step": 0, "elapsed_s": 0.0}
+    state: dict[str, Any] = {"step": 0, "elapsed_s": 0.0}
     resume = out / "checkpoint.pt"
     if resume.exists():
         saved = torch.load(resume, weights_only=False)  # our own file
@@ -326,13 +326,13 @@ def _loop(
     end = phase.steps if stop_after is None else min(phase.steps, stop_after)
     while state["step"] < end:
         scenes = _scene_batch(
-            phase.seed, state["step"], phase.batch_size, synth_cfg, flip=phase.kind == "vision"
+            phase.seed, int(state["step"]), phase.batch_size, synth_cfg, flip=phase.kind == "vision"
         )
         if phase.kind == "vision":
             parts = _vision_step(model, head, processor, scenes, grid)
         else:
             parts = _sam_step(
-                model, processor, scenes, np.random.default_rng([phase.seed, state["step"]])
+                model, processor, scenes, np.random.default_rng([phase.seed, int(state["step"])])
             )
         loss = sum(parts.values())
         opt.zero_grad(set_to_none=True)
@@ -433,8 +433,8 @@ def _sam_step(
             o = scene.objects[int(i)]
             x1, y1, x2, y2 = (float(v) for v in o.box)
             if rng.random() > 0.25:
-                w, h = x2 - x1, y2 - y1
-                j = rng.normal(0.0, 0.1, size=4) * [w, h, w, h]
+                bw, bh = x2 - x1, y2 - y1
+                j = rng.normal(0.0, 0.1, size=4) * [bw, bh, bw, bh]
                 x1, y1, x2, y2 = x1 + j[0], y1 + j[1], x2 + j[2], y2 + j[3]
             (x1, x2), (y1, y2) = sorted((x1, x2)), sorted((y1, y2))
             boxes.append([x1, y1, x2, y2])
@@ -527,6 +527,7 @@ def zero_prompt_mlp(init: str | Path, out: Path) -> Path:
     if not (out / "model.safetensors").exists():
         ckpt = from_pretrained(init)
         last = ckpt.model.seg_prompt_mlp[-1]
+        assert isinstance(last, nn.Linear)
         with torch.no_grad():
             last.weight.zero_()
             last.bias.zero_()

@@ -17,13 +17,13 @@ numbers of a ``rec``-only split are exactly those it always had.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from labelstudio.coco.evaluate import ScoredRefExp, evaluate_refexp
 from nextchat_core.image_processing import load_image
-from nextchat_core.predictor import NextChatPredictor, Query
+from nextchat_core.predictor import NextChatPredictor, Query, Task
 
 from .data import Record, SampleSet, _decode_mask, _size
 
@@ -161,8 +161,11 @@ def _answers(
         images = [load_image(r.image) for r in chunk]
         queries = [
             Query(
-                k, "" if task == "caption" else r.text, task, r.boxes if task == "caption" else None
-            )  # type: ignore[arg-type]
+                k,
+                "" if task == "caption" else r.text,
+                cast(Task, task),
+                r.boxes if task == "caption" else None,
+            )
             for k, r in enumerate(chunk)
         ]
         out.extend(

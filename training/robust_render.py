@@ -98,7 +98,7 @@ def render(
     for p in placed:
         a = p["alpha"][..., None]
         image = image * (1.0 - a) + np.asarray(p["rgb"], dtype=np.float64) * a
-    objects = []
+    objects: list[synth.SceneObject] = []
     extents: dict[int, float] = {}
     for i, p in enumerate(placed):
         vis = p["alpha"].copy()

@@ -549,12 +549,12 @@ def _draw_background(rng: np.random.Generator, config: SynthConfig) -> tuple[Bac
 
 
 def _render_background(
-    rng: np.random.Generator, bg: Background, width: int, height: int, scale: int = 24
+    rng: np.random.Generator, bg: Background, width: int, height: int, texture_scale: int = 24
 ) -> np.ndarray:
     """``HxWx3`` uint8 background in original pixels."""
     if bg.kind == "texture":
         a = bg.noise_amplitude
-        gw, gh = max(2, width // scale + 2), max(2, height // scale + 2)
+        gw, gh = max(2, width // texture_scale + 2), max(2, height // texture_scale + 2)
         grid = rng.integers(0, 256, size=(gh, gw, 3), dtype=np.uint8)
         field_ = np.asarray(
             Image.fromarray(grid).resize((width, height), Image.Resampling.BICUBIC),
