@@ -203,12 +203,14 @@ def derive_released(
     clip_config = json.loads((clip_dir / CONFIG_NAME).read_text()) if clip_dir else None
     if clip_config is not None:  # a full CLIPModel config nests the vision part
         clip_config = clip_config.get("vision_config", clip_config)
-    return released_config(
+    derived = released_config(
         hf_config,
         shapes if shapes is not None else read_released_shapes(path),
         clip_config=clip_config,
         token_ids=read_added_tokens(path),
     )
+    derived.clip_dir = clip_dir
+    return derived
 
 
 def _load_released(
@@ -226,7 +228,7 @@ def _load_released(
     )
     config = config or derived.config
     model = build_model(config, device="meta")
-    clip_dir = find_clip_dir(path, hf_config, clip_path)
+    clip_dir = derived.clip_dir
     in_shards = any(k.startswith("model.vision_tower.") for k in raw)
     report = check_released_shapes(
         model, {k: v.shape for k, v in raw.items()}, include_vision=in_shards and clip_dir is None
@@ -392,9 +394,8 @@ def inspect_checkpoint(
         if not (path / RELEASED_INDEX).exists():
             raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor {RELEASED_INDEX}")
         shapes = read_released_shapes(path)
-        hf_config = json.loads((path / CONFIG_NAME).read_text())
         derived = derive_released(path, shapes=shapes)
-        clip_dir = find_clip_dir(path, hf_config, None)
+        clip_dir = derived.clip_dir
         source = str(path)
     else:
         data = json.loads(Path(manifest).read_text())  # type: ignore[arg-type]

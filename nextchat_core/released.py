@@ -137,6 +137,7 @@ class DerivedConfig:
 
     config: NextChatConfig
     sources: dict[str, str] = field(default_factory=dict)
+    clip_dir: Path | None = None  # the separate CLIP directory found, if any
 
 
 def released_config(

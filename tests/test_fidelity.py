@@ -224,11 +224,15 @@ def test_region_inputs_by_index_and_captions_use_the_same_rule(predictor):
     assert pieces[-2:] == ["▁ASSISTANT", ":"]
 
     # through the predictor: "[0]" becomes a region slot filled by the input box
+    from nextchat_core.predictor import Query
+
+    turns, in_boxes = predictor._turns(Query(0, "What is [0]?", "chat", [[40, 40, 120, 120]]))
+    assert "What is <at> <boxes>?" in turns[0].text and in_boxes == [[40.0, 40.0, 120.0, 120.0]]
     predictor.set_image(FIXTURE / "images" / "square.png", with_masks=False)
     (a,) = predictor.predict(
         "What is [0]?", task="chat", boxes=[[40, 40, 120, 120]], with_masks=False
     )
-    assert isinstance(a.text, str)
+    assert a.prompt == "What is [0]?"  # the answer keeps the user's own prompt
 
 
 # ------------------------------------------------------------------ decoding rules
