@@ -146,12 +146,20 @@ class LabelPlan:
                 best, best_score = label, score
         return best
 
-    def task_prompt_key(self) -> str | None:
-        """The task data key that pre-fills the prompt TextArea (``value="$key"``)."""
-        if self.prompt_area is None:
-            return None
-        value = self.prompt_area.attrs.get("value", "")
-        return value[1:] if value.startswith("$") and len(value) > 1 else None
+    def task_prompt_keys(self) -> list[str]:
+        """The task data keys a task's own prompt is read from, first match wins: the key
+        that pre-fills the prompt TextArea (``value="$key"``), else the TextArea's name
+        (``prompt``, ``question``), then ``prompt``. The shipped configs pre-fill nothing:
+        a ``$key`` in a config makes Label Studio refuse tasks without that key (image-only
+        imports and uploads)."""
+        keys: list[str] = []
+        if self.prompt_area is not None:
+            value = self.prompt_area.attrs.get("value", "")
+            if value.startswith("$") and len(value) > 1:
+                keys.append(value[1:])
+            keys.append(self.prompt_area.name)
+        keys.append("prompt")
+        return list(dict.fromkeys(keys))
 
 
 def plan_for(xml: str) -> LabelPlan:

@@ -16,6 +16,10 @@ Prompts of a task, first match wins:
 4. the project's last typed prompt ("next, approve": the next task gets the same prompt);
 5. every label's own value (a prompt-TextArea config with nothing typed yet).
 
+Levels 4 and 5 apply only to tasks nobody has annotated yet (``is_annotated``): Label
+Studio re-asks about a task after its annotation is submitted, and a fallback answer
+would put a new suggestion on the saved annotation.
+
 A config with an answer TextArea turns prompts of levels 1, 2 and 4 into chat questions;
 a config with a caption TextArea captions the rectangle of the interactive context (or,
 in batch, every detected box).
@@ -40,13 +44,20 @@ from typing import Any
 
 from labelstudio.images import FetchedImage, FetchOptions, TaskError, fetch_images
 from labelstudio.projects import ProjectState, ProjectStore, project_key
-from labelstudio.results import LabelStudioFormatError, parse_results, textarea_result
+from labelstudio.results import LabelStudioFormatError, Region, parse_results, textarea_result
 from nextchat_core.predictor import Answer, NextChatPredictor, Query, Task, prompt_problem
 from training.versions import ModelVersion
 
 from .label_config import LabeledPrompt, LabelPlan, plan_for
 from .model_cache import ModelCache
-from .results import LabeledDetection, answer_text, deduplicate, detection_results, new_region_id
+from .results import (
+    LabeledDetection,
+    answer_text,
+    deduplicate,
+    detection_results,
+    drop_existing,
+    new_region_id,
+)
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -93,6 +104,9 @@ class _TaskWork:
     detections: list[LabeledDetection] = field(default_factory=list)
     captions: list[Answer | None] = field(default_factory=list)  # one per detection
     error: TaskError | None = None
+    # Interactive requests: the regions the task's annotations and drafts already hold
+    # (a prompt asked twice must not add the same rectangle twice).
+    existing: list[Region] = field(default_factory=list)
 
 
 class NextChatBackend:
@@ -307,9 +321,17 @@ class NextChatBackend:
                 )
             if work.queries:
                 return
+        if context.prompt is not None:
+            work.existing = existing_regions(work.task, (work.image.width, work.image.height))
         prompts, source = resolve_prompts(plan, work.task, context, state)
         if not prompts:
-            logger.info("task %s: no prompt (no typed prompt, task field or label)", task_id)
+            logger.info(
+                "task %s: no prompt (%s)",
+                task_id,
+                "annotated already: no fallback prompt"
+                if source == "annotated"
+                else "no typed prompt, task field or label",
+            )
             return
         chat = plan.answer_area is not None and source in ("context", "task", "last")
         for lp in prompts:
@@ -407,7 +429,10 @@ class NextChatBackend:
             and det.box[2] - det.box[0] >= 1.0
             and det.box[3] - det.box[1] >= 1.0
         ]
-        return deduplicate(items, plan, iou=self.settings.dedup_iou)
+        kept = deduplicate(items, plan, iou=self.settings.dedup_iou)
+        if work.existing:
+            kept = drop_existing(kept, work.existing, plan)
+        return kept
 
     def _task_result(
         self, work: _TaskWork, plan: LabelPlan, version: ModelVersion, box_token: str
@@ -465,20 +490,52 @@ def resolve_prompts(
         return [LabeledPrompt(context.prompt)], "context"
     raw = task.get("data")
     data: dict[str, Any] = raw if isinstance(raw, dict) else {}
-    key = plan.task_prompt_key() or "prompt"
-    value = data.get(key) if key != plan.image_key else None
-    if isinstance(value, str) and value.strip():
-        return [LabeledPrompt(value.strip())], "task"
+    for key in plan.task_prompt_keys():
+        value = data.get(key) if key != plan.image_key else None
+        if isinstance(value, str) and value.strip():
+            return [LabeledPrompt(value.strip())], "task"
     chat = plan.answer_area is not None
     if not chat and plan.region_controls:
         labeled = plan.label_prompts(explicit_only=plan.prompt_area is not None)
         if labeled:
             return labeled, "labels"
+    if is_annotated(task):
+        # The fallbacks pre-label tasks nobody has labeled yet. Label Studio also asks
+        # about a task just submitted (the editor reloads it): answering with the last
+        # typed prompt would put a new pending suggestion on the saved annotation.
+        return [], "annotated"
     if state is not None and state.last_prompt:
         return [LabeledPrompt(state.last_prompt)], "last"
     if plan.region_controls:
         return plan.label_prompts(), "label_values"
     return [], "none"
+
+
+def existing_regions(task: dict[str, Any], size: tuple[int, int]) -> list[Region]:
+    """The regions of the task's drafts and (not skipped) annotations, as Label Studio
+    sends them with an interactive request; results this backend cannot read are ignored
+    (they are the annotator's, not this request's)."""
+    out: list[Region] = []
+    sets = [d for d in task.get("drafts") or [] if isinstance(d, dict)] + [
+        a
+        for a in task.get("annotations") or []
+        if isinstance(a, dict) and not a.get("was_cancelled")
+    ]
+    for item in sets:
+        results = item.get("result")
+        if isinstance(results, list):
+            ignored: list[LabelStudioFormatError] = []
+            out += parse_results(results, task_id=task.get("id"), image_size=size, errors=ignored)
+    return out
+
+
+def is_annotated(task: dict[str, Any]) -> bool:
+    """Whether the task (as Label Studio sends it to ``/predict``, annotations included)
+    has an annotation that was not skipped."""
+    annotations = task.get("annotations")
+    return isinstance(annotations, list) and any(
+        isinstance(a, dict) and not a.get("was_cancelled") for a in annotations
+    )
 
 
 def parse_context(context: Any, plan: LabelPlan) -> InteractiveContext:
@@ -518,7 +575,11 @@ def parse_context(context: Any, plan: LabelPlan) -> InteractiveContext:
             regions.append(r)
     prompt = None
     if typed:
-        prompt = "\n".join(t.strip() for t in texts if t.strip())
+        # The prompt TextArea keeps every prompt typed on this annotation, oldest first
+        # (the shipped configs set no maxSubmissions, so annotators type prompt after
+        # prompt); the newest is the one just submitted.
+        lines = [t.strip() for t in texts if t.strip()]
+        prompt = lines[-1] if lines else ""
         problem = prompt_problem(prompt)
         if problem:
             raise BackendError(400, problem)

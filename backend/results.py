@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from labelstudio.results import (
+    Region,
     brush_result,
     polygon_result,
     rectangle_result,
@@ -65,6 +66,35 @@ def deduplicate(
     return [item for _, item in kept]
 
 
+# A detection is the object of an existing region of its label above this box IoU: lower
+# than DEDUP_IOU because the annotator may have corrected the box they accepted, and two
+# objects of one label seldom overlap this much.
+EXISTING_IOU = 0.5
+
+
+def drop_existing(
+    items: list[LabeledDetection],
+    existing: list[Region],
+    plan: LabelPlan,
+    *,
+    iou: float = EXISTING_IOU,
+) -> list[LabeledDetection]:
+    """Drop a detection whose box overlaps a region the annotation already holds (same
+    label, box IoU above ``iou``): asking a prompt again adds only what is new."""
+    if not plan.region_controls or not existing:
+        return items
+    control = plan.region_controls[0]
+    return [
+        item
+        for item in items
+        if not any(
+            plan.label_for(item.prompt, control, item.label) in region.labels
+            and frames.box_iou(item.detection.box, region.box_xyxy) > iou
+            for region in existing
+        )
+    ]
+
+
 def detection_results(
     item: LabeledDetection,
     plan: LabelPlan,
@@ -81,8 +111,13 @@ def detection_results(
     det = item.detection
     out: list[dict[str, Any]] = []
     mask_score = det.mask_score if det.mask_score is not None else det.score
+    # Every region carries the prompt that found it (region meta); the mask and polygons
+    # point at the rectangle of the same detection (parentID): one object, counted once
+    # by exports and retraining (labelstudio.results.pair_objects).
+    parent: str | None = None
     if plan.rectangles is not None:
         label = plan.label_for(item.prompt, plan.rectangles, item.label)
+        parent = new_region_id()
         out.append(
             rectangle_result(
                 det.box,
@@ -91,8 +126,9 @@ def detection_results(
                 height=height,
                 from_name=plan.rectangles.name,
                 to_name=plan.image,
-                region_id=new_region_id(),
+                region_id=parent,
                 score=det.score,
+                prompt=item.prompt,
             )
         )
     has_mask = det.mask is not None and bool(det.mask.any())
@@ -107,6 +143,8 @@ def detection_results(
                 to_name=plan.image,
                 region_id=new_region_id(),
                 score=mask_score,
+                prompt=item.prompt,
+                parent_id=parent,
             )
         )
     if plan.polygons is not None:
@@ -135,6 +173,8 @@ def detection_results(
                     to_name=plan.image,
                     region_id=new_region_id(),
                     score=score,
+                    prompt=item.prompt,
+                    parent_id=parent,
                 )
             )
     return out

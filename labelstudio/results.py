@@ -25,10 +25,11 @@ keypoints, video, text spans) and unknown types are errors.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeGuard
 
 import numpy as np
@@ -118,7 +119,12 @@ class Region:
     polygon: np.ndarray | None = None  # Nx2 float64 original pixels (polygons, rotated rects)
     rotation: float = 0.0  # rectangles: degrees clockwise about the top-left corner
     score: float | None = None  # predictions: the result's score, else the prediction's
-    prompt: str | None = None  # TextArea text of this region, else of its annotation
+    # The region's prompt: its meta text (written by the backend), else its per-region
+    # TextArea, else its annotation's prompt TextArea when that holds a single prompt.
+    prompt: str | None = None
+    parent_id: str | None = None  # "parentID": the region it belongs to (box of a mask)
+    # A rectangle's masks / polygons of the same object, after :func:`pair_objects`.
+    shapes: list[Region] = field(default_factory=list)
     source: RegionSource = "annotation"
     result_set_id: Any = None  # id of the annotation / prediction holding the result
     model_version: str | None = None  # predictions only
@@ -130,7 +136,13 @@ class Region:
 
     def to_mask(self) -> np.ndarray:
         """The region as a binary ``HxW`` mask at original resolution (rectangles and
-        polygons rasterized by pycocotools; brushes as stored)."""
+        polygons rasterized by pycocotools; brushes as stored; a rectangle paired with its
+        shapes: their union)."""
+        if self.shapes:
+            union = self.shapes[0].to_mask().copy()
+            for shape in self.shapes[1:]:
+                union |= shape.to_mask()
+            return union
         if self.mask is not None:
             return self.mask
         if self.polygon is not None:
@@ -210,7 +222,12 @@ def parse_results(
 
     region_ids = {rid for rid, _ in region_results}
     region_text = {rid: t for rid, t in texts if rid in region_ids}
-    prompt = "\n".join(t for rid, t in texts if rid not in region_ids and t) or None
+    # The annotation's prompt TextArea: one prompt per submitted line. A region without
+    # its own prompt (meta or per-region text) takes it only when it is the only one:
+    # with several, which one found the region is unknown.
+    lines = [line.strip() for rid, t in texts if rid not in region_ids for line in t.split("\n")]
+    lines = [line for line in lines if line]
+    prompt = lines[0] if len(lines) == 1 else None
     regions = []
     for rid, r in region_results:
         try:
@@ -221,7 +238,9 @@ def parse_results(
         for label in extra_labels.get(rid, []):
             if label not in region.labels:
                 region.labels.append(label)
-        region.prompt = region_text.get(rid, prompt)
+        region.prompt = _meta_text(r) or region_text.get(rid) or prompt
+        parent = r.get("parentID")
+        region.parent_id = str(parent) if isinstance(parent, str | int) and parent != "" else None
         region.source = source
         region.result_set_id = result_set_id
         region.model_version = model_version
@@ -287,6 +306,71 @@ def parse_task(
                 errors=errors,
             )
     return regions
+
+
+# A rectangle and an unlinked mask/polygon of the same labels are one object when the
+# shape's extent overlaps the rectangle by at least this IoU (human annotations: a box
+# drawn round an object and its painted mask agree far better than this; two different
+# objects of one label rarely overlap this much).
+PAIR_IOU = 0.5
+
+
+def pair_objects(regions: Sequence[Region], *, iou: float = PAIR_IOU) -> list[Region]:
+    """One region per object: each rectangle together with the brush masks / polygons of
+    the same object (``Region.shapes``), the rest unchanged, in input order.
+
+    A shape belongs to a rectangle of the same annotation (or prediction) when its
+    ``parentID`` names it (the backend links every mask and polygon to the rectangle of
+    the same detection; Label Studio keeps the link on save). Unlinked shapes - drawn by
+    hand - are matched greedily, best IoU first, to an unpaired rectangle with the same
+    labels whose box overlaps the shape's extent by at least ``iou``; one shape per
+    rectangle. The paired region keeps the rectangle's box, id, score and prompt (the
+    shape's prompt when the rectangle has none); ``to_mask()`` then gives the shapes'
+    union.
+    """
+    out = list(regions)
+    groups: dict[tuple[Any, Any, Any], list[int]] = {}
+    for i, r in enumerate(out):
+        groups.setdefault((r.task_id, r.source, r.result_set_id), []).append(i)
+    dropped: set[int] = set()
+    for members in groups.values():
+        rects = {out[i].region_id: i for i in members if out[i].kind == "rectangle"}
+        shapes = [i for i in members if out[i].kind in ("brush", "polygon")]
+        if not rects or not shapes:
+            continue
+        found: dict[int, list[int]] = {}
+        loose = []
+        for i in shapes:
+            parent = out[i].parent_id
+            if parent is not None and parent in rects:
+                found.setdefault(rects[parent], []).append(i)
+            else:
+                loose.append(i)
+        free = [j for j in rects.values() if j not in found]
+        candidates = sorted(
+            (
+                (frames.box_iou(out[j].box_xyxy, out[i].box_xyxy), j, i)
+                for j in free
+                for i in loose
+                if sorted(out[j].labels) == sorted(out[i].labels)
+            ),
+            reverse=True,
+        )
+        taken: set[int] = set()
+        for overlap, j, i in candidates:
+            if overlap < iou or j in found or i in taken:
+                continue
+            found[j] = [i]
+            taken.add(i)
+        for j, parts in found.items():
+            rect = out[j]
+            out[j] = dataclasses.replace(
+                rect,
+                shapes=[out[i] for i in parts],
+                prompt=rect.prompt or next((out[i].prompt for i in parts if out[i].prompt), None),
+            )
+            dropped.update(parts)
+    return [r for i, r in enumerate(out) if i not in dropped]
 
 
 def task_id_of(task: Any) -> Any:
@@ -378,6 +462,8 @@ def rectangle_result(
     region_id: str | None = None,
     score: float | None = None,
     corners: Any = None,
+    prompt: str | None = None,
+    parent_id: str | None = None,
 ) -> dict[str, Any]:
     """A ``rectanglelabels`` result from an original-pixel xyxy box (or, for a rotated
     rectangle, its 4 corners ``4x2`` clockwise from its own top-left corner)."""
@@ -393,7 +479,18 @@ def rectangle_result(
         "rotation": rect.rotation,
         "rectanglelabels": list(labels),
     }
-    return _result("rectanglelabels", value, width, height, from_name, to_name, region_id, score)
+    return _result(
+        "rectanglelabels",
+        value,
+        width,
+        height,
+        from_name,
+        to_name,
+        region_id,
+        score,
+        prompt,
+        parent_id,
+    )
 
 
 def polygon_result(
@@ -406,11 +503,24 @@ def polygon_result(
     to_name: str = "image",
     region_id: str | None = None,
     score: float | None = None,
+    prompt: str | None = None,
+    parent_id: str | None = None,
 ) -> dict[str, Any]:
     """A ``polygonlabels`` result from polygon points in original pixels (``Nx2``)."""
     pts = frames.points_pixel_to_percent(points_px, width, height)
     value = {"points": pts.tolist(), "closed": True, "polygonlabels": list(labels)}
-    return _result("polygonlabels", value, width, height, from_name, to_name, region_id, score)
+    return _result(
+        "polygonlabels",
+        value,
+        width,
+        height,
+        from_name,
+        to_name,
+        region_id,
+        score,
+        prompt,
+        parent_id,
+    )
 
 
 def brush_result(
@@ -421,13 +531,26 @@ def brush_result(
     to_name: str = "image",
     region_id: str | None = None,
     score: float | None = None,
+    prompt: str | None = None,
+    parent_id: str | None = None,
 ) -> dict[str, Any]:
     """A ``brushlabels`` result from a binary ``HxW`` mask at original resolution."""
     if mask.ndim != 2:
         raise ValueError(f"mask must be HxW, got shape {tuple(mask.shape)}")
     height, width = mask.shape
     value = {"format": "rle", "rle": mask_to_ls_rle(mask), "brushlabels": list(labels)}
-    return _result("brushlabels", value, width, height, from_name, to_name, region_id, score)
+    return _result(
+        "brushlabels",
+        value,
+        width,
+        height,
+        from_name,
+        to_name,
+        region_id,
+        score,
+        prompt,
+        parent_id,
+    )
 
 
 def textarea_result(
@@ -496,6 +619,8 @@ def _result(
     to_name: str,
     region_id: str | None,
     score: float | None,
+    prompt: str | None = None,
+    parent_id: str | None = None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "from_name": from_name,
@@ -510,6 +635,16 @@ def _result(
         out["id"] = region_id
     if score is not None:
         out["score"] = float(score)
+    if prompt:
+        # The region's own prompt, as Label Studio's region meta (shown and editable in
+        # the region's details, kept when the annotator accepts and saves): retraining
+        # learns each region from the prompt that found it.
+        out["meta"] = {"text": [prompt]}
+    if parent_id is not None:
+        # The region this one belongs to (Label Studio nests it under that region in the
+        # outliner and keeps the link on save): a brush mask or polygon points at the
+        # rectangle of the same object, so exports count the object once.
+        out["parentID"] = parent_id
     return out
 
 
@@ -632,6 +767,17 @@ def _text_of(value: dict[str, Any]) -> str:
     if isinstance(text, list) and all(isinstance(t, str) for t in text):
         return "\n".join(text)
     raise ValueError(f"textarea value['text'] must be a list of strings, got {text!r}")
+
+
+def _meta_text(r: dict[str, Any]) -> str | None:
+    meta = r.get("meta")
+    text = meta.get("text") if isinstance(meta, dict) else None
+    if isinstance(text, str):
+        text = [text]
+    if not isinstance(text, list):
+        return None
+    joined = " ".join(t.strip() for t in text if isinstance(t, str) and t.strip())
+    return joined or None
 
 
 def _size_of(r: dict[str, Any]) -> tuple[int, int] | None:

@@ -146,6 +146,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _export(args: argparse.Namespace) -> int:
     from labelstudio.coco.export import (
         coco_results,
+        describe_skipped,
         export_coco,
         fetch_project,
         load_tasks,
@@ -158,9 +159,17 @@ def _export(args: argparse.Namespace) -> int:
     if args.format == "results" and args.source == "annotations":
         raise ValueError("--format results needs predictions: add --source predictions")
     config_xml = args.config.read_text(encoding="utf-8") if args.config else None
+    fetch = None
     if args.project is not None:
+        from training.settings import ServiceSettings
+
         tasks, project_config = fetch_project(args.project, base_url=args.url, api_key=args.api_key)
         config_xml = config_xml or project_config or None
+        # Images no result sizes are downloaded from the project, with the backend's
+        # fetch rules (FETCH_*, MAX_DOWNLOAD_MB, LOCAL_FILES_DOCUMENT_ROOT).
+        values = ServiceSettings.values_from_env(os.environ)
+        values.update(label_studio_url=args.url, label_studio_api_key=args.api_key)
+        fetch = ServiceSettings(**values).fetch_options()
     else:
         tasks = load_tasks(args.input)
     result = export_coco(
@@ -172,6 +181,7 @@ def _export(args: argparse.Namespace) -> int:
         image_root=args.image_root,
         all_annotations=args.all_annotations,
         model_version=args.model_version,
+        fetch=fetch,
     )
     coco = result.coco
     if args.format == "results" and config_xml is None:
@@ -185,9 +195,11 @@ def _export(args: argparse.Namespace) -> int:
     write_json(coco_results(coco) if args.format == "results" else coco, args.out)
     for error in result.errors:
         print(f"skipped: {error}", file=sys.stderr)
+    left_out = describe_skipped(result.skipped)
     print(
         f"wrote {args.out}: {len(coco['images'])} images, {len(coco['annotations'])} "
         f"annotations, {len(coco['categories'])} categories"
+        + (f"; {left_out}" if left_out else "")
         + (f"; skipped {len(result.errors)} bad task(s)/region(s)" if result.errors else "")
     )
     return 0

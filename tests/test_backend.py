@@ -306,6 +306,49 @@ def test_last_typed_prompt_is_remembered_across_restarts(server, store, store_se
     assert labels == {"Car", "Person", "Animal"}
 
 
+def test_prompt_after_prompt_uses_the_newest_and_adds_only_new_regions(client, server):
+    """The prompt TextArea keeps every prompt typed on the annotation (no maxSubmissions):
+    the newest one is asked; regions the annotation already holds (its draft, as Label
+    Studio sends it with an interactive request) are not suggested again."""
+    first = predict(client, [task(server, 1)], "boxes_masks", context=typed("the red circle"))
+    (rect,) = regions_of(first["results"][0], "rectanglelabels")
+    (mask,) = regions_of(first["results"][0], "brushlabels")
+    # each region carries its own prompt; the mask points at its rectangle
+    assert rect["meta"] == {"text": ["the red circle"]} == mask["meta"]
+    assert mask["parentID"] == rect["id"] and "parentID" not in rect
+    # the annotator accepted them (now in the draft) and typed a second prompt
+    both = {"result": [{**typed("the red circle")["result"][0]}]}
+    both["result"][0]["value"] = {"text": ["the red circle", "all shapes"]}
+    with_draft = task(server, 1)
+    with_draft["drafts"] = [{"id": 3, "result": [rect, mask]}]
+    out = predict(client, [with_draft], "boxes_masks", context=both)
+    rects = regions_of(out["results"][0], "rectanglelabels")
+    assert len(rects) == 1  # "all shapes" finds 2; the one already there is not repeated
+    assert frames.box_iou(percent_box(rects[0]), BOX2) > 0.85
+    assert rects[0]["meta"] == {"text": ["all shapes"]}
+    # without the draft both come back
+    out = predict(client, [task(server, 1)], "boxes_masks", context=both)
+    assert len(regions_of(out["results"][0], "rectanglelabels")) == 2
+
+
+def test_fallback_prompts_only_for_tasks_nobody_annotated(client, server):
+    """Label Studio re-asks about a task after Submit, with no prompt: the project's last
+    typed prompt must not put a new suggestion on the saved annotation."""
+    predict(client, [task(server, 1)], "boxes", context=typed("all shapes"), project="44.1")
+    done = task(server, 1)
+    done["annotations"] = [{"id": 9, "result": [], "was_cancelled": False}]
+    skipped = task(server, 2)
+    skipped["annotations"] = [{"id": 10, "result": [], "was_cancelled": True}]
+    out = predict(client, [done, skipped, task(server, 3)], "boxes", project="44.1")
+    counts = [len(regions_of(r, "rectanglelabels")) for r in out["results"]]
+    assert counts == [0, 2, 2]  # the skipped task counts as not annotated
+    assert out["results"][0]["result"] == [] and out["results"][0]["model_version"]
+    # a prompt stated for the task itself still applies to an annotated one
+    done["data"]["prompt"] = "the red circle"
+    out = predict(client, [done], "boxes", project="44.1")
+    assert len(regions_of(out["results"][0], "rectanglelabels")) == 1
+
+
 def test_prompt_order_context_then_task_field(client, server):
     # the task's $prompt field drives it when nothing was typed ...
     out = predict(client, [task(server, 1, prompt="the red circle")], "boxes", project="41.1")
@@ -738,16 +781,18 @@ def test_label_plan_roles_and_label_matching():
     assert plan.label_for("a dog", c) == "Car"  # no word in common: the first label
     assert plan.label_for("a dog", c, preferred="Person") == "Person"
     chat = plan_for(label_config("chat"))
-    assert (chat.prompt_area.name, chat.answer_area.name, chat.task_prompt_key()) == (
+    assert (chat.prompt_area.name, chat.answer_area.name, chat.task_prompt_keys()) == (
         "question",
         "answer",
-        "question",
+        ["question", "prompt"],
     )
     caption = plan_for(label_config("region_caption"))
     assert caption.caption_area.name == "caption" and caption.prompt_area is None
     masks = plan_for(label_config("boxes_masks"))
     assert (
-        masks.needs_masks and masks.brushes.name == "mask" and masks.task_prompt_key() == "prompt"
+        masks.needs_masks
+        and masks.brushes.name == "mask"
+        and masks.task_prompt_keys() == ["prompt"]
     )
     with pytest.raises(ValueError, match="question"):
         plan_for('<View><Image name="i" value="$i"/><TextArea name="answer" toName="i"/></View>')

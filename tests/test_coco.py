@@ -161,9 +161,15 @@ def project(tmp_path):
                 }
             ],
         },
-        {"id": 103, "data": {"image": "d.jpg"}, "annotations": []},  # EXIF 8, no annotation
+        # EXIF 8, annotated with nothing in it: exported, sized from the file
+        {"id": 103, "data": {"image": "d.jpg"}, "annotations": [{"id": 3, "result": []}]},
         {"id": 104, "data": {"image": "c.png"}, "annotations": [{"id": 4, "result": []}]},
-        {"id": 105, "data": {"image": "d.jpg"}},  # no annotations key at all
+        {"id": 105, "data": {"image": "d.jpg"}},  # not annotated: left out, counted
+        {
+            "id": 106,
+            "data": {"image": "d.jpg"},
+            "annotations": [{"id": 6, "result": [], "was_cancelled": True}],
+        },
     ]
     path = tmp_path / "export.json"
     path.write_text(json.dumps(tasks))
@@ -190,14 +196,15 @@ def test_export_loads_in_pycocotools_and_masks_boxes_match(project, tmp_path):
     assert [c["name"] for c in api.loadCats(api.getCatIds())] == CATEGORIES
     assert api.getCatIds() == [1, 2, 3, 4]
     images = {im["id"]: im for im in out.coco["images"]}
-    assert sorted(images) == [101, 102, 103, 104, 105]  # task ids are the image ids
+    assert sorted(images) == [101, 102, 103, 104]  # task ids are the image ids
+    assert out.skipped == {"not annotated": 2}  # 105 (none), 106 (skipped by the annotator)
     assert images[101]["file_name"] == "imgs/a.png"
-    # EXIF-transposed sizes: from results (102) and from the files (103, 105: orientation 8)
-    for image_id in (102, 103, 105):
+    # EXIF-transposed sizes: from results (102) and from the file (103: orientation 8)
+    for image_id in (102, 103):
         assert (images[image_id]["width"], images[image_id]["height"]) == (50, 30)
     assert ImageOps.exif_transpose(Image.open(tmp_path / "d.jpg")).size == (50, 30)
     assert (images[104]["width"], images[104]["height"]) == (W, H)
-    assert api.getAnnIds(imgIds=[103, 104, 105]) == []
+    assert api.getAnnIds(imgIds=[103, 104]) == []
 
     anns = anns_by_region(out.coco)
     assert set(anns) == {"car", "rot", "tree", "pm", "road", "car2", "t2"}
@@ -215,7 +222,7 @@ def test_export_loads_in_pycocotools_and_masks_boxes_match(project, tmp_path):
     np.testing.assert_allclose(anns["car"]["bbox"], [6, 4, 24, 16], atol=0.5)
     np.testing.assert_allclose(anns["car2"]["bbox"], [5, 5, 20, 10], atol=0.5)
     assert anns["car"]["area"] == pytest.approx(24 * 16)
-    assert anns["car"]["segmentation"] == []
+    assert anns["car"]["segmentation"] == [[6, 4, 30, 4, 30, 20, 6, 20]]  # its outline
     corners = frames.percent_to_corners(
         frames.PercentRect(100 * 40 / W, 100 * 8 / H, 100 * 12 / W, 100 * 10 / H, 30.0), W, H
     )
@@ -374,7 +381,7 @@ def test_skip_bad_writes_the_rest(tmp_path):
 def test_import_then_export_round_trip(project, tmp_path):
     first = export_coco(project, label_config=CONFIG, image_root=tmp_path).coco
     tasks = import_coco(first, instances_as="annotations", image_prefix="/data/local-files/?d=")
-    assert len(tasks) == 5
+    assert len(tasks) == 4
     results = tasks[0]["annotations"][0]["result"]
     assert {r["type"] for r in results} == {"rectanglelabels", "brushlabels", "polygonlabels"}
     # boxes in percent, brushes as Label Studio RLE at the original size
@@ -657,7 +664,10 @@ def test_cli_export_import_evaluate(project, tmp_path, capsys):
         )
         == 0
     )
-    assert "5 images, 7 annotations, 4 categories" in capsys.readouterr().out
+    assert (
+        "4 images, 7 annotations, 4 categories; left out 2 task(s) not annotated"
+        in capsys.readouterr().out
+    )
     COCO(str(coco_path))
 
     res_path = tmp_path / "out" / "results.json"
@@ -698,7 +708,7 @@ def test_cli_export_import_evaluate(project, tmp_path, capsys):
         == 0
     )
     tasks = json.loads(tasks_path.read_text())
-    assert len(tasks) == 5 and len(tasks[0]["predictions"][0]["result"]) == 2
+    assert len(tasks) == 4 and len(tasks[0]["predictions"][0]["result"]) == 2
     assert parse_label_config(cfg_path.read_text()).categories == CATEGORIES
     capsys.readouterr()
 
@@ -765,7 +775,15 @@ def test_export_from_a_project_over_http(project, tmp_path, monkeypatch, capsys)
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from urllib.parse import parse_qs, urlparse
 
-    export = project.read_bytes()
+    # As Label Studio 1.23.2 answers: the JSON export lists predictions as ids only; the
+    # predictions API has them in full (with their task's id).
+    tasks = json.loads(project.read_text())
+    predictions = []
+    for task in tasks:
+        for k, pred in enumerate(task.get("predictions", [])):
+            predictions.append({"id": 50 + k, "task": task["id"], **pred})
+        task["predictions"] = [p["id"] for p in predictions if p["task"] == task["id"]]
+    export = json.dumps(tasks).encode()
     seen: list[tuple[str, dict, str | None]] = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -776,6 +794,8 @@ def test_export_from_a_project_over_http(project, tmp_path, monkeypatch, capsys)
                 body = json.dumps({"id": 3, "title": "p", "label_config": CONFIG}).encode()
             elif url.path == "/api/projects/3/export":
                 body = export
+            elif url.path == "/api/predictions/" and parse_qs(url.query)["project"] == ["3"]:
+                body = json.dumps(predictions).encode()
             else:
                 self.send_response(404)
                 self.end_headers()
@@ -798,12 +818,19 @@ def test_export_from_a_project_over_http(project, tmp_path, monkeypatch, capsys)
         out = tmp_path / "p.json"
         args = ["export-coco", "--project", "3", "-o", str(out), "--image-root", str(tmp_path)]
         assert cli.main(args) == 0
+        # the predictions API fills what the export lists as ids
+        out_p = tmp_path / "preds.json"
+        args = ["export-coco", "--project", "3", "-o", str(out_p), "--source", "predictions"]
+        assert cli.main([*args, "--image-root", str(tmp_path)]) == 0
     finally:
         server.shutdown()
         server.server_close()
     coco = json.loads(out.read_text())
     assert [c["name"] for c in coco["categories"]] == CATEGORIES  # the project's config
     assert len(coco["annotations"]) == 7
+    preds = json.loads(out_p.read_text())
+    assert sorted(a["score"] for a in preds["annotations"]) == [0.5, 0.9]
+    assert [im["id"] for im in preds["images"]] == [101]  # the only predicted task
     export_call = next(s for s in seen if s[0].endswith("/export"))
     assert export_call[1]["export_type"] == ["JSON"]  # the SDK's spelling; JSON is the default
     assert export_call[1]["download_all_tasks"] == ["true"]
@@ -812,3 +839,82 @@ def test_export_from_a_project_over_http(project, tmp_path, monkeypatch, capsys)
     monkeypatch.delenv("LABEL_STUDIO_URL")
     assert cli.main(["export-coco", "--project", "3", "-o", str(out)]) == 1
     assert "LABEL_STUDIO_URL" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------- one object, one annotation
+
+
+def _person_task(results, predictions=None):
+    task = {"id": 7, "data": {"image": "a.png"}, "annotations": [{"id": 70, "result": results}]}
+    if predictions is not None:
+        task["predictions"] = [{"id": 71, "model_version": "m", "result": predictions}]
+    return task
+
+
+def test_box_and_its_mask_are_one_coco_annotation():
+    box = mask_to_box(PERSON_MASK)
+    person_rect = rect("r1", box, "Person")
+    linked = brush_result(
+        PERSON_MASK, ["Person"], from_name="brush", region_id="m1", parent_id="r1", prompt="p"
+    )
+    # the link the backend writes (parentID) pairs them whatever their overlap
+    far = rect("r2", [40, 2, 58, 12], "Person")
+    far_mask = brush_result(TREE, ["Person"], from_name="brush", region_id="m2", parent_id="r2")
+    out = export_coco([_person_task([person_rect, linked, far, far_mask])], label_config=CONFIG)
+    assert len(out.coco["annotations"]) == 2
+    by_id = anns_by_region(out.coco)
+    assert by_id["r1"]["ls_shape_region_ids"] == ["m1"] and by_id["r2"]["ls_shape_region_ids"] == [
+        "m2"
+    ]
+    np.testing.assert_allclose(by_id["r1"]["bbox"], frames.xyxy_to_xywh(box), atol=0.5)
+    assert by_id["r1"]["area"] == PERSON_MASK.sum()  # the mask's, not the box's
+    assert by_id["r1"]["prompt"] == "p"  # the mask's prompt when the box has none
+
+    # human annotations: unlinked, matched by the documented rule (same labels, IoU >= 0.5)
+    hand_rect = rect("h1", [box[0] - 1, box[1], box[2] + 1, box[3]], "Person")
+    hand_mask = brush("h2", PERSON_MASK, "Person")
+    other_label = brush("h3", PERSON_MASK & disk(12, 28, 6), "Tree")  # same place, Tree
+    out = export_coco([_person_task([hand_rect, hand_mask, other_label])], label_config=CONFIG)
+    by_id = anns_by_region(out.coco)
+    assert set(by_id) == {"h1", "h3"} and by_id["h1"]["ls_shape_region_ids"] == ["h2"]
+    # too little overlap: two objects
+    small = rect("s1", [box[0], box[1], box[0] + 3, box[1] + 3], "Person")
+    out = export_coco([_person_task([small, hand_mask])], label_config=CONFIG)
+    assert len(out.coco["annotations"]) == 2
+    assert ls_results.PAIR_IOU == 0.5
+
+
+def test_stock_cocoeval_runs_bbox_and_segm_on_an_export(tmp_path):
+    """Stock pycocotools COCOeval, both IoU types, on ground truth with box-only, box+mask
+    and mask-only objects: identical predictions score AP 1.0 (it used to raise
+    IndexError on box-only annotations' empty segmentation)."""
+    from pycocotools.cocoeval import COCOeval
+
+    box = mask_to_box(PERSON_MASK)
+    results = [
+        rect("b1", [2, 2, 20, 14], "Car"),  # box only
+        rect("p1", box, "Person"),
+        brush_result(PERSON_MASK, ["Person"], from_name="brush", region_id="p2", parent_id="p1"),
+        brush("t1", TREE, "Tree"),  # mask only
+    ]
+    scored = [dict(r, score=0.9) for r in results]
+    task = _person_task(results, predictions=scored)
+    gt = export_coco([task], label_config=CONFIG).coco
+    dt = export_coco([task], label_config=CONFIG, source="predictions")
+    assert len(gt["annotations"]) == 3 and all(a["segmentation"] for a in gt["annotations"])
+    car = next(a for a in gt["annotations"] if a["ls_region_id"] == "b1")
+    assert car["box_only"] is True
+    gt_path = tmp_path / "gt.json"
+    gt_path.write_text(json.dumps(gt))
+    coco_gt = COCO(str(gt_path))
+    for iou_type in ("bbox", "segm"):
+        coco_dt = coco_gt.loadRes(dt.results)
+        ev = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+        assert ev.stats[0] == pytest.approx(1.0), iou_type
+    # and a box-only annotation imports back as a rectangle, not a polygon
+    (back,) = import_coco(gt, instances_as="annotations")
+    kinds = sorted(r["type"] for r in back["annotations"][0]["result"])
+    assert kinds == ["brushlabels", "brushlabels", "rectanglelabels"]

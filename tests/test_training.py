@@ -322,6 +322,49 @@ def test_label_studio_reader(tmp_path, tiny_config):
         read_label_studio(tmp_path / "export.json", tiny_config)
 
 
+def test_label_studio_box_and_mask_of_one_object_are_one_box(tmp_path, tiny_config):
+    """As the backend writes them: a rectangle and its brush mask (parentID), each region
+    with the prompt that found it (meta), two prompts typed on one annotation."""
+    Image.new("RGB", (96, 64)).save(tmp_path / "a.png")
+    disc = np.zeros((64, 96), bool)
+    disc[10:30, 20:44] = True
+    blob = np.zeros((64, 96), bool)
+    blob[40:60, 60:90] = True
+    results = []
+    for rid, mask, label, prompt in (
+        ("r1", disc, "Disc", "the red disc"),
+        ("r2", blob, "Blob", "the blob"),
+    ):
+        box = mask_to_box(mask)
+        results.append(
+            ls_results.rectangle_result(
+                box, [label], width=96, height=64, region_id=rid, prompt=prompt
+            )
+        )
+        results.append(
+            ls_results.brush_result(
+                mask, [label], from_name="mask", region_id=rid + "m", parent_id=rid, prompt=prompt
+            )
+        )
+    results.append(ls_results.textarea_result(["the red disc", "the blob"]))
+    tasks = [
+        {
+            "id": 1,
+            "data": {"image": str(tmp_path / "a.png")},
+            "annotations": [{"id": 5, "result": results}],
+        }
+    ]
+    ds = read_label_studio(tasks, tiny_config)
+    by_text = {r.text: r for r in ds.records}
+    assert sorted(by_text) == ["the blob", "the red disc"]  # each region's own prompt
+    for text, mask in (("the red disc", disc), ("the blob", blob)):
+        rec = by_text[text]
+        assert len(rec.boxes) == 1  # one object: not a second box from its mask
+        np.testing.assert_allclose(rec.boxes[0], mask_to_box(mask))
+        sample = ds[ds.records.index(rec)]
+        assert mask_iou(sample.masks[0], mask) == 1.0
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown keys"):
         TrainConfig.from_dict({"stage": 2, "data": [{"kind": "refexp", "path": "x"}], "lrr": 1})

@@ -41,6 +41,7 @@ from labelstudio.images import read_image_size, resolve_local_image
 from labelstudio.results import (
     LabelStudioFormatError,
     image_reference,
+    pair_objects,
     parse_task,
 )
 from nextchat_core import frames
@@ -333,7 +334,8 @@ def read_label_studio(
         )
     records: list[Record] = []
     for task in tasks:
-        regions = parse_task(task, source="annotations", errors=errors)
+        # A rectangle and its mask are one object (one box to learn, with that mask).
+        regions = pair_objects(parse_task(task, source="annotations", errors=errors))
         if not regions:
             continue
         tid = task.get("id")
@@ -360,10 +362,7 @@ def read_label_studio(
         for expression, group in groups.items():
             group.sort(key=lambda r: float(r.box_xyxy[0]))
             width, height = group[0].width, group[0].height
-            masks = [
-                r.mask if r.kind == "brush" else (r.to_mask() if r.kind == "polygon" else None)
-                for r in group
-            ]
+            masks = [r.to_mask() if r.kind != "rectangle" or r.shapes else None for r in group]
             rec = Record(
                 image,
                 "rec",

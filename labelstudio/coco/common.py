@@ -151,3 +151,33 @@ def _id_map(theirs: Any, ours: list[dict[str, Any]], key: str, what: str) -> dic
             f"{key}): {missing[:5]}"
         )
     return mapping
+
+
+def box_outline(bbox: Any) -> list[list[float]]:
+    """The COCO polygon segmentation of a box ``[x, y, w, h]`` (its 4 corners, clockwise
+    from the top-left): what an export writes for a box-only annotation, so that stock
+    ``pycocotools`` ``COCOeval(iouType="segm")`` can read every annotation (it fails on an
+    empty ``segmentation``) and scores box-only objects as box-shaped masks."""
+    x, y, w, h = (float(v) for v in bbox)
+    return [[x, y, x + w, y, x + w, y + h, x, y + h]]
+
+
+# Marks an exported annotation whose segmentation is only its box outline.
+BOX_ONLY = "box_only"
+
+
+def is_box_only(ann: dict[str, Any]) -> bool:
+    """Whether ``ann`` is a box-only annotation as this project exports it (marked
+    :data:`BOX_ONLY`, segmentation exactly :func:`box_outline` of its bbox): imported back
+    as a rectangle. A COCO file's own square polygons stay polygons."""
+    segmentation, bbox = ann.get("segmentation"), ann.get("bbox")
+    if not ann.get(BOX_ONLY) or not isinstance(segmentation, list) or len(segmentation) != 1:
+        return False
+    if bbox is None:
+        return False
+    try:
+        expected = box_outline(bbox)[0]
+        got = [float(v) for v in segmentation[0]]
+    except (TypeError, ValueError):
+        return False
+    return len(got) == 8 and all(abs(a - b) < 1e-3 for a, b in zip(got, expected, strict=True))

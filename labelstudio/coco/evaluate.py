@@ -3,8 +3,10 @@
 **COCO mode** (:func:`evaluate_coco`): detections (a COCO results list, or an instances
 export with scored predictions) against ground-truth instances, with pycocotools'
 ``COCOeval``; the 12 standard numbers per IoU type plus a per-category table. ``segm``
-uses only annotations that have a segmentation on each side (rectangles without one are
-left out of it); undefined numbers (no ground truth in an area range) are ``None``.
+uses only annotations that have a segmentation on each side (a file's rectangles with
+``"segmentation": []`` are left out of it; this project's exports give box-only objects
+their box outline, which counts, as in stock ``COCOeval``); undefined numbers (no ground
+truth in an area range) are ``None``.
 
 **Referring-expression mode** (:func:`evaluate_refexp`): one record per expression, in
 original pixels. Record format (one JSON object per line in a ``.jsonl`` file)::

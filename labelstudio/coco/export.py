@@ -5,9 +5,15 @@ everything written here is in **original pixels** of that image (``bbox`` absolu
 ``[x, y, width, height]``, polygons ``[x1, y1, x2, y2, ...]`` on pixel edges, RLE at the
 image's ``[height, width]``).
 
+One COCO annotation per object: a rectangle and the brush mask / polygons of the same
+object (linked by ``parentID``, or matched by :func:`labelstudio.results.pair_objects`'s
+rule) are one annotation: the rectangle's ``bbox``, the shapes' ``segmentation`` and
+``area``, ``ls_region_id`` the rectangle's and ``ls_shape_region_ids`` the shapes'.
+
 What one annotation holds, per region kind (``segmentation``; ``area``):
 
-* rectangle: ``[]``; box width x height.
+* rectangle alone: its outline as one 4-point polygon (stock ``COCOeval`` segm needs a
+  segmentation on every annotation); box width x height.
 * rotated rectangle: its 4 corners as one polygon; pixels inside that polygon.
 * polygon: the polygon; pixels inside it.
 * brush, ``masks="rle"``: COCO compressed RLE, counts as text; mask pixels.
@@ -44,17 +50,26 @@ from nextchat_core.masks import (
 )
 
 from ..config import LabelConfig, parse_label_config
-from ..images import image_file_name, read_image_size, resolve_local_image
+from ..images import (
+    FetchOptions,
+    TaskError,
+    fetch_images,
+    image_file_name,
+    read_image_size,
+    resolve_local_image,
+)
 from ..results import (
     LabelStudioFormatError,
     Region,
     TaskSource,
     image_reference,
+    pair_objects,
     parse_task,
     result_image_size,
     task_id_of,
     task_results,
 )
+from .common import BOX_ONLY, box_outline
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +85,9 @@ class CocoExport:
 
     coco: dict[str, Any]
     errors: list[LabelStudioFormatError] = field(default_factory=list)
+    # Tasks left out because they hold nothing of the exported source (not annotated /
+    # not predicted): reason -> number of tasks. Not errors: nothing is wrong with them.
+    skipped: dict[str, int] = field(default_factory=dict)
 
     @property
     def results(self) -> list[dict[str, Any]]:
@@ -106,8 +124,11 @@ def fetch_project(
     label config, through ``label_studio_sdk``.
 
     ``base_url``/``api_key``: the Label Studio address and an access token (the CLI
-    defaults them to ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY``). Uses the synchronous JSON export of Label Studio Community
-    (``/api/projects/ID/export?exportType=JSON&download_all_tasks=true``).
+    defaults them to ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY``). Tasks and annotations
+    come from the synchronous JSON export of Label Studio Community
+    (``/api/projects/ID/export?exportType=JSON&download_all_tasks=true``); its
+    ``predictions`` are only ids there (Label Studio 1.23), so the full predictions are
+    read from the predictions API (``/api/predictions?project=ID``) and put in their tasks.
     """
     import httpx
     from label_studio_sdk import LabelStudio
@@ -126,6 +147,9 @@ def fetch_project(
                 project_id, export_type="JSON", download_all_tasks=True, download_resources=False
             )
         )
+        predictions = [
+            p.model_dump(mode="json") for p in client.predictions.list(project=project_id)
+        ]
     except ApiError as exc:
         raise RuntimeError(
             f"Label Studio at {base_url} answered {exc.status_code} for project {project_id}: "
@@ -139,7 +163,19 @@ def fetch_project(
         raise RuntimeError(f"Label Studio returned an export that is not JSON: {exc}") from exc
     if not isinstance(tasks, list):
         raise RuntimeError(f"Label Studio returned a {type(tasks).__name__}, expected a task list")
-    logger.info("fetched %d tasks of project %s from %s", len(tasks), project_id, base_url)
+    by_task: dict[Any, list[dict[str, Any]]] = {}
+    for pred in predictions:
+        by_task.setdefault(pred.get("task"), []).append(pred)
+    for task in tasks:
+        if isinstance(task, dict):
+            task["predictions"] = by_task.get(task.get("id"), [])
+    logger.info(
+        "fetched %d tasks and %d predictions of project %s from %s",
+        len(tasks),
+        len(predictions),
+        project_id,
+        base_url,
+    )
     return tasks, project.label_config or ""
 
 
@@ -153,14 +189,28 @@ def export_coco(
     image_root: str | os.PathLike[str] | None = None,
     all_annotations: bool = False,
     model_version: str | None = None,
+    fetch: FetchOptions | None = None,
 ) -> CocoExport:
     """Label Studio tasks (a list, or the path of a JSON export) -> COCO instances.
 
-    Image sizes come from the results' ``original_width``/``original_height``; tasks
-    without any (e.g. no annotation) are sized from the image file when it is local
-    (``image_root``, ``LOCAL_FILES_DOCUMENT_ROOT``), EXIF orientation applied.
-    ``source``, ``all_annotations`` and ``model_version`` pick results as
-    :func:`labelstudio.results.parse_task` does.
+    Only tasks that hold the exported source are exported: with ``source="annotations"``
+    a task nobody annotated (or whose annotations were all skipped) is left out and counted
+    in ``CocoExport.skipped``; likewise tasks without predictions (of ``model_version``)
+    for ``"predictions"``, and tasks with neither for ``"both"``. An annotation with no
+    regions is an image with no objects and is exported.
+
+    Image sizes come from the task's results (``original_width``/``original_height``,
+    annotations' and predictions' alike); a task without any is sized from the image file
+    when it is local (``image_root``, ``LOCAL_FILES_DOCUMENT_ROOT``), else, with ``fetch``
+    given, by downloading the image with those options (the backend's fetch rules), EXIF
+    orientation applied. ``source``, ``all_annotations`` and ``model_version`` pick
+    results as :func:`labelstudio.results.parse_task` does.
+
+    One object is one COCO annotation: a rectangle and its brush mask or polygons
+    (:func:`labelstudio.results.pair_objects`) give the rectangle's ``bbox`` and the
+    mask's ``segmentation`` and ``area``; a box-only annotation's ``segmentation`` is its
+    box outline (:func:`labelstudio.coco.common.box_outline`), which stock ``COCOeval``
+    needs for ``iouType="segm"``.
 
     Bad tasks and regions raise one ``ValueError`` listing them; with ``skip_bad`` they
     are left out, listed in ``CocoExport.errors`` and logged, and the rest is exported.
@@ -179,13 +229,27 @@ def export_coco(
         set(ids)
     ) == len(ids)
 
+    skipped: dict[str, int] = {}
+    chosen: list[tuple[int, dict[str, Any]]] = []
+    for index, task in enumerate(tasks):
+        try:
+            reason = _nothing_to_export(task, source, model_version)
+        except LabelStudioFormatError as exc:
+            errors.append(exc)
+            continue
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+        else:
+            chosen.append((index, task))
+    fetched = _fetch_sizes([t for _, t in chosen], config, image_root, fetch)
+
     images: list[dict[str, Any]] = []
     pending: list[tuple[dict[str, Any], str]] = []  # (annotation without category, label)
-    for index, task in enumerate(tasks):
+    for index, task in chosen:
         try:
             task_id = task_id_of(task)
             ref = image_reference(task, config)
-            size = _image_size(task, ref, task_id, image_root)
+            size = _image_size(task, ref, task_id, image_root, fetched)
             regions = parse_task(
                 task,
                 source=source,
@@ -194,6 +258,7 @@ def export_coco(
                 model_version=model_version,
                 errors=errors,
             )
+            regions = pair_objects(regions)
         except LabelStudioFormatError as exc:  # the task itself is unusable: no image entry
             errors.append(exc)
             continue
@@ -251,13 +316,19 @@ def export_coco(
         "annotations": annotations,
     }
     logger.info(
-        "COCO export: %d images, %d annotations, %d categories, %d skipped",
+        "COCO export: %d images, %d annotations, %d categories, %d bad, %s",
         len(images),
         len(annotations),
         len(category_ids),
         len(errors),
+        describe_skipped(skipped) or "no task left out",
     )
-    return CocoExport(coco=coco, errors=errors)
+    return CocoExport(coco=coco, errors=errors, skipped=skipped)
+
+
+def describe_skipped(skipped: dict[str, int]) -> str:
+    """``"left out 3 task(s) not annotated"`` (empty when nothing was left out)."""
+    return "; ".join(f"left out {n} task(s) {why}" for why, n in skipped.items())
 
 
 def coco_results(coco: dict[str, Any]) -> list[dict[str, Any]]:
@@ -285,17 +356,98 @@ def write_json(obj: Any, path: str | os.PathLike[str]) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
+def _nothing_to_export(
+    task: dict[str, Any], source: TaskSource, model_version: str | None
+) -> str | None:
+    """Why ``task`` holds nothing of ``source`` (``None``: it does)."""
+    task_id = task_id_of(task)
+    annotated = any(
+        not a.get("was_cancelled") for a in _result_sets_of(task, "annotations", task_id)
+    )
+    predicted = any(
+        model_version is None or p.get("model_version") == model_version
+        for p in _result_sets_of(task, "predictions", task_id)
+    )
+    if source == "annotations" and not annotated:
+        return "not annotated"
+    if source == "predictions" and not predicted:
+        return "without predictions" + (f" of {model_version}" if model_version else "")
+    if source == "both" and not (annotated or predicted):
+        return "neither annotated nor predicted"
+    return None
+
+
+def _result_sets_of(task: dict[str, Any], key: str, task_id: Any) -> list[dict[str, Any]]:
+    items = task.get(key) if key != "annotations" else task.get(key, task.get("completions"))
+    if items is None:
+        return []
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise LabelStudioFormatError(
+            f"'{key}' must be a list of objects (export with full annotation and prediction "
+            "objects, e.g. exportType=JSON)",
+            task_id=task_id,
+        )
+    return items
+
+
+def _fetch_sizes(
+    tasks: list[dict[str, Any]],
+    config: LabelConfig | None,
+    image_root: str | os.PathLike[str] | None,
+    fetch: FetchOptions | None,
+) -> dict[int, tuple[int, int] | str]:
+    """Sizes of the tasks that only a download can size (no result has one, no local
+    file): ``id(task)`` -> ``(width, height)`` or why the download failed."""
+    if fetch is None:
+        return {}
+    need = []
+    for task in tasks:
+        try:
+            if result_image_size(task_results(task)) is not None:
+                continue
+            ref = image_reference(task, config)
+        except LabelStudioFormatError:
+            continue  # reported by the main loop
+        if resolve_local_image(ref, image_root) is None:
+            need.append(task)
+    if not need:
+        return {}
+    logger.info("downloading %d image(s) that no result sizes", len(need))
+    out: dict[int, tuple[int, int] | str] = {}
+    for task, got in zip(need, fetch_images(need, _any_config(config), fetch), strict=True):
+        out[id(task)] = got.detail if isinstance(got, TaskError) else (got.width, got.height)
+    return out
+
+
+def _any_config(config: LabelConfig | None) -> LabelConfig:
+    # fetch_images locates the image with a label config; without one, data["image"].
+    return config or parse_label_config('<View><Image name="image" value="$image"/></View>')
+
+
 def _image_size(
-    task: dict[str, Any], ref: str, task_id: Any, image_root: str | os.PathLike[str] | None
+    task: dict[str, Any],
+    ref: str,
+    task_id: Any,
+    image_root: str | os.PathLike[str] | None,
+    fetched: dict[int, tuple[int, int] | str],
 ) -> tuple[int, int]:
     size = result_image_size(task_results(task), task_id=task_id)
     if size is not None:
         return size
     path = resolve_local_image(ref, image_root)
     if path is None:
+        got = fetched.get(id(task))
+        if isinstance(got, tuple):
+            return got
+        how = (
+            f"downloading it failed: {got}"
+            if got is not None
+            else "it is not a readable local file (pass --image-root with the image folder, "
+            "or export with --project so the image can be downloaded)"
+        )
         raise LabelStudioFormatError(
             f"missing image size: no result has original_width/original_height and the image "
-            f"{ref!r} is not a readable local file (pass --image-root with the image folder)",
+            f"{ref!r} cannot be sized: {how}",
             task_id=task_id,
         )
     try:
@@ -309,34 +461,41 @@ def _annotation(
 ) -> dict[str, Any]:
     """One COCO annotation (without ``id``/``category_id``) for a region in original pixels."""
     segmentation: Any
-    if region.kind == "brush":
-        assert region.mask is not None
+    bbox = [round(v, _DECIMALS) for v in frames.xyxy_to_xywh(region.box_xyxy)]
+    shapes = region.shapes or ([region] if region.kind != "rectangle" else [])
+    outlines = [s.polygon for s in shapes if s.kind == "polygon" and s.polygon is not None]
+    if len(outlines) < len(shapes):
+        # a brush among the shapes: the shapes' union as one mask, in the asked format
+        mask = region.to_mask()
         if masks == "rle":
-            segmentation = mask_to_coco_rle(region.mask)
-            area = float(region.mask.sum())
+            segmentation = mask_to_coco_rle(mask)
+            area = float(mask.sum())
         else:
-            polygons = mask_to_polygons(region.mask)
+            polygons = mask_to_polygons(mask)
             segmentation = [_flat(p) for p in polygons]
             drawn = coco_segmentation_to_mask(segmentation, region.width, region.height)
             area = float(drawn.sum())
-            if area != float(region.mask.sum()):
+            if area != float(mask.sum()):
                 logger.warning(
                     "task %s, region %s: the mask has holes, which COCO polygons cannot hold; "
                     "they are filled (IoU %.4f). Use masks='rle' to keep them.",
                     region.task_id,
                     region.region_id,
-                    mask_iou(region.mask, drawn),
+                    mask_iou(mask, drawn),
                 )
-    elif region.polygon is not None:  # polygons and rotated rectangles
+    elif shapes:  # polygons, written as they are
+        segmentation = [_flat(p) for p in outlines]
+        area = float(coco_segmentation_to_mask(segmentation, region.width, region.height).sum())
+    elif region.polygon is not None:  # a rotated rectangle: its corners
         segmentation = [_flat(region.polygon)]
         area = float(coco_segmentation_to_mask(segmentation, region.width, region.height).sum())
     else:
-        segmentation = []
+        segmentation = box_outline(bbox)
         x1, y1, x2, y2 = region.box_xyxy
         area = float((x2 - x1) * (y2 - y1))
     ann: dict[str, Any] = {
         "image_id": image_id,
-        "bbox": [round(v, _DECIMALS) for v in frames.xyxy_to_xywh(region.box_xyxy)],
+        "bbox": bbox,
         "area": round(area, _DECIMALS),
         "iscrowd": 0,
         "segmentation": segmentation,
@@ -345,6 +504,10 @@ def _annotation(
     if region.source == "prediction":
         # A results file needs a score; unscored predictions rank as certain.
         ann["score"] = 1.0 if region.score is None else float(region.score)
+    if region.kind == "rectangle" and region.shapes:
+        ann["ls_shape_region_ids"] = [s.region_id for s in region.shapes]
+    elif region.kind == "rectangle" and region.polygon is None:
+        ann[BOX_ONLY] = True
     if with_source:
         ann["source"] = region.source
     if region.prompt:

@@ -30,7 +30,7 @@ from nextchat_core.masks import coco_segmentation_to_mask
 
 from ..config import LabelConfig, parse_label_config
 from ..results import RegionKind, brush_result, polygon_result, rectangle_result
-from .common import CocoLike, ResultsLike, load_instances, load_results
+from .common import CocoLike, ResultsLike, is_box_only, load_instances, load_results
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,9 @@ def import_coco(
         task: dict[str, Any] = {"data": {names.image_key: image_prefix + file_name}}
         gt_results = [r for rs in converted for r in rs]
         if instances_as == "annotations":
-            task["annotations"] = [{"result": gt_results}] if gt_results else []
+            # An image of the ground truth without instances is an image with no objects:
+            # an annotation with an empty result (exports keep it; "not annotated" drops).
+            task["annotations"] = [{"result": gt_results}]
             preds = [
                 _results_for(
                     det,
@@ -233,6 +235,8 @@ def _results_for(
     labels = [categories[ann["category_id"]]]
     score = ann.get("score")
     segm = ann.get("segmentation")
+    if is_box_only(ann):
+        segm = None  # a box-only annotation (labelstudio.coco.common.box_outline)
     where = f"annotation {ann.get('id', region_id)} of image {ann['image_id']}"
     out = []
     if segm:
