@@ -61,6 +61,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--annotations", type=int, default=150, help="corrected annotations to send")
     p.add_argument("--eval", type=int, default=100, help="held-out tasks pre-labeled before/after")
     p.add_argument("--broker", default=None, help="CELERY_BROKER_URL (default: embedded SQLite)")
+    p.add_argument(
+        "--readme",
+        metavar="REPORT_JSON",
+        type=Path,
+        help="print the README's table from this loop-demo.json and exit",
+    )
     p.set_defaults(func=_loop_demo)
 
 
@@ -143,9 +149,12 @@ def _retrain(args: argparse.Namespace) -> int:
 def _loop_demo(args: argparse.Namespace) -> int:
     import shutil
 
-    from nextchat_cli.loop_demo import run_demo
+    from nextchat_cli.loop_demo import readme_table, run_demo
     from training.versions import resolve_checkpoint
 
+    if args.readme is not None:
+        print(readme_table(json.loads(args.readme.read_text())))
+        return 0
     out = Path(args.out).resolve()
     if out.exists():
         shutil.rmtree(out)  # a fresh MODEL_DIR: "before" is the base checkpoint

@@ -381,3 +381,26 @@ def run_demo(
     }
     (out / "loop-demo.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def readme_table(report: dict[str, Any]) -> str:
+    """The README's loop-demo table, generated from a ``loop-demo.json`` report (never
+    copied by hand: ``nextchat loop-demo --readme REPORT``)."""
+    before, after = report["before"], report["after"]
+    gain = 100 * (after["acc50"] - before["acc50"])
+    promoted = "a new version, promoted by the gate" if report["promoted"] else "not promoted"
+    stages = ", ".join(f"stage {s['stage']}: {s['steps']} steps" for s in report["stages"])
+    return "\n".join(
+        [
+            "| | served version | held-out Acc@0.5 | mean IoU |",
+            "|---|---|---|---|",
+            f"| before | `{before['version']}` (bundled) | {before['acc50']:.2f} | "
+            f"{before['mean_iou']:.2f} |",
+            f"| after {report['annotations']} corrections | `{after['version']}` ({promoted}) "
+            f"| **{after['acc50']:.2f}** | **{after['mean_iou']:.2f}** |",
+            "",
+            f"{gain:+.0f} points of Acc@0.5 on {report['held_out_tasks']} held-out tasks. The "
+            f"retraining job took {report['retrain_job_s']} s ({stages}); the "
+            f"{report['annotations']} webhooks were answered in {report['webhooks_s']} s in all.",
+        ]
+    )

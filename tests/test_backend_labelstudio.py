@@ -10,6 +10,7 @@ Skipped only when pip cannot install ``label-studio`` (the reason carries pip's 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -195,8 +196,15 @@ def project_tasks(ls: dict, project: int) -> list[dict]:
     return reply["tasks"] if isinstance(reply, dict) else reply
 
 
-def test_label_studio_accepts_every_label_config(ls):
-    for name in ("boxes", "boxes_masks", "polygons", "per_label_prompts", "region_caption", "chat"):
+SHIPPED_CONFIGS = sorted(p.stem for p in (REPO / "label_configs").glob("*.xml"))
+
+
+def test_every_shipped_config_takes_image_only_tasks_and_uploads(ls, images):
+    """Each shipped config is accepted, and takes tasks that hold only an image: a JSON
+    import without a prompt key and a direct file upload (which refuses configs with more
+    than one data key)."""
+    assert {"boxes", "boxes_masks", "chat", "per_label_prompts"} <= set(SHIPPED_CONFIGS)
+    for name in SHIPPED_CONFIGS:
         reply = api(
             ls,
             "POST",
@@ -204,17 +212,29 @@ def test_label_studio_accepts_every_label_config(ls):
             json={"title": f"config {name}", "label_config": label_config(name)},
         )
         assert reply.status_code == 201, name
+        project = reply.json()["id"]
+        api(
+            ls,
+            "POST",
+            f"/api/projects/{project}/import",
+            json=[{"image": f"{images['url']}/scene.png"}],
+        )
+        with open(images["file"], "rb") as f:
+            api(
+                ls,
+                "POST",
+                f"/api/projects/{project}/import",
+                files={"file": ("scene.png", f, "image/png")},
+            )
+        assert len(project_tasks(ls, project)) == 2, name
 
 
 def test_predictions_stored_in_label_studio(ls, backend, images):
-    # A direct file upload needs a config with one data key: upload first, then switch to
-    # the boxes+masks config (which also reads $prompt).
-    single_key = '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image"><Label value="Car"/></RectangleLabels></View>'
     project = api(
         ls,
         "POST",
         "/api/projects",
-        json={"title": "nextchat boxes+masks", "label_config": single_key},
+        json={"title": "nextchat boxes+masks", "label_config": label_config("boxes_masks")},
     ).json()["id"]
     with open(images["file"], "rb") as f:  # fetched by the backend with /setup's token
         api(
@@ -223,7 +243,6 @@ def test_predictions_stored_in_label_studio(ls, backend, images):
             f"/api/projects/{project}/import",
             files={"file": ("scene.png", f, "image/png")},
         )
-    api(ls, "PATCH", f"/api/projects/{project}", json={"label_config": label_config("boxes_masks")})
     # two tasks by URL, with a prompt field
     api(
         ls,
@@ -394,3 +413,129 @@ def test_predictions_stored_in_label_studio(ls, backend, images):
     log = backend["process"].log.read_text()
     assert "access token received" in log
     assert ls["token"] not in log
+
+
+def _interactive(ls: dict, ml_id: int, task_id: int, *prompts: str) -> list[dict]:
+    context = {
+        "result": [
+            {
+                "from_name": "prompt",
+                "to_name": "image",
+                "type": "textarea",
+                "value": {"text": list(prompts)},
+            }
+        ]
+    }
+    reply = api(
+        ls,
+        "POST",
+        f"/api/ml/{ml_id}/interactive-annotating",
+        json={"task": task_id, "context": context},
+    ).json()
+    return reply["data"]["result"]
+
+
+def test_team_flow_editor_and_exports(ls, backend, images, tmp_path, monkeypatch, capsys):
+    """A team's day in a real Label Studio: image-only tasks, prompts typed in the editor,
+    suggestions accepted and submitted, then COCO exports of labels and pre-labels."""
+    from nextchat_cli import main as cli
+
+    project = api(
+        ls,
+        "POST",
+        "/api/projects",
+        json={"title": "team flow", "label_config": label_config("boxes_masks")},
+    ).json()["id"]
+    url = f"{images['url']}/scene.png"
+    api(ls, "POST", f"/api/projects/{project}/import", json=[{"image": url} for _ in range(3)])
+    annotated, empty, fresh = sorted(t["id"] for t in project_tasks(ls, project))
+    ml_id = api(
+        ls,
+        "POST",
+        "/api/ml",
+        json={
+            "url": backend["url"],
+            "project": project,
+            "title": "nextchat",
+            "is_interactive": True,
+        },
+    ).json()["id"]
+
+    # prompt after prompt in the editor: the newest prompt is asked, each region keeps it
+    found = _interactive(ls, ml_id, annotated, "the red circle")
+    rect = next(r for r in found if r["type"] == "rectanglelabels")
+    mask = next(r for r in found if r["type"] == "brushlabels")
+    assert rect["meta"] == {"text": ["the red circle"]} and mask["parentID"] == rect["id"]
+    second = _interactive(ls, ml_id, annotated, "the red circle", "all shapes")
+    assert {tuple(r["meta"]["text"]) for r in second} == {("all shapes",)}
+    # accepted and submitted: Label Studio keeps each region's prompt and the box-mask link
+    prompt_area = {
+        "id": "typed",
+        "from_name": "prompt",
+        "to_name": "image",
+        "type": "textarea",
+        "value": {"text": ["the red circle", "all shapes"]},
+    }
+    api(ls, "POST", f"/api/tasks/{annotated}/annotations", json={"result": [*found, prompt_area]})
+    api(ls, "POST", f"/api/tasks/{empty}/annotations", json={"result": []})  # nothing there
+    (saved,) = api(ls, "GET", f"/api/tasks/{annotated}/annotations").json()
+    kept = {r["id"]: r for r in saved["result"]}
+    assert kept[mask["id"]]["parentID"] == rect["id"]
+    assert kept[rect["id"]]["meta"] == {"text": ["the red circle"]}
+
+    # "Retrieve predictions" asks again with no prompt: the last typed prompt pre-labels
+    # the task nobody annotated, and puts nothing on the annotated ones
+    api(
+        ls,
+        "POST",
+        f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
+        json={"selectedItems": {"all": True, "excluded": []}},
+    )
+    regions = {
+        t: [r for p in api(ls, "GET", f"/api/predictions?task={t}").json() for r in p["result"]]
+        for t in (annotated, empty, fresh)
+    }
+    assert regions[annotated] == [] and regions[empty] == []
+    assert len([r for r in regions[fresh] if r["type"] == "rectanglelabels"]) == 2  # all shapes
+
+    # exports: what is annotated (URL-hosted, unannotated tasks no longer stop it), the
+    # box and its mask as one object, full predictions through the API
+    monkeypatch.setenv("LABEL_STUDIO_URL", ls["url"])
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", ls["token"])
+    gt_path, dt_path = tmp_path / "gt.json", tmp_path / "dt.json"
+    assert cli.main(["export-coco", "--project", str(project), "-o", str(gt_path)]) == 0
+    assert "left out 1 task(s) not annotated" in capsys.readouterr().out
+    gt = json.loads(gt_path.read_text())
+    assert sorted(im["id"] for im in gt["images"]) == [annotated, empty]
+    sizes = {(im["width"], im["height"]) for im in gt["images"]}
+    assert sizes == {(W, H)}  # the empty annotation's image was downloaded to size it
+    (obj,) = gt["annotations"]  # one object: its rectangle and its mask
+    assert obj["ls_region_id"] == rect["id"] and obj["ls_shape_region_ids"] == [mask["id"]]
+    assert obj["prompt"] == "the red circle"
+    args = ["export-coco", "--project", str(project), "-o", str(dt_path), "--source", "predictions"]
+    assert cli.main(args) == 0
+    dt = json.loads(dt_path.read_text())
+    # every task holds a prediction of this version; only the fresh one has regions
+    assert sorted(im["id"] for im in dt["images"]) == [annotated, empty, fresh]
+    assert {a["image_id"] for a in dt["annotations"]} == {fresh}
+    assert len(dt["annotations"]) == 2 and all(0 < a["score"] <= 1 for a in dt["annotations"])
+    results_path = tmp_path / "results.json"
+    args = [*args[:-2], "--source", "predictions", "--format", "results", "-o", str(results_path)]
+    assert cli.main(args) == 0
+    results = json.loads(results_path.read_text())
+    assert len(results) == 2 and all(r["segmentation"] and r["image_id"] == fresh for r in results)
+
+
+def test_demo_project_in_one_command(ls, backend):
+    from nextchat_cli.demo_project import create_demo_project
+    from training import synth
+
+    made = create_demo_project(ls["url"], ls["token"], backend_url=backend["url"], scenes=3)
+    assert made.tasks == 3 and made.url == f"{ls['url']}/projects/{made.project_id}/data"
+    tasks = project_tasks(ls, made.project_id)
+    assert all(t["data"]["image"].startswith("/data/upload/") for t in tasks)  # no CORS
+    project = api(ls, "GET", f"/api/projects/{made.project_id}").json()
+    for shape in synth.SHAPES:
+        assert f'value="{shape}"' in project["label_config"]
+    (ml,) = api(ls, "GET", f"/api/ml?project={made.project_id}").json()
+    assert ml["is_interactive"] and ml["url"] == backend["url"] and ml["state"] == "CO"
