@@ -37,13 +37,20 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from labelstudio.images import FetchedImage, FetchOptions, TaskError, fetch_images
-from labelstudio.projects import ProjectState, ProjectStore, project_key
+from labelstudio.projects import (
+    ProjectState,
+    ProjectStore,
+    VersionNotInProject,
+    project_key,
+    show_version_in_project,
+)
 from labelstudio.results import LabelStudioFormatError, Region, parse_results, textarea_result
 from nextchat_core.predictor import Answer, NextChatPredictor, Query, Task, prompt_problem
 from training.versions import ModelVersion
@@ -120,6 +127,11 @@ class NextChatBackend:
         self.store = store
         self.projects = projects
         self._storage_problems: dict[str, str] = {}
+        # (project, version) pairs whose project model_version is set / being set
+        self._lock = threading.Lock()
+        self._shown: set[tuple[str, str]] = set()
+        self._showing: set[tuple[str, str]] = set()
+        self._again: dict[tuple[str, str], tuple[float, ...]] = {}
 
     # --------------------------------------------------------------------- setup
     def setup(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -162,6 +174,7 @@ class NextChatBackend:
             if changes:
                 self.projects.update(project, **changes)
         version = self.store.current_version()
+        self._maybe_show_version(project, version.name, delays=(0.0,))
         logger.info(
             "setup: project %s, hostname %s, access token %s, model version %s",
             project,
@@ -262,7 +275,72 @@ class NextChatBackend:
         out: dict[str, Any] = {"results": results, "model_version": version.name}
         if errors:
             out["errors"] = errors
+        if context.prompt is None and not context.regions:
+            # stored predictions (not interactive ones): the project can show them once
+            # Label Studio has saved them
+            self._maybe_show_version(project, version.name, delays=(2.0, 5.0, 15.0))
         return out
+
+    def _show_version(self, state: ProjectState, version: str, delays: tuple[float, ...]) -> None:
+        """Point the project's ``model_version`` at ``version`` (so the editor and the
+        Data Manager's score column show this backend's predictions), in a thread: Label
+        Studio waits on ``/setup`` and ``/predict`` and stores predictions only after
+        ``/predict`` answered, so each try waits its delay first. Once done (or left alone
+        on purpose) for a project and version, not again in this process."""
+        key = (state.project, version)
+        with self._lock:
+            if key in self._shown:
+                return
+            if key in self._showing:  # the running thread tries these too, afterwards
+                self._again[key] = delays
+                return
+            self._showing.add(key)
+        ours = set(self.store.versions()["versions"])
+
+        def tries() -> Iterator[float]:
+            todo: tuple[float, ...] | None = delays
+            while todo is not None:
+                yield from todo
+                with self._lock:
+                    todo = self._again.pop(key, None)
+                    if todo is None:
+                        self._showing.discard(key)
+
+        def run() -> None:
+            for delay in tries():
+                time.sleep(delay)
+                try:
+                    done = show_version_in_project(
+                        state.hostname or "", state.access_token or "", state.project, version, ours
+                    )
+                except VersionNotInProject as exc:
+                    logger.debug("project version: %s", exc)
+                    continue
+                except RuntimeError as exc:
+                    logger.warning("project version: %s", exc)
+                    done = None
+                with self._lock:
+                    if done is not None:
+                        self._shown.add(key)
+                    self._showing.discard(key)
+                    self._again.pop(key, None)
+                if done is not None:
+                    logger.info("project version: %s", done)
+                return
+
+        threading.Thread(target=run, name=f"show-version-{state.project}", daemon=True).start()
+
+    def _maybe_show_version(
+        self, project: str | None, version: str, delays: tuple[float, ...]
+    ) -> None:
+        state = self.projects.get(project) if project is not None else None
+        if (
+            self.settings.sync_project_version
+            and state is not None
+            and state.hostname
+            and state.access_token
+        ):
+            self._show_version(state, version, delays)
 
     def storage_problems(self) -> dict[str, str]:
         """What could not be written lately (``/health`` reports it)."""

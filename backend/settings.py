@@ -50,6 +50,10 @@ class Settings(ServiceSettings):
     # one call at a time); more get 503 + Retry-After at once, so the other THREADS stay
     # free for /health and /webhook (default: THREADS - 2, at least 1).
     predict_slots: int | None = None
+    # SYNC_PROJECT_VERSION: on /setup, point the project's model_version at the served
+    # version (Label Studio sets it to the backend's title, which no prediction carries:
+    # the editor and the Data Manager's score column then show nothing of this backend's).
+    sync_project_version: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -74,6 +78,7 @@ class Settings(ServiceSettings):
             "max_request_mb": env_float(env, "MAX_REQUEST_MB", 20.0, lo=0.01, hi=10000.0),
             "max_tasks": env_int(env, "MAX_TASKS", 5000, lo=1),
             "predict_slots": env_int(env, "PREDICT_SLOTS", 0, lo=0) or None,
+            "sync_project_version": env_bool(env, "SYNC_PROJECT_VERSION", True),
         }
         values.update(overrides)
         settings = cls(**{k: v for k, v in values.items() if v is not None or k in overrides})

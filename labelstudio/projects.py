@@ -113,3 +113,50 @@ class ProjectStore:
         # 0600: the file holds the Label Studio access token.
         with atomic_write(path, permissions=0o600) as f:
             json.dump(asdict(state), f)
+
+
+def show_version_in_project(
+    hostname: str, access_token: str, project: str, version: str, ours: set[str]
+) -> str:
+    """Make a Label Studio project show ``version``'s predictions: set the project's
+    ``model_version`` (which the editor filters predictions by and the Data Manager's
+    "Prediction score" column averages) to ``version``, through label-studio-sdk.
+
+    Label Studio sets it to the ML backend's *title* when the backend is connected, which no
+    prediction carries, so the column stays empty. It is changed only when it is empty,
+    that title (the title of an ML backend of this project), or another version this
+    backend served (``ours``): a version the team chose by hand is left alone. Returns what
+    was done, for the log; ``RuntimeError`` when Label Studio cannot be asked.
+    """
+    import httpx
+    from label_studio_sdk import LabelStudio
+    from label_studio_sdk.core.api_error import ApiError
+
+    client = LabelStudio(base_url=hostname, api_key=access_token, timeout=10)
+    try:
+        pid = int(project)
+        current = client.projects.get(id=pid).model_version or ""
+        if current == version:
+            return f"project {project} already shows {version}"
+        titles = {b.title for b in client.ml.list(project=pid) if b.title}
+        if current and current not in titles and current not in ours:
+            return f"project {project} shows {current!r} (chosen in Label Studio): left alone"
+        client.projects.update(id=pid, model_version=version)
+    except ApiError as exc:
+        if exc.status_code == 400 and "doesn't exist" in str(exc.body):
+            # Label Studio accepts only a version it holds predictions of: the next call
+            # after the first ones are stored does it.
+            raise VersionNotInProject(
+                f"project {project} holds no prediction of {version} yet"
+            ) from None
+        raise RuntimeError(
+            f"cannot set project {project}'s model version: Label Studio answered "
+            f"{exc.status_code}: {str(exc.body)[:200]}"
+        ) from None
+    except (httpx.HTTPError, ValueError) as exc:
+        raise RuntimeError(f"cannot set project {project}'s model version: {exc}") from exc
+    return f"project {project} now shows {version} (was {current or 'unset'!r})"
+
+
+class VersionNotInProject(RuntimeError):
+    """The project holds no prediction of the version yet (Label Studio refuses it)."""

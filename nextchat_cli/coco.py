@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from nextchat_cli.options import add_label_studio_options
+
 logger = logging.getLogger(__name__)
 
 
@@ -25,16 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", nargs="?", type=Path, help="Label Studio JSON export (a task list)")
     p.add_argument("--project", type=int, help="export this Label Studio project instead")
-    p.add_argument(
-        "--url",
-        default=os.environ.get("LABEL_STUDIO_URL"),
-        help="Label Studio URL (default: $LABEL_STUDIO_URL)",
-    )
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("LABEL_STUDIO_API_KEY"),
-        help="Label Studio API key (default: $LABEL_STUDIO_API_KEY)",
-    )
+    add_label_studio_options(p)
     p.add_argument(
         "--config",
         type=Path,

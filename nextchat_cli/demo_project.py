@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 from dataclasses import dataclass
 from typing import Any
 from xml.sax.saxutils import quoteattr
+
+from nextchat_cli.options import add_label_studio_options
 
 # Label colours: one per shape, in the order of training.synth.SHAPES.
 _PALETTE = ("#FF6B6B", "#4D96FF", "#6BCB77", "#FFD93D", "#B983FF", "#FF9F45", "#20C997")
@@ -31,17 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "with interactive pre-annotation on. Prints the project URL."
         ),
     )
-    p.add_argument(
-        "--url",
-        default=os.environ.get("LABEL_STUDIO_URL"),
-        help="Label Studio URL (default: $LABEL_STUDIO_URL)",
-    )
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("LABEL_STUDIO_API_KEY"),
-        help="Label Studio API key: Account & Settings -> Access Token "
-        "(default: $LABEL_STUDIO_API_KEY)",
-    )
+    add_label_studio_options(p)
     p.add_argument(
         "--backend-url",
         default="http://localhost:9090",

@@ -191,6 +191,17 @@ def api(ls: dict, method: str, path: str, **kwargs) -> requests.Response:
     return reply
 
 
+def wait_for_project_version(ls: dict, project: int, version: str, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    seen = None
+    while time.time() < deadline:
+        seen = api(ls, "GET", f"/api/projects/{project}").json()["model_version"]
+        if seen == version:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"project {project} model_version is {seen!r}, expected {version!r}")
+
+
 def project_tasks(ls: dict, project: int) -> list[dict]:
     reply = api(ls, "GET", f"/api/tasks?project={project}&page_size=100").json()
     return reply["tasks"] if isinstance(reply, dict) else reply
@@ -304,6 +315,14 @@ def test_predictions_stored_in_label_studio(ls, backend, images):
     v = one["value"]
     box = frames.percent_to_pixel(frames.PercentRect(v["x"], v["y"], v["width"], v["height"]), W, H)
     assert frames.box_iou(box, BOX1) > 0.8
+    # Label Studio set the project's model_version to the backend's title; once this
+    # version's predictions are stored the backend points it at the served version, which
+    # the editor and the Data Manager's "Prediction score" column filter by
+    wait_for_project_version(ls, project, version)
+    listed = api(ls, "GET", f"/api/tasks?project={project}&fields=all&page_size=100").json()
+    scores = {t["id"]: t.get("predictions_score") for t in listed["tasks"]}
+    for t in tasks:
+        assert scores[t["id"]] == pytest.approx(stored[t["id"]]["score"], abs=1e-4), scores
     # a second "retrieve" skips tasks already predicted with this model version
     api(
         ls,
@@ -408,6 +427,18 @@ def test_predictions_stored_in_label_studio(ls, backend, images):
             p["model_version"] for p in api(ls, "GET", f"/api/predictions?task={t['id']}").json()
         }
         assert versions_seen == {version, new_version}, (t["id"], versions_seen)
+    wait_for_project_version(ls, project, new_version)  # the editor shows the new ones
+    # a version chosen by hand in Label Studio (here: imported predictions) is left alone
+    api(
+        ls,
+        "POST",
+        "/api/predictions",
+        json={"task": tasks[0]["id"], "result": [], "score": 0.5, "model_version": "imported-v1"},
+    )
+    api(ls, "PATCH", f"/api/projects/{project}", json={"model_version": "imported-v1"})
+    api(ls, "GET", f"/api/ml?project={project}")  # Label Studio calls /setup again
+    time.sleep(2)
+    assert api(ls, "GET", f"/api/projects/{project}").json()["model_version"] == "imported-v1"
 
     # the access token /setup received was used (the upload) but never logged
     log = backend["process"].log.read_text()
