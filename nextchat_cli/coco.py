@@ -133,6 +133,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-records", type=int, default=None, help="evaluate at most this many records"
     )
     p.add_argument("-o", "--out", type=Path, help="write the JSON report here")
+    p.add_argument(
+        "--reliability",
+        type=Path,
+        metavar="PNG",
+        help="with --checkpoint: write the region scores' reliability diagram here",
+    )
     p.set_defaults(func=_evaluate)
 
 
@@ -239,6 +245,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         load_scored_refexps,
     )
 
+    if args.reliability is not None and args.checkpoint is None:
+        raise ValueError("--reliability needs --checkpoint (the scores of a model's regions)")
     coco_mode = args.gt is not None or args.dt is not None
     if coco_mode == (args.refexp is not None):
         raise ValueError("give either --gt and --dt (COCO mode) or --refexp RECORDS.jsonl")
@@ -262,6 +270,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         samples = read_refexp_jsonl(args.refexp, predictor.config)
         report = evaluate_predictor(predictor, samples, max_records=args.max_records)
         text = format_refexp_report(report) + "\n" + format_task_report(report)
+        if args.reliability is not None:
+            from labelstudio.coco.evaluate import reliability_diagram
+
+            reliability_diagram(report["confidence"], args.reliability, args.refexp.name)
+            text += f"\nwrote {args.reliability}"
     else:
         records = load_scored_refexps(args.refexp)
         report = evaluate_refexp(records, iou_threshold=args.iou_threshold)

@@ -918,3 +918,25 @@ def test_stock_cocoeval_runs_bbox_and_segm_on_an_export(tmp_path):
     (back,) = import_coco(gt, instances_as="annotations")
     kinds = sorted(r["type"] for r in back["annotations"][0]["result"])
     assert kinds == ["brushlabels", "brushlabels", "rectanglelabels"]
+
+
+def test_score_quality_auroc_ece_and_diagram(tmp_path):
+    from labelstudio.coco.evaluate import reliability_diagram, score_quality
+
+    # perfectly separating and calibrated-ish: right ones score high
+    q = score_quality([0.95, 0.9, 0.85, 0.2, 0.1], [True, True, True, False, False])
+    assert q["auroc"] == 1.0 and q["n_regions"] == 5 and q["n_correct"] == 3
+    # every score the same (today's p(<at>) of about 1): chance, and badly calibrated
+    q = score_quality([1.0] * 4, [True, False, False, False])
+    assert q["auroc"] == 0.5 and q["ece"] == pytest.approx(0.75)
+    # reversed: 0
+    assert score_quality([0.1, 0.9], [True, False])["auroc"] == 0.0
+    assert score_quality([0.5], [True])["auroc"] is None  # one kind only
+    q = score_quality([0.05, 0.15, 0.95], [False, False, True], bins=10)
+    assert [row[2] for row in q["reliability"]] == [1, 1, 1]
+    assert q["ece"] == pytest.approx((0.05 + 0.15 + 0.05) / 3)
+    path = tmp_path / "rel.png"
+    reliability_diagram(q, path, "test")
+    assert Image.open(path).size == (480, 480)
+    with pytest.raises(ValueError, match="2 scores for 1"):
+        score_quality([0.1, 0.2], [True])

@@ -181,6 +181,8 @@ def test_evaluation_scores_absent_prompts_captions_and_yes_no(tmp_path):
     assert report["absent_no_box_rate"] == 1.0
     assert report["caption_acc"] == 1.0 and report["yes_no_acc"] == 1.0
     assert report["rec_acc"] == 1.0
+    assert report["present_with_region_rate"] == 1.0
+    assert report["confidence"]["n_correct"] == report["confidence"]["n_regions"] > 0
 
     def always_a_box_and_yes(q, images):
         return Answer(
@@ -189,6 +191,10 @@ def test_evaluation_scores_absent_prompts_captions_and_yes_no(tmp_path):
 
     report = evaluate_predictor(_ScriptedPredictor(always_a_box_and_yes), samples, with_masks=False)
     assert report["absent_no_box_rate"] == 0.0 and report["caption_acc"] == 0.0
+    # a region for every prompt, absent objects included, all of them wrong
+    conf = report["confidence"]
+    assert conf["n_regions"] == report["n_box_records"] + report["n_absent"]
+    assert conf["n_correct"] == 0 and conf["auroc"] is None and conf["ece"] == 1.0
     yes = [r for r in samples.records if r.task == "chat" and r.answer.startswith("Yes")]
     assert report["yes_no_acc"] == pytest.approx(len(yes) / report["n_yes_no"])
 

@@ -21,7 +21,8 @@ from typing import Any, cast
 
 import numpy as np
 
-from labelstudio.coco.evaluate import ScoredRefExp, evaluate_refexp
+from labelstudio.coco.evaluate import ScoredRefExp, evaluate_refexp, score_quality
+from nextchat_core import frames
 from nextchat_core.image_processing import load_image
 from nextchat_core.predictor import NextChatPredictor, Query, Task
 
@@ -53,16 +54,23 @@ def evaluate_predictor(
             "without boxes), 'caption' records or yes/no 'chat' records"
         )
     start = time.perf_counter()
+    regions: list[tuple[float, bool]] = []  # (best region's score, right?) per prompt
     report: dict[str, Any] = (
-        _score_rec(predictor, recs, batch_size=batch_size, with_masks=with_masks)
+        _score_rec(predictor, recs, batch_size=batch_size, with_masks=with_masks, regions=regions)
         if recs
         else evaluate_refexp([])
     )
+    report["present_with_region_rate"] = (
+        len(regions) / len(recs) if recs else None
+    )  # prompts for objects that are there which got at least one region
     answers = _answers(predictor, absent, "ground", batch_size)
     report["n_absent"] = len(absent)
     report["absent_no_box_rate"] = (
         float(np.mean([not a.detections for a in answers])) if absent else None
     )
+    # any region for an object that is not there is a wrong one
+    regions += [(max(d.score for d in a.detections), False) for a in answers if a.detections]
+    report["confidence"] = score_quality([r[0] for r in regions], [r[1] for r in regions])
     answers = _answers(predictor, captions, "caption", batch_size)
     report["n_captions"] = len(captions)
     report["caption_acc"] = (
@@ -98,6 +106,8 @@ def format_task_report(report: dict[str, Any]) -> str:
     def fmt(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.4f}"
 
+    conf = report.get("confidence") or {}
+
     return "\n".join(
         [
             f"absent: no box        {fmt(report.get('absent_no_box_rate'))} "
@@ -106,13 +116,25 @@ def format_task_report(report: dict[str, Any]) -> str:
             f"({report.get('n_captions', 0)} regions)",
             f"yes/no chat           {fmt(report.get('yes_no_acc'))} "
             f"({report.get('n_yes_no', 0)} questions)",
+            f"present: a region     {fmt(report.get('present_with_region_rate'))} "
+            "(prompts for objects that are there)",
+            f"score AUROC / ECE     {fmt(conf.get('auroc'))} / {fmt(conf.get('ece'))} "
+            f"({conf.get('n_regions', 0)} best regions: right = IoU >= 0.5, any for an absent "
+            "object is wrong)",
         ]
     )
 
 
 def _score_rec(
-    predictor: NextChatPredictor, recs: list[Record], *, batch_size: int, with_masks: bool
+    predictor: NextChatPredictor,
+    recs: list[Record],
+    *,
+    batch_size: int,
+    with_masks: bool,
+    regions: list[tuple[float, bool]],
 ) -> dict[str, Any]:
+    """Score the boxed ``rec`` records; appends to ``regions`` each answered record's
+    best-scored region with whether it is right (box IoU >= 0.5 with a true box)."""
     scored: list[ScoredRefExp] = []
     for i in range(0, len(recs), batch_size):
         chunk = recs[i : i + batch_size]
@@ -124,6 +146,11 @@ def _score_rec(
             batch_size=batch_size,
         )
         for rec, img, ans in zip(chunk, images, answers, strict=True):
+            if ans.detections:
+                best = max(ans.detections, key=lambda d: d.score)
+                truth = np.asarray(rec.boxes, dtype=np.float64).reshape(-1, 4)
+                right = max(frames.box_iou(best.box, t) for t in truth) >= 0.5
+                regions.append((float(best.score), bool(right)))
             w, h = _size(rec)
             gt_mask = None
             if with_masks and rec.masks is not None and all(m is not None for m in rec.masks):
