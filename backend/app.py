@@ -60,6 +60,7 @@ def create_app(
     store = store or ModelCache(settings)
     backend = NextChatBackend(settings, store, ProjectStore(settings.model_dir))
     app = Flask("nextchat_backend")
+    app.extensions["nextchat_backend"] = backend  # for tests and benches: its caches
     app.config["JSON_SORT_KEYS"] = False
     # Werkzeug refuses a larger body with 413 before it is read.
     app.config["MAX_CONTENT_LENGTH"] = int(settings.max_request_mb * 2**20)

@@ -93,6 +93,8 @@ class LabelPlan:
     prompt_area: ControlInfo | None
     caption_area: ControlInfo | None
     answer_area: ControlInfo | None
+    # KeyPointLabels on the image: the annotator's clicks for SAM (backend.refine).
+    keypoints: ControlInfo | None = None
 
     @property
     def region_controls(self) -> list[ControlInfo]:
@@ -217,6 +219,7 @@ def _plan_for(xml: str) -> LabelPlan:
         prompt_area=prompt,
         caption_area=caption,
         answer_area=answer,
+        keypoints=next((c for c in config.controls if c.tag == "keypointlabels"), None),
     )
 
 

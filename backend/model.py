@@ -5,6 +5,10 @@ task's prompts, fetch images (:mod:`labelstudio.images`), run the core predictor
 on the weights cached per process (:mod:`backend.model_cache`), and build results with
 ``labelstudio.results`` (:mod:`backend.results`).
 
+An interactive request that carries points or a box and no typed prompt, in a config
+with ``KeyPointLabels`` and ``BrushLabels``, is click refinement (:mod:`backend.refine`):
+SAM's mask for the clicks, no text prompt, no LLM.
+
 Prompts of a task, first match wins:
 
 1. the interactive context: the TextArea the annotator just typed
@@ -57,6 +61,7 @@ from training.versions import ModelVersion
 
 from .label_config import LabeledPrompt, LabelPlan, plan_for
 from .model_cache import ModelCache
+from .refine import ClickRefiner, RefineError, wants_refinement
 from .results import (
     LabeledDetection,
     answer_text,
@@ -132,6 +137,7 @@ class NextChatBackend:
         self._shown: set[tuple[str, str]] = set()
         self._showing: set[tuple[str, str]] = set()
         self._again: dict[tuple[str, str], tuple[float, ...]] = {}
+        self.refiner = ClickRefiner(store)
 
     # --------------------------------------------------------------------- setup
     def setup(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -202,6 +208,17 @@ class NextChatBackend:
         if not isinstance(params, dict):
             raise BackendError(400, f"'params' must be an object, got {type(params).__name__}")
         context = parse_context(params.get("context"), plan)
+        if context.prompt is None and wants_refinement(plan, context.regions):
+            try:  # clicks / a box for SAM, no text prompt: backend.refine
+                return self.refiner.predict(
+                    tasks,
+                    plan,
+                    context.regions,
+                    project=project,
+                    options=self._fetch_options(state, params),
+                )
+            except RefineError as exc:
+                raise BackendError(exc.status, exc.detail) from None
         if context.prompt is not None and project is not None:
             self._remember_prompt(project, context.prompt)
         version = self.store.current_version()

@@ -25,6 +25,9 @@ _REGION_CONTROL_TAGS = frozenset(
         "brush",
     }
 )
+# Controls whose results are prompts for the backend, not regions it fills: the
+# annotator's clicks of click refinement (Label Studio's SAM backends' KeyPointLabels).
+_PROMPT_CONTROL_TAGS = frozenset({"keypointlabels"})
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,8 @@ class LabelConfig:
 
     ``controls`` are in config order: region controls (``RectangleLabels``,
     ``PolygonLabels``, ``BrushLabels``, ``Labels``, ``Rectangle``, ``Polygon``, ``Brush``)
-    whose ``toName`` is an ``Image``, and ``TextArea`` controls. ``images`` maps each
+    and click-prompt controls (``KeyPointLabels``) whose ``toName`` is an ``Image``, and
+    ``TextArea`` controls. ``images`` maps each
     ``Image`` tag name to the task data key its ``value="$key"`` reads.
     """
 
@@ -135,7 +139,8 @@ def parse_label_config(xml: str) -> LabelConfig:
     for c in li.controls or []:
         tag = str(c.tag).lower()
         to_name = tuple(c.to_name or ())
-        if tag == "textarea" or (tag in _REGION_CONTROL_TAGS and any(n in images for n in to_name)):
+        on_image = any(n in images for n in to_name)
+        if tag == "textarea" or (tag in _REGION_CONTROL_TAGS | _PROMPT_CONTROL_TAGS and on_image):
             label_attrs = {
                 label: {str(k): str(v) for k, v in (tag_.attr or {}).items()}
                 for label, tag_ in (c.labels_attrs or {}).items()

@@ -142,14 +142,27 @@ def square_to_sam(boxes: Any, width: Any, height: Any, sam_size: int) -> Any:
     return pixel_to_sam(square_to_pixel(boxes, width, height), width, height, sam_size)
 
 
-def pixel_to_sam(boxes: Any, width: Any, height: Any, sam_size: int) -> Any:
-    """Original-pixel xyxy -> SAM input frame xyxy."""
+def _pixel_to_sam_affine(width: Any, height: Any, sam_size: int) -> tuple[Any, Any, Any, Any]:
+    """``(sx, sy, tx, ty)`` with SAM-frame ``x = x_px * sx + tx``, ``y = y_px * sy + ty``."""
     scale = sam_size / _maximum(width, height)
     new_w = _floor(width * scale + 0.5)
     new_h = _floor(height * scale + 0.5)
     pad_x = (sam_size - new_w) // 2
     pad_y = (sam_size - new_h) // 2
-    return _xyxy_affine(boxes, new_w / width, new_h / height, pad_x, pad_y)
+    return new_w / width, new_h / height, pad_x, pad_y
+
+
+def pixel_to_sam(boxes: Any, width: Any, height: Any, sam_size: int) -> Any:
+    """Original-pixel xyxy -> SAM input frame xyxy."""
+    return _xyxy_affine(boxes, *_pixel_to_sam_affine(width, height, sam_size))
+
+
+def points_pixel_to_sam(points: Any, width: int, height: int, sam_size: int) -> np.ndarray:
+    """Original-pixel points ``Nx2`` (x, y) -> SAM input frame ``Nx2``: the same mapping as
+    :func:`pixel_to_sam` (point prompts and box prompts land on the same pixels)."""
+    sx, sy, tx, ty = _pixel_to_sam_affine(width, height, sam_size)
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    return pts * np.array([sx, sy]) + np.array([tx, ty])
 
 
 def sam_to_pixel(boxes: Any, width: Any, height: Any, sam_size: int) -> Any:

@@ -115,6 +115,26 @@ class Query:
 
 
 @dataclass
+class SamImage:
+    """One image's SAM embedding, what :meth:`NextChatPredictor.segment` needs: computed
+    once per image by :meth:`NextChatPredictor.sam_image`, reused for every click.
+    ``embedding``: ``1xCxgxg``; ``width``/``height``: the original size in pixels."""
+
+    embedding: torch.Tensor
+    width: int
+    height: int
+
+
+@dataclass
+class Segment:
+    """The mask for one set of clicks/box: ``mask`` ``HxW`` bool at original resolution;
+    ``score``: SAM's predicted IoU of it, clamped to [0, 1]."""
+
+    mask: np.ndarray
+    score: float
+
+
+@dataclass
 class _Encoded:
     processed: ProcessedImage
     features: torch.Tensor  # 1xNxH
@@ -211,6 +231,82 @@ class NextChatPredictor:
             self._encode_sam([self._image])
         queries = [Query(0, p, task, boxes) for p in prompts]
         return self._answer([self._image], queries, with_masks=with_masks, **generate_kwargs)
+
+    # ------------------------------------------------------ click segmentation
+    def sam_image(self, image: Any) -> SamImage:
+        """SAM's image embedding of ``image`` (no vision tower, no LLM): the expensive part
+        of click segmentation, to compute once per image and keep."""
+        processed = self.processor(image)
+        with self._context():
+            _, sam_pixels = self.processor.tensors(
+                [processed], device=self.device, dtype=self._input_dtype
+            )
+            assert sam_pixels is not None  # tensors(sam=True) always returns them
+            embedding = self.model.encode_sam_images(sam_pixels)
+        return SamImage(embedding, processed.width, processed.height)
+
+    def segment(
+        self,
+        image: SamImage,
+        *,
+        points: Sequence[Sequence[float]] | np.ndarray | None = None,
+        point_labels: Sequence[int] | np.ndarray | None = None,
+        box: Sequence[float] | np.ndarray | None = None,
+    ) -> Segment:
+        """The mask SAM draws for clicks and/or a box on ``image``, as segment-anything's
+        ``SamPredictor.predict``: ``points`` ``Nx2`` original-pixel (x, y) with
+        ``point_labels`` ``N`` (1 positive, 0 negative), ``box`` original-pixel xyxy.
+
+        One lone click is ambiguous (part or whole?): as segment-anything advises, SAM's
+        three candidates are made and the one with the highest predicted IoU is kept;
+        with more prompts a single mask is asked for."""
+        w, h = image.width, image.height
+        size = self.config.sam.image_size
+        coords = labels = sam_box = None
+        n_points = 0
+        if points is not None or point_labels is not None:
+            pts = np.asarray(points if points is not None else [], dtype=np.float64)
+            lab = np.asarray(point_labels if point_labels is not None else [])
+            if pts.ndim != 2 or pts.shape[1:] != (2,) or lab.shape != (len(pts),):
+                raise ValueError(
+                    f"points must be Nx2 original-pixel (x, y) with N point_labels, got "
+                    f"points of shape {pts.shape} and labels of shape {lab.shape}"
+                )
+            if not np.isin(lab, (0, 1)).all():
+                raise ValueError(
+                    f"point_labels must be 1 (positive) or 0 (negative), got {lab.tolist()}"
+                )
+            out = (pts[:, 0] < 0) | (pts[:, 0] > w) | (pts[:, 1] < 0) | (pts[:, 1] > h)
+            if out.any():
+                raise ValueError(
+                    f"point {pts[out][0].tolist()} lies outside the {w}x{h} image "
+                    "(expected original-pixel x in [0, width], y in [0, height])"
+                )
+            n_points = len(pts)
+            if n_points:
+                sam_pts = frames.points_pixel_to_sam(pts, w, h, size)
+                coords = torch.tensor(sam_pts[None], dtype=torch.float32, device=self.device)
+                labels = torch.tensor(lab[None], dtype=torch.int, device=self.device)
+        if box is not None:
+            px = frames.check_pixel_box(box, w, h, what="box prompt", tolerance=0.5)
+            sam_box = torch.tensor(
+                frames.pixel_to_sam(frames.clip_boxes(px, w, h), w, h, size)[None],
+                dtype=torch.float32,
+                device=self.device,
+            )
+        if coords is None and sam_box is None:
+            raise ValueError("segment needs at least one point or a box")
+        with self._context():
+            m = self.model.predict_prompt_masks(
+                image.embedding,
+                point_coords=coords,
+                point_labels=labels,
+                box=sam_box,
+                multimask_output=n_points == 1 and sam_box is None,
+            )
+            best = int(m.iou_predictions.argmax())
+            full = frames.sam_mask_to_original(m.logits[best], SamGeometry(w, h, size)) > 0
+        return Segment(mask=full.cpu().numpy(), score=float(m.iou_predictions[best].clamp(0, 1)))
 
     # -------------------------------------------------------------- many images
     def predict_batch(

@@ -214,7 +214,9 @@ def test_every_shipped_config_takes_image_only_tasks_and_uploads(ls, images):
     """Each shipped config is accepted, and takes tasks that hold only an image: a JSON
     import without a prompt key and a direct file upload (which refuses configs with more
     than one data key)."""
-    assert {"boxes", "boxes_masks", "chat", "per_label_prompts"} <= set(SHIPPED_CONFIGS)
+    assert {"boxes", "boxes_masks", "chat", "click_masks", "per_label_prompts"} <= set(
+        SHIPPED_CONFIGS
+    )
     for name in SHIPPED_CONFIGS:
         reply = api(
             ls,

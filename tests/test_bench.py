@@ -108,3 +108,19 @@ def test_retrain_bench_runs_real_jobs_at_tiny(tmp_path, tiny_config, tiny_tokeni
         assert [(s["stage"], s["steps"]) for s in r["stages"]] == [(2, 2), (3, 2)]
         assert r["promoted"] and r["total_s"] >= sum(s["seconds"] for s in r["stages"])
     assert "samples/s" in out.stdout and "fixed cost" in out.stdout
+
+
+def test_click_latency_runs_on_the_bundled_model():
+    out = subprocess.run(
+        [sys.executable, "bench/click_latency.py", "--images", "1", "--clicks", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    # one image: its first click misses the embedding cache, the second click and the box hit
+    assert "embedding cache 2 miss / 2 hit" in out.stdout  # the warm-up image is the other miss
+    for row in ("first click on an image", "later clicks", "core: SAM image embedding alone"):
+        assert row in out.stdout, row

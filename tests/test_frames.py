@@ -32,6 +32,25 @@ def test_pixel_square_sam_round_trips(w, h):
     np.testing.assert_allclose(frames.pixel_to_square(t, w, h).numpy(), sq, atol=1e-9)
 
 
+@pytest.mark.parametrize(("w", "h"), SIZES)
+def test_click_points_land_where_box_corners_do(w, h):
+    """A click at a pixel and a box corner at that pixel reach SAM at the same place, and
+    the SAM frame maps back to the click (points_pixel_to_sam)."""
+    rng = np.random.default_rng(w + h)
+    pts = rng.uniform(0, [w, h], size=(12, 2))
+    for size in (64, 1024):
+        sam = frames.points_pixel_to_sam(pts, w, h, size)
+        corners = frames.pixel_to_sam(np.concatenate([pts, pts], axis=1), w, h, size)
+        np.testing.assert_allclose(sam, corners[:, :2], atol=1e-9)
+        back = frames.sam_to_pixel(np.concatenate([sam, sam], axis=1), w, h, size)[:, :2]
+        np.testing.assert_allclose(back, pts, atol=1e-6)
+        g = SamGeometry(w, h, size)  # the image's corners go to the resized image's corners
+        np.testing.assert_allclose(
+            frames.points_pixel_to_sam([[0, 0], [w, h]], w, h, size),
+            [[g.pad_x, g.pad_y], [g.pad_x + g.new_width, g.pad_y + g.new_height]],
+        )
+
+
 def test_square_frame_is_centered_padding():
     g = SquareGeometry(96, 64)
     assert (g.side, g.pad_x, g.pad_y) == (96, 0, 16)

@@ -254,6 +254,50 @@ class NextChatModel(nn.Module):
         )
         return MaskOutput(logits=logits[:, 0], iou_predictions=iou[:, 0].float())
 
+    def predict_prompt_masks(
+        self,
+        image_embedding: torch.Tensor,
+        *,
+        point_coords: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        box: torch.Tensor | None = None,
+        multimask_output: bool = False,
+    ) -> MaskOutput:
+        """SAM masks from the annotator's clicks and/or box on ONE image, without the LLM:
+        the released SAM prompt path (segment-anything's ``Sam.forward`` for one image).
+
+        ``image_embedding``: ``1xCxgxg``; ``point_coords``: ``1xNx2`` SAM-frame (x, y);
+        ``point_labels``: ``1xN``, 1 for a positive click, 0 for a negative one;
+        ``box``: ``1x4`` SAM-frame xyxy. ``multimask_output``: SAM's three candidate masks
+        (k = 3) instead of one (k = 1). Returns ``MaskOutput`` with ``kxSxS`` logits.
+        """
+        if point_coords is None and box is None:
+            raise ValueError("predict_prompt_masks needs point_coords (with point_labels) or a box")
+        if (point_coords is None) != (point_labels is None):
+            raise ValueError("point_coords and point_labels go together: pass both or neither")
+        cfg = self.config.sam
+        dtype = image_embedding.dtype
+        points = None
+        if point_coords is not None and point_labels is not None:
+            points = (point_coords.to(dtype), point_labels.to(torch.int))
+        sparse, dense = self.sam.prompt_encoder(
+            points=points, boxes=None if box is None else box.to(dtype), masks=None
+        )
+        low_res, iou = self.sam.mask_decoder(
+            image_embeddings=image_embedding,
+            image_pe=self.sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
+        logits = F.interpolate(
+            low_res.float(),
+            size=(cfg.image_size, cfg.image_size),
+            mode="bilinear",
+            align_corners=False,
+        )
+        return MaskOutput(logits=logits[0], iou_predictions=iou[0].float())
+
     # ------------------------------------------------------------------- training
     def forward(
         self,
