@@ -421,7 +421,10 @@ class _LeaseKeeper:
 
 
 def _settings(model_dir: str) -> Settings:
-    return Settings.from_env(model_dir=Path(model_dir))
+    """A worker's settings: the backend's, on CUDA when present unless NEXTCHAT_DEVICE says
+    otherwise (one worker per GPU: NEXTCHAT_DEVICE=cuda:N or CUDA_VISIBLE_DEVICES)."""
+    settings = Settings.from_env(model_dir=Path(model_dir))
+    return settings if settings.device else settings.with_overrides(device="auto")
 
 
 @shared_task(name=PRELABEL_PLAN_TASK, acks_late=True, reject_on_worker_lost=True)
