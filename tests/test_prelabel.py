@@ -218,6 +218,105 @@ def test_a_rerun_writes_nothing_and_retries_the_failed_task(ls, stack, images): 
     }
 
 
+@pytest.mark.labelstudio
+@pytest.mark.slow
+def test_cancel_then_restart_continues_where_it_stopped(ls, stack, images):  # noqa: F811
+    n = 96
+    tasks = [{"image": f"{images}/scene.png", "prompt": "all shapes"} for _ in range(n)]
+    project = _project(ls, tasks)
+    worker = stack["worker"]("w4")
+    reply = requests.post(stack["url"] + "/prelabel", json={"project": project}, timeout=10)
+    run_id = reply.json()["run"]["run_id"]
+    _wait(stack["url"], run_id, lambda r: r["done"] >= 8, 300, [stack["server"], worker])
+    cancel = requests.post(f"{stack['url']}/prelabel/{run_id}/cancel", timeout=10)
+    assert cancel.status_code == 200 and cancel.json()["run"]["state"] == "cancelled"
+    # Batches in flight finish (at most BATCH_SIZE tasks per worker); then nothing moves.
+    counts = [-1]
+    while True:
+        time.sleep(2.0)
+        counts.append(len(_predictions(ls, project)))
+        if counts[-1] == counts[-2]:
+            break
+    run = requests.get(stack["url"] + "/prelabel", params={"run": run_id}, timeout=10).json()
+    run = run["runs"][0]
+    assert run["state"] == "cancelled" and run["done"] == counts[-1] < n, (run, counts)
+
+    restart = _cli(stack, "prelabel", "--project", str(project))
+    assert restart.returncode == 0, restart.stdout + restart.stderr
+    assert f"{n - counts[-1]} task(s) to pre-label" in restart.stdout
+    assert f"{counts[-1]} already had this version's prediction" in restart.stdout
+    stored = _predictions(ls, project)
+    assert len(stored) == n and all(len(p) == 1 for p in stored.values())
+
+
+@pytest.mark.labelstudio
+@pytest.mark.slow
+def test_a_promoted_version_pre_labels_the_unannotated_tasks(ls, stack, images):  # noqa: F811
+    tasks = [{"image": f"{images}/scene.png", "prompt": "all shapes"} for _ in range(6)]
+    project = _project(ls, tasks)
+    ids = _task_ids(ls, project)
+    served_before = requests.get(stack["url"] + "/health", timeout=10).json()["model_version"]
+    box = {"x": 12.5, "y": 12.5, "width": 33.3, "height": 50.0, "rotation": 0}
+    annotation = {
+        "result": [
+            {
+                "from_name": "label",
+                "to_name": "image",
+                "type": "rectanglelabels",
+                "original_width": 96,
+                "original_height": 64,
+                "value": {**box, "rectanglelabels": ["Shape"]},
+            }
+        ]
+    }
+    annotated = ids[:2]
+    for tid in annotated:
+        api(ls, "POST", f"/api/tasks/{tid}/annotations", json=annotation)
+    env = {
+        **stack["env"],
+        "PRELABEL_ON_PROMOTE": "1",
+        "PROMOTE_POLICY": "always",
+        "RETRAIN_EVERY": "0",
+        "RETRAIN_MIN_TASKS": "1",
+        "RETRAIN_STAGES": "2",
+        "RETRAIN_MAX_STEPS": "3",
+        "RETRAIN_BATCH_SIZE": "2",
+    }
+    worker = Proc(
+        [sys.executable, "-m", "nextchat_cli", "worker", "--queues", "retrain,prelabel"],
+        env,
+        stack["root"] / "retrain-worker.log",
+    )
+    try:
+        worker.wait_for_log("ready.", timeout=180)
+        out = subprocess.run(
+            [sys.executable, "-m", "nextchat_cli", "retrain", str(project)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        store = PrelabelStore(Path(env["MODEL_DIR"]))
+        deadline = time.monotonic() + 400
+        runs: list = []
+        while time.monotonic() < deadline:
+            runs = [r for r in store.runs(str(project)) if r.options.started_by == "promotion"]
+            if runs and runs[0].state not in ("planning", "running"):
+                break
+            time.sleep(1.0)
+        assert runs and runs[0].state == "done", (runs, worker.tail())
+    finally:
+        worker.stop()
+    new_version = runs[0].model_version
+    served = requests.get(stack["url"] + "/health", timeout=10).json()["model_version"]
+    assert new_version == served != served_before
+    assert runs[0].options.selection == "unannotated"
+    stored = _predictions(ls, project)
+    with_new = {t for t, ps in stored.items() if any(p["model_version"] == new_version for p in ps)}
+    assert with_new == set(ids) - set(annotated)
+
+
 def test_post_prelabel_rejects_bad_requests(tmp_path, tiny_config, tiny_tokenizer):
     from backend.app import create_app
     from backend.prelabel import connection
