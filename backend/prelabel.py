@@ -196,6 +196,8 @@ def enqueue_chunk(run_id: str, chunk: int, settings: Settings) -> None:
         time_limit=settings.prelabel_time_limit,
         soft_time_limit=max(1, settings.prelabel_time_limit - 30),
     )
+    # A planner that dies before this leaves the chunk for sweep() to enqueue.
+    PrelabelStore(settings.model_dir).mark_enqueued(run_id, chunk)
 
 
 def sweep(settings: Settings) -> int:
@@ -207,7 +209,8 @@ def sweep(settings: Settings) -> int:
     for run in store.active_runs():
         for chunk in store.stale_chunks(run.run_id, settings.prelabel_lease_s):
             log.warning(
-                "run %s: chunk %d's worker stopped renewing its lease: enqueued again",
+                "run %s: chunk %d's worker stopped renewing its lease (or its planner died "
+                "before enqueuing it): enqueued again",
                 run.run_id,
                 chunk,
             )

@@ -317,6 +317,54 @@ def test_a_promoted_version_pre_labels_the_unannotated_tasks(ls, stack, images):
     assert with_new == set(ids) - set(annotated)
 
 
+@pytest.mark.labelstudio
+@pytest.mark.slow
+def test_a_view_and_a_typed_prompt(ls, stack, images):  # noqa: F811
+    tasks = [{"image": f"{images}/scene.png", "prompt": "all shapes"} for _ in range(6)]
+    project = _project(ls, tasks)
+    ids = _task_ids(ls, project)
+    view = api(
+        ls,
+        "POST",
+        "/api/dm/views",
+        json={
+            "project": project,
+            "data": {
+                "title": "last three",
+                "filters": {
+                    "conjunction": "and",
+                    "items": [
+                        {
+                            "filter": "filter:tasks:id",
+                            "operator": "greater",
+                            "type": "Number",
+                            "value": ids[2],
+                        }
+                    ],
+                },
+            },
+        },
+    ).json()["id"]
+    stack["worker"]("w5")
+    # The typed prompt wins over the tasks' own "all shapes": one box (the red circle).
+    out = _cli(
+        stack,
+        "prelabel",
+        "--project",
+        str(project),
+        "--view",
+        str(view),
+        "--prompt",
+        "the red circle",
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "3 task(s) to pre-label" in out.stdout
+    stored = _predictions(ls, project)
+    assert sorted(stored) == ids[3:]
+    for [p] in stored.values():
+        assert [r["type"] for r in p["result"]] == ["rectanglelabels"], p["result"]
+
+
 def test_post_prelabel_rejects_bad_requests(tmp_path, tiny_config, tiny_tokenizer):
     from backend.app import create_app
     from backend.prelabel import connection
@@ -355,9 +403,10 @@ def _planned(tmp_path: Path, n: int = 4, chunk_size: int = 2) -> tuple[PrelabelS
     store = PrelabelStore(tmp_path)
     run = store.create_run("5", "v1", RunOptions(chunk_size=chunk_size))
     tasks = [{"id": i, "data": {"image": f"/img/{i}.png"}} for i in range(1, n + 1)]
-    assert store.add_tasks(run.run_id, tasks, skipped=0, chunk_size=chunk_size) == -(
-        -n // chunk_size
-    )
+    n_chunks = store.add_tasks(run.run_id, tasks, skipped=0, chunk_size=chunk_size)
+    assert n_chunks == -(-n // chunk_size)
+    for chunk in range(n_chunks):  # as the planner does once it handed them to the broker
+        store.mark_enqueued(run.run_id, chunk)
     return store, run.run_id
 
 
@@ -378,6 +427,17 @@ def test_claims_are_exclusive_and_a_dead_owners_tasks_are_taken_over_with_a_chec
     p = store.progress(run)
     assert (p.done, p.failed, p.pending, p.state) == (1, 1, 2, "running")
     assert p.failures == [{"task": 2, "error": "fetch: gone.png: 404"}]
+
+
+def test_chunks_a_dead_planner_never_enqueued_are_found(tmp_path):
+    store = PrelabelStore(tmp_path)
+    run = store.create_run("5", "v1", RunOptions(chunk_size=2))
+    tasks = [{"id": i, "data": {}} for i in range(1, 6)]
+    assert store.add_tasks(run.run_id, tasks, skipped=0, chunk_size=2) == 3
+    store.mark_enqueued(run.run_id, 0)  # the planner died after enqueuing chunk 0
+    assert store.stale_chunks(run.run_id, lease_s=60) == []  # planning was just now
+    assert store.stale_chunks(run.run_id, lease_s=0.0) == [1, 2]
+    assert store.stale_chunks(run.run_id, lease_s=0.0) == []  # handed over once
 
 
 def test_a_task_whose_worker_keeps_dying_fails_after_max_claims(tmp_path):

@@ -70,7 +70,7 @@ CREATE INDEX IF NOT EXISTS tasks_run ON tasks (run_id, chunk, state);
 CREATE TABLE IF NOT EXISTS chunks (
     run_id TEXT NOT NULL,
     chunk INTEGER NOT NULL,
-    enqueued_at REAL NOT NULL,
+    enqueued_at REAL,                 -- NULL: recorded, not yet handed to the broker
     PRIMARY KEY (run_id, chunk)
 );
 """
@@ -323,10 +323,17 @@ class PrelabelStore:
             )
             for i in range(chunk):
                 db.execute(
-                    "INSERT OR REPLACE INTO chunks (run_id, chunk, enqueued_at) VALUES (?, ?, ?)",
-                    (run_id, i, now),
+                    "INSERT OR REPLACE INTO chunks (run_id, chunk, enqueued_at) VALUES (?, ?, NULL)",
+                    (run_id, i),
                 )
         return chunk
+
+    def mark_enqueued(self, run_id: str, chunk: int) -> None:
+        with self._connect() as db:
+            db.execute(
+                "UPDATE chunks SET enqueued_at=? WHERE run_id=? AND chunk=?",
+                (time.time(), run_id, chunk),
+            )
 
     # ---------------------------------------------------------------- the workers
     def claim(self, run_id: str, chunk: int, owner: str, lease_s: float) -> list[ClaimedTask]:
@@ -440,8 +447,9 @@ class PrelabelStore:
         return True
 
     def stale_chunks(self, run_id: str, lease_s: float) -> list[int]:
-        """Chunks holding a task whose worker's lease ran out, not re-enqueued within a
-        lease; marked re-enqueued now (the caller hands them to the broker)."""
+        """Chunks to hand to the broker again: those holding a task whose worker's lease
+        ran out (not re-enqueued within a lease), and those a planner recorded but died
+        before enqueuing (a lease after planning). Marked enqueued now."""
         now = time.time()
         with self._connect() as db:
             rows = db.execute(
@@ -450,7 +458,12 @@ class PrelabelStore:
                 "AND c.enqueued_at<?",
                 (run_id, now, now - lease_s),
             ).fetchall()
-            chunks = [r[0] for r in rows]
+            rows += db.execute(
+                "SELECT c.chunk FROM chunks c JOIN runs r ON r.run_id=c.run_id WHERE "
+                "c.run_id=? AND c.enqueued_at IS NULL AND r.started_at<?",
+                (run_id, now - lease_s),
+            ).fetchall()
+            chunks = sorted({r[0] for r in rows})
             for c in chunks:
                 db.execute(
                     "UPDATE chunks SET enqueued_at=? WHERE run_id=? AND chunk=?", (now, run_id, c)
