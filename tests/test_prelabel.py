@@ -6,8 +6,9 @@ worker --queues prelabel`` processes; images from a local HTTP server. Nothing m
 The model is the tiny overfit checkpoint of test_backend_support.py (answers "all shapes"
 with two boxes of the 96x64 scene), so the run's mechanics are under test, not accuracy.
 :data:`N_TASKS` is the issue's 200 (chunks of 8, model batches of 4: 25 chunks, so every
-worker runs several and the kill lands mid-run); the whole file took 96 s on 2 shared CPU
-cores, 43 s of it Label Studio's first start. The store's claim rules have fast tests of their own
+worker runs several and the kill lands mid-run); the whole file took 96 s on 2 CPU cores
+shared with one training run (43 s of it Label Studio's first start), 18 min when three
+other engineers' test servers shared them too. The store's claim rules have fast tests of their own
 at the end (no server).
 """
 
