@@ -8,6 +8,10 @@ Routes (request / reply shapes as Label Studio 1.23 sends and expects them):
 * ``POST /webhook`` -> 200 ``{"status": "Unknown event"}``, or 201 for training events
 * ``GET /metrics`` -> ``{}``
 * ``GET /versions`` -> ``{"versions": [names], "current", "details"}``
+* ``POST /prelabel`` ``{project, selection?, view?, prompt?, version?, batch_size?,
+  chunk_size?}`` -> 202 ``{"run": {...progress}}``: pre-label a whole project on the
+  workers (:mod:`backend.prelabel`); ``GET /prelabel[?project=ID|run=ID]`` -> ``{"runs":
+  [progress]}``; ``POST /prelabel/<run>/cancel``
 
 Errors are JSON ``{"status": "error", "detail": ...}`` with a 4xx status for a bad
 request and 5xx for a server-side failure. With ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS``
@@ -30,12 +34,15 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from labelstudio.projects import ProjectStore, project_key
+from training.prelabel_runs import PrelabelStore, RunOptions
 from training.retrain import RetrainSettings
 from training.store import STORE_NAME
 from training.tasks import enqueue_pending, prepare_app
 
 from .model import BackendError, NextChatBackend, redact_paths
 from .model_cache import ModelCache
+from .prelabel import begin as begin_prelabel
+from .prelabel import sweep as sweep_prelabel
 from .settings import Settings
 from .webhook import TRAINING_EVENTS, handle_training_event, validate_webhook_payload
 
@@ -67,11 +74,12 @@ def create_app(
     predict_slots = threading.BoundedSemaphore(settings.predict_concurrency)
     app.extensions["nextchat"] = backend
     retrain = retrain or RetrainSettings.from_env(model_dir=settings.model_dir)
+    prelabel_runs = PrelabelStore(settings.model_dir)
     if settings.preload_model if preload is None else preload:
         store.warm_up_in_background()
     prepare_app()
     if enqueue_retry_s:
-        _start_pending_enqueuer(retrain, enqueue_retry_s)
+        _start_pending_enqueuer(retrain, settings, enqueue_retry_s)
 
     @app.before_request
     def _authenticate() -> Response | None:
@@ -175,6 +183,53 @@ def create_app(
             }
         )
 
+    @app.post("/prelabel")
+    def prelabel_start() -> tuple[Response, int]:
+        """Start pre-labeling a project on the workers; answers at once (a worker lists
+        the tasks), follow it with ``GET /prelabel?run=ID``."""
+        body = _json_object()
+        try:
+            project = project_key(body.pop("project", None))
+            if project is None:
+                raise ValueError("'project' (the Label Studio project id) is required")
+            version = body.pop("version", None)
+            if version is not None and not isinstance(version, str):
+                raise ValueError("'version' must be a model version name (GET /versions)")
+            options = RunOptions.from_dict({**body, "started_by": "http"})
+            run = begin_prelabel(
+                settings, project, options, version=version, plan_here=False, cache=store
+            )
+        except ValueError as exc:
+            raise BackendError(400, str(exc)) from None
+        except RuntimeError as exc:  # the broker cannot be reached
+            raise BackendError(503, str(exc)) from None
+        return jsonify({"run": prelabel_runs.progress(run.run_id).as_dict()}), 202
+
+    @app.get("/prelabel")
+    def prelabel_status() -> Response:
+        """Progress of the latest runs (``?project=ID``) or of one (``?run=ID``): done /
+        total, rate, ETA, failures with their reasons."""
+        run_id = request.args.get("run")
+        try:
+            if run_id:
+                return jsonify({"runs": [prelabel_runs.progress(run_id).as_dict()]})
+            project = request.args.get("project")
+            key = project_key(project) if project else None
+        except ValueError as exc:
+            raise BackendError(404 if run_id else 400, str(exc)) from None
+        runs = prelabel_runs.runs(key)
+        return jsonify(
+            {"runs": [prelabel_runs.progress(r.run_id, failures=10).as_dict() for r in runs]}
+        )
+
+    @app.post("/prelabel/<run_id>/cancel")
+    def prelabel_cancel(run_id: str) -> Response:
+        try:
+            run = prelabel_runs.cancel(run_id)
+        except ValueError as exc:
+            raise BackendError(404, str(exc)) from None
+        return jsonify({"run": prelabel_runs.progress(run.run_id).as_dict()})
+
     @app.get("/metrics")
     def metrics() -> Response:
         return jsonify({})
@@ -223,9 +278,12 @@ def create_app(
     return app
 
 
-def _start_pending_enqueuer(retrain: RetrainSettings, every: float) -> threading.Thread:
+def _start_pending_enqueuer(
+    retrain: RetrainSettings, settings: Settings, every: float
+) -> threading.Thread:
     """A daemon thread that hands jobs recorded while the broker was down to it once it
-    is back (duplicates are harmless: a job runs once, see training.retrain)."""
+    is back (duplicates are harmless: a job runs once, see training.retrain), and enqueues
+    again the pre-labeling chunks of dead workers (:func:`backend.prelabel.sweep`)."""
 
     def run() -> None:
         while True:
@@ -235,6 +293,10 @@ def _start_pending_enqueuer(retrain: RetrainSettings, every: float) -> threading
                     enqueue_pending(retrain.store, retrain.model_dir)
             except Exception as exc:  # keep retrying: the store or broker may come back
                 logger.warning("pending-job enqueuer: %s", exc)
+            try:
+                sweep_prelabel(settings)
+            except Exception as exc:  # the same: the next sweep tries again
+                logger.warning("pre-labeling sweep: %s", exc)
 
     thread = threading.Thread(target=run, name="nextchat-enqueuer", daemon=True)
     thread.start()

@@ -191,8 +191,17 @@ class NextChatBackend:
         return {"model_version": version.name}
 
     # ------------------------------------------------------------------- predict
-    def predict(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """``POST /predict``: one prediction per task, in task order."""
+    def predict(
+        self,
+        payload: dict[str, Any],
+        *,
+        version: ModelVersion | None = None,
+        prompt: str | None = None,
+    ) -> dict[str, Any]:
+        """``POST /predict``: one prediction per task, in task order. Batch pre-labeling
+        (:mod:`backend.prelabel`) passes the run's ``version`` (default: the one served
+        now) and its typed ``prompt`` (used as an interactive prompt would be, but not
+        remembered as the project's last one)."""
         t0 = time.perf_counter()
         tasks = _tasks(payload)
         project = _project(payload)
@@ -221,7 +230,12 @@ class NextChatBackend:
                 raise BackendError(exc.status, exc.detail) from None
         if context.prompt is not None and project is not None:
             self._remember_prompt(project, context.prompt)
-        version = self.store.current_version()
+        if prompt is not None:
+            problem = prompt_problem(prompt)
+            if problem:
+                raise BackendError(400, f"prompt: {problem}")
+            context = InteractiveContext(prompt=prompt, regions=context.regions)
+        version = version or self.store.current_version()
         if not tasks:
             return {"results": [], "model_version": version.name}
 

@@ -33,6 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         _worker,
     )
     p.add_argument("--concurrency", type=int, default=1, help="jobs at once (default 1)")
+    p.add_argument(
+        "--queues",
+        default="retrain",
+        help="what this worker runs: retrain, prelabel, or retrain,prelabel (default retrain; "
+        "one pre-labeling worker per GPU, or several on CPU)",
+    )
     p.add_argument("--loglevel", default="INFO")
     p.add_argument("--hostname", help="worker name (default nextchat@<host>)")
     p = add_model_dir_command(
@@ -80,14 +86,26 @@ def settings_for(args: argparse.Namespace):  # -> RetrainSettings (lazy import: 
 
 def _worker(args: argparse.Namespace) -> int:
     settings = settings_for(args)  # validates the environment before Celery starts
-    from training.celery_app import get_app
+    from training.celery_app import get_app, prelabel_queue, retrain_queue
 
+    names = {"retrain": retrain_queue(), "prelabel": prelabel_queue()}
+    wanted = [q.strip() for q in args.queues.split(",") if q.strip()]
+    if not wanted or any(q not in names for q in wanted):
+        raise ValueError(
+            f"--queues must list retrain and/or prelabel (comma-separated), got {args.queues!r}"
+        )
     app = get_app()
+    if "prelabel" in wanted:
+        import backend.prelabel  # registers the pre-labeling tasks  # noqa: F401
 
     argv = ["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.loglevel}"]
+    argv.append("--queues=" + ",".join(names[q] for q in wanted))
     argv += ["--pool=prefork", "--without-gossip", "--without-mingle"]
     argv.append(f"--hostname={args.hostname or 'nextchat@%h'}")
-    print(f"worker on MODEL_DIR {settings.model_dir}, broker {_redact(app.conf.broker_url)}")
+    print(
+        f"worker on MODEL_DIR {settings.model_dir}, broker {_redact(app.conf.broker_url)}, "
+        f"queues {', '.join(names[q] for q in wanted)}"
+    )
     app.worker_main(argv)
     return 0
 

@@ -20,6 +20,7 @@ _COMMAND_MODULES: list[str] = [
     "nextchat_cli.serve",
     "nextchat_cli.synth",
     "nextchat_cli.loop",
+    "nextchat_cli.prelabel",
     "nextchat_cli.demo_project",
 ]
 

@@ -864,8 +864,11 @@ def test_docker_compose_and_dockerfile():
     (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert _env(worker)["NEXTCHAT_DEVICE"] == "cuda"
+    prelabel = services["prelabel-worker"]
+    assert prelabel["command"] == ["nextchat", "worker", "--queues", "prelabel"]
+    assert _env(prelabel)["NEXTCHAT_DEVICE"] == "cuda"
     named = set(compose["volumes"])
-    for name in ("backend", "worker", "label-studio"):
+    for name in ("backend", "worker", "prelabel-worker", "label-studio"):
         for volume in services[name]["volumes"]:
             source = volume.split(":")[0]
             assert source in named or source.startswith("./"), volume
@@ -873,6 +876,7 @@ def test_docker_compose_and_dockerfile():
         v.split(":")[1] for v in worker["volumes"]
     }
     assert benv["MODEL_DIR"] in models  # backend and worker share the model versions
+    assert benv["MODEL_DIR"] in {v.split(":")[1] for v in prelabel["volumes"]}
     assert backend["healthcheck"]["test"]
     dockerfile = (repo / backend["build"]["context"] / backend["build"]["dockerfile"]).read_text()
     assert "nextchat" in dockerfile and "serve" in dockerfile and "EXPOSE 9090" in dockerfile

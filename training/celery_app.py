@@ -5,7 +5,7 @@ environment.
 Unset: Celery's SQLAlchemy transport on SQLite under ``MODEL_DIR`` (``celery-broker.sqlite``),
 so a single machine needs no Redis. ``CELERY_RESULT_BACKEND``: default the Redis broker's
 URL, else SQLite under ``MODEL_DIR``. ``CELERY_QUEUE`` (default ``nextchat``) names the
-queue; ``CELERY_VISIBILITY_TIMEOUT`` (seconds, Redis; default ``RETRAIN_TIME_LIMIT`` + 5
+retraining queue, ``PRELABEL_QUEUE`` (default ``<CELERY_QUEUE>-prelabel``) pre-labeling's; ``CELERY_VISIBILITY_TIMEOUT`` (seconds, Redis; default ``RETRAIN_TIME_LIMIT`` + 5
 min) is how long an unacknowledged job waits before it is handed to another worker (a
 killed worker's job comes back then; workers look for such jobs every ~10 s after start,
 then every ~100 s).
@@ -29,6 +29,22 @@ from celery import Celery
 from training.versions import default_model_dir
 
 DEFAULT_QUEUE = "nextchat"
+# The pre-labeling tasks (backend.prelabel), named here so that any process can send them
+# by name: the backend, the CLI, and a retraining worker after a promotion.
+PRELABEL_PLAN_TASK = "nextchat.prelabel.plan"
+PRELABEL_CHUNK_TASK = "nextchat.prelabel.chunk"
+
+
+def retrain_queue() -> str:
+    """``CELERY_QUEUE`` (default ``nextchat``): the retraining jobs' queue."""
+    return os.environ.get("CELERY_QUEUE", "").strip() or DEFAULT_QUEUE
+
+
+def prelabel_queue() -> str:
+    """``PRELABEL_QUEUE`` (default ``<CELERY_QUEUE>-prelabel``): pre-labeling's own queue on
+    the same broker, so a long pre-labeling run and a retraining job never wait on each
+    other (``nextchat worker --queues prelabel`` consumes it)."""
+    return os.environ.get("PRELABEL_QUEUE", "").strip() or f"{retrain_queue()}-prelabel"
 
 
 def model_dir_from_env() -> Path:
@@ -61,7 +77,7 @@ def make_app() -> Celery:
     app = Celery(
         "nextchat", broker=broker, backend=result_backend(broker), include=["training.tasks"]
     )
-    queue = os.environ.get("CELERY_QUEUE", "").strip() or DEFAULT_QUEUE
+    queue = retrain_queue()
     transport: dict[str, object] = {}
     if broker.startswith(("redis://", "rediss://")):
         visibility = os.environ.get("CELERY_VISIBILITY_TIMEOUT", "").strip()

@@ -411,8 +411,11 @@ def _gate_and_promote(
     old, new = meta["eval_old"], meta["eval_new"]
     promote, why = gate(old, new, settings.policy, settings.tolerance)
     served = versions.read_current_version(settings.model_dir)
+    prelabel: dict[str, Any] | None = None
     if promote and served != name:
         versions.promote(settings.model_dir, name, reason=f"retrain job {meta['job_id']}: {why}")
+        if settings.prelabel_on_promote:
+            prelabel = _prelabel_unannotated(settings, str(meta["project"]), name)
     elif promote:
         log.info("version %s is already served", name)
     removed = versions.prune_versions(settings.model_dir, settings.keep_versions)
@@ -435,7 +438,26 @@ def _gate_and_promote(
         "synced_from_label_studio": meta.get("synced_from_label_studio"),
         "pruned": removed,
         "resumed_after_publish": already,
+        "prelabel": prelabel,
     }
+
+
+def _prelabel_unannotated(settings: RetrainSettings, project: str, version: str) -> dict[str, Any]:
+    """``PRELABEL_ON_PROMOTE``: pre-label the project's unannotated tasks with the version
+    just promoted (a run planned by a pre-labeling worker). The job has succeeded either
+    way; a run that cannot start is reported in its result and the run's record."""
+    from .prelabel_runs import RunOptions, start_run
+
+    options = RunOptions(
+        selection="unannotated", chunk_size=settings.prelabel_chunk_size, started_by="promotion"
+    )
+    try:
+        run = start_run(settings.model_dir, project, version, options)
+    except RuntimeError as exc:
+        log.error("version %s promoted, but pre-labeling could not start: %s", version, exc)
+        return {"error": str(exc)}
+    log.info("version %s promoted: pre-labeling run %s started", version, run.run_id)
+    return {"run": run.run_id}
 
 
 def gate(

@@ -47,6 +47,14 @@ class ServiceSettings:
     fetch_deny_networks: tuple[str, ...] = DEFAULT_DENY_NETWORKS
     fetch_allow_networks: tuple[str, ...] = ()
     torch_threads: int | None = None  # TORCH_THREADS: CPU threads per process (torch default)
+    # Pre-labeling a whole project (backend.prelabel): tasks per worker job; how long a
+    # worker's claim on its tasks lasts without a heartbeat (a dead worker's tasks are
+    # taken over after this); seconds one chunk may run; and whether a promoted version
+    # re-pre-labels the project's unannotated tasks.
+    prelabel_chunk_size: int = 32  # PRELABEL_CHUNK_SIZE
+    prelabel_lease_s: float = 60.0  # PRELABEL_LEASE_S
+    prelabel_time_limit: int = 3600  # PRELABEL_TIME_LIMIT
+    prelabel_on_promote: bool = False  # PRELABEL_ON_PROMOTE
 
     @staticmethod
     def values_from_env(env: Mapping[str, str]) -> dict[str, Any]:
@@ -61,6 +69,10 @@ class ServiceSettings:
             "max_download_mb": env_float(env, "MAX_DOWNLOAD_MB", 200.0, lo=0.001, hi=1e6),
             "torch_threads": env_int(env, "TORCH_THREADS", 0, lo=0) or None,
             "fetch_allow_networks": env_networks(env, "FETCH_ALLOW_NETWORKS") or (),
+            "prelabel_chunk_size": env_int(env, "PRELABEL_CHUNK_SIZE", 32, lo=1),
+            "prelabel_lease_s": env_float(env, "PRELABEL_LEASE_S", 60.0, lo=1.0, hi=86400.0),
+            "prelabel_time_limit": env_int(env, "PRELABEL_TIME_LIMIT", 3600, lo=10),
+            "prelabel_on_promote": env_bool(env, "PRELABEL_ON_PROMOTE", False),
         }
         deny = env_networks(env, "FETCH_DENY_NETWORKS")
         if deny is not None:
