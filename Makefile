@@ -30,6 +30,6 @@ lint: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
 
-## Train the demo checkpoint (resumable; its first full run took 88 min wall on 2 shared CPU cores, docs/demo-recipe.md) and ship it to models/demo.
+## Train the demo checkpoint (resumable; wall time per phase of the shipped run: models/demo/metrics.json) and ship it to models/demo.
 demo-model: $(STAMP)
 	$(BIN)/python -m training.demo --out runs/demo --ship models/demo

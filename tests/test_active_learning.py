@@ -475,3 +475,17 @@ def test_loop_improves_held_out_prelabels_on_a_new_domain(loop_factory, tmp_path
     )
     assert after["acc50"] >= before["acc50"] + 0.30, (before, after)
     assert after["mean_iou"] > before["mean_iou"]
+
+
+def test_the_readme_loop_demo_table_is_generated_from_its_report():
+    # The README's loop-demo numbers and version names come from docs/loop-demo.json (a
+    # `nextchat loop-demo` report), never typed by hand.
+    from nextchat_cli.loop_demo import readme_table
+
+    repo = Path(__file__).resolve().parents[1]
+    report = json.loads((repo / "docs" / "loop-demo.json").read_text())
+    readme = (repo / "README.md").read_text()
+    start, end = "<!-- loop-demo -->\n", "\n<!-- /loop-demo -->"
+    block = readme[readme.index(start) + len(start) : readme.index(end)]
+    assert block == readme_table(report)
+    assert report["before"]["version"] in block and report["after"]["version"] in block
