@@ -454,7 +454,7 @@ def test_a_task_whose_worker_keeps_dying_fails_after_max_claims(tmp_path):
 
 def test_cancel_stops_claims_and_a_new_run_takes_the_rest(tmp_path):
     store, run = _planned(tmp_path, n=4, chunk_size=2)
-    [c.task_id for c in store.claim(run, 0, "a", lease_s=5)]
+    assert [c.task_id for c in store.claim(run, 0, "a", lease_s=5)] == [1, 2]
     store.mark_written(run, "a", {1: 0.9, 2: 0.8})
     assert store.cancel(run).state == "cancelled"
     assert store.claim(run, 1, "a", lease_s=5) == []
