@@ -19,8 +19,9 @@ regions (a ``labels`` result with the geometry in its value, as the generic ``<L
 tag writes it, too); a ``labels`` result without geometry adds its labels to the region
 with the same ``id``; ``textarea`` gives the prompt (per region when it shares the
 region's ``id``, else for the whole annotation). Classification-only types (choices,
-rating, relations, ...) carry no region and are skipped; other region types (ellipses,
-keypoints, video, text spans) and unknown types are errors.
+rating, relations, ...) and click-refinement points (``keypointlabels``: SAM prompts) carry
+no region and are skipped; other region types (ellipses, bare keypoints, video, text spans)
+and unknown types are errors.
 """
 
 from __future__ import annotations
@@ -56,12 +57,14 @@ _KIND_OF_TYPE: dict[str, RegionKind] = {
 _NON_REGION_TYPES = frozenset(
     {"choices", "taxonomy", "rating", "number", "datetime", "pairwise", "ranker", "relation"}
 )
+# The annotator's clicks of click refinement (label_configs/click_masks.xml): prompts for
+# SAM that stay in the annotation beside the mask they made, not objects to train on.
+_CLICK_PROMPT_TYPES = frozenset({"keypointlabels"})
 # Region types Label Studio knows that cannot become a box / polygon / mask instance.
 _UNSUPPORTED_REGION_TYPES = frozenset(
     {
         "ellipselabels",
         "ellipse",
-        "keypointlabels",
         "keypoint",
         "videorectangle",
         "timelinelabels",
@@ -187,7 +190,7 @@ def parse_results(
             if not isinstance(rtype, str):
                 raise ValueError(f"result has no 'type' string (expected one of {_SUPPORTED})")
             rtype = rtype.lower()
-            if rtype in _NON_REGION_TYPES:
+            if rtype in _NON_REGION_TYPES or rtype in _CLICK_PROMPT_TYPES:
                 logger.debug("task %s, region %s: skipping %s result", task_id, rid, rtype)
                 continue
             if rtype in _UNSUPPORTED_REGION_TYPES:

@@ -89,8 +89,9 @@ def artifacts(request, capsys) -> Path:
 
 
 @pytest.fixture()
-def page(chromium, tmp_path, artifacts) -> Iterator[Any]:
-    """A logged-out page of a fresh Chromium profile (its own user-data dir)."""
+def page(request, chromium, tmp_path, artifacts) -> Iterator[Any]:
+    """A logged-out page of a fresh Chromium profile (its own user-data dir); on failure
+    the page's last state is kept as ``failure.png`` and ``failure.html``."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -105,10 +106,10 @@ def page(chromium, tmp_path, artifacts) -> Iterator[Any]:
             page = context.pages[0] if context.pages else context.new_page()
             page.set_default_timeout(90_000)  # a loaded 2-core machine: be patient
             yield page
-        except BaseException:
-            if context.pages:
-                context.pages[0].screenshot(path=str(artifacts / "failure.png"))
-            raise
+            report = getattr(request.node, "rep_call", None)
+            if report is not None and report.failed:
+                page.screenshot(path=str(artifacts / "failure.png"))
+                (artifacts / "failure.html").write_text(page.content())
         finally:
             context.close()
 
