@@ -249,6 +249,11 @@ def test_clicks_in_the_editor_get_sam_masks(ls, backend, page, artifacts, tmp_pa
     shown = page.locator("img[src^='blob:']").first.bounding_box()
 
     def click(x_px: float, y_px: float, *, alt: bool = False) -> tuple[dict, dict]:
+        # Label Studio unselects the label after each new point: pick it again, as an
+        # annotator does (or keeps it with the editor setting "Keep label selected").
+        chip = page.locator(".lsf-label", has_text="Car").nth(1)
+        if "lsf-label_selected" not in (chip.get_attribute("class") or ""):
+            chip.click()
         x = shown["x"] + shown["width"] * x_px / W
         y = shown["y"] + shown["height"] * y_px / H
         with page.expect_response(lambda r: "/interactive-annotating" in r.url) as asked:
@@ -269,9 +274,6 @@ def test_clicks_in_the_editor_get_sam_masks(ls, backend, page, artifacts, tmp_pa
     assert ls_rle_to_mask(mask["value"]["rle"], W, H).shape == (H, W)
     assert _suggestions(page) == 1
     page.screenshot(path=str(artifacts / "3-first-click.png"))
-    # The editor draws the suggested mask after the count shows; a click before it is
-    # done is taken by the drawing, not by the keypoint tool (seen on a loaded machine).
-    page.wait_for_timeout(3000)
 
     sent, data = click(70, 40, alt=True)  # Alt + click: a point to leave out
     points = sent["context"]["result"]
