@@ -37,7 +37,7 @@ import numpy as np
 from nextchat_core import frames
 from nextchat_core.masks import mask_to_box, polygon_to_mask
 
-from .config import LabelConfig, RegionKind
+from .config import CLICK_PROMPT_TAGS, LabelConfig, RegionKind
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +57,6 @@ _KIND_OF_TYPE: dict[str, RegionKind] = {
 _NON_REGION_TYPES = frozenset(
     {"choices", "taxonomy", "rating", "number", "datetime", "pairwise", "ranker", "relation"}
 )
-# The annotator's clicks of click refinement (label_configs/click_masks.xml): prompts for
-# SAM that stay in the annotation beside the mask they made, not objects to train on.
-_CLICK_PROMPT_TYPES = frozenset({"keypointlabels"})
 # Region types Label Studio knows that cannot become a box / polygon / mask instance.
 _UNSUPPORTED_REGION_TYPES = frozenset(
     {
@@ -190,7 +187,7 @@ def parse_results(
             if not isinstance(rtype, str):
                 raise ValueError(f"result has no 'type' string (expected one of {_SUPPORTED})")
             rtype = rtype.lower()
-            if rtype in _NON_REGION_TYPES or rtype in _CLICK_PROMPT_TYPES:
+            if rtype in _NON_REGION_TYPES or rtype in CLICK_PROMPT_TAGS:
                 logger.debug("task %s, region %s: skipping %s result", task_id, rid, rtype)
                 continue
             if rtype in _UNSUPPORTED_REGION_TYPES:
