@@ -28,7 +28,7 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from labelstudio.config import ControlInfo, LabelConfig, parse_label_config
+from labelstudio.config import CLICK_PROMPT_TAGS, ControlInfo, LabelConfig, parse_label_config
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 # Words that say nothing about which label is meant ("all cars" vs "all people").
@@ -219,7 +219,7 @@ def _plan_for(xml: str) -> LabelPlan:
         prompt_area=prompt,
         caption_area=caption,
         answer_area=answer,
-        keypoints=next((c for c in config.controls if c.tag == "keypointlabels"), None),
+        keypoints=next((c for c in config.controls if c.tag in CLICK_PROMPT_TAGS), None),
     )
 
 

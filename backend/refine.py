@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from labelstudio.config import CLICK_PROMPT_TAGS
 from labelstudio.images import FetchOptions, TaskError, fetch_images
 from labelstudio.results import LabelStudioFormatError, brush_result, image_reference
 from nextchat_core import frames
@@ -48,7 +49,8 @@ logger = logging.getLogger(__name__)
 # back and forth between, for 64 MiB.
 EMBEDDINGS_KEPT = 16
 
-PROMPT_TYPES = ("keypointlabels", "rectanglelabels")
+# Context result types that are SAM prompts: the clicks and the box.
+PROMPT_TYPES = CLICK_PROMPT_TAGS | {"rectanglelabels"}
 
 
 class RefineError(Exception):
@@ -100,7 +102,7 @@ def click_prompts(
         value = r.get("value")
         if not isinstance(value, dict):
             raise ValueError(f"context result {i} ({kind}) has no 'value' object")
-        if kind == "keypointlabels":
+        if kind in CLICK_PROMPT_TAGS:
             x, y = _numbers(value, ("x", "y"), i, kind)
             positive = r.get("is_positive", True)
             if not isinstance(positive, bool):

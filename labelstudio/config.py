@@ -25,9 +25,10 @@ _REGION_CONTROL_TAGS = frozenset(
         "brush",
     }
 )
-# Controls whose results are prompts for the backend, not regions it fills: the
-# annotator's clicks of click refinement (Label Studio's SAM backends' KeyPointLabels).
-_PROMPT_CONTROL_TAGS = frozenset({"keypointlabels"})
+# Controls (and result types) that are prompts for the backend, not regions: the
+# annotator's clicks of click refinement (Label Studio's SAM backends' KeyPointLabels),
+# kept in the annotation beside the mask they made, never objects to train on.
+CLICK_PROMPT_TAGS = frozenset({"keypointlabels"})
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def parse_label_config(xml: str) -> LabelConfig:
         tag = str(c.tag).lower()
         to_name = tuple(c.to_name or ())
         on_image = any(n in images for n in to_name)
-        if tag == "textarea" or (tag in _REGION_CONTROL_TAGS | _PROMPT_CONTROL_TAGS and on_image):
+        if tag == "textarea" or (tag in _REGION_CONTROL_TAGS | CLICK_PROMPT_TAGS and on_image):
             label_attrs = {
                 label: {str(k): str(v) for k, v in (tag_.attr or {}).items()}
                 for label, tag_ in (c.labels_attrs or {}).items()

@@ -19,8 +19,9 @@ regions (a ``labels`` result with the geometry in its value, as the generic ``<L
 tag writes it, too); a ``labels`` result without geometry adds its labels to the region
 with the same ``id``; ``textarea`` gives the prompt (per region when it shares the
 region's ``id``, else for the whole annotation). Classification-only types (choices,
-rating, relations, ...) carry no region and are skipped; other region types (ellipses,
-keypoints, video, text spans) and unknown types are errors.
+rating, relations, ...) and click-refinement points (``keypointlabels``: SAM prompts) carry
+no region and are skipped; other region types (ellipses, bare keypoints, video, text spans)
+and unknown types are errors.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 from nextchat_core import frames
 from nextchat_core.masks import mask_to_box, polygon_to_mask
 
-from .config import LabelConfig, RegionKind
+from .config import CLICK_PROMPT_TAGS, LabelConfig, RegionKind
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,6 @@ _UNSUPPORTED_REGION_TYPES = frozenset(
     {
         "ellipselabels",
         "ellipse",
-        "keypointlabels",
         "keypoint",
         "videorectangle",
         "timelinelabels",
@@ -199,7 +199,7 @@ def parse_results(
             if not isinstance(rtype, str):
                 raise ValueError(f"result has no 'type' string (expected one of {_SUPPORTED})")
             rtype = rtype.lower()
-            if rtype in _NON_REGION_TYPES:
+            if rtype in _NON_REGION_TYPES or rtype in CLICK_PROMPT_TAGS:
                 logger.debug("task %s, region %s: skipping %s result", task_id, rid, rtype)
                 continue
             if rtype in _UNSUPPORTED_REGION_TYPES:

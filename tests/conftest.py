@@ -22,6 +22,15 @@ TINY_CORPUS = [
 ]
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test item (``item.rep_call``): fixtures that keep
+    artifacts (the browser test's screenshots) look at it to save the failing state."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _test_environment(tmp_path_factory):
     """In-process apps hand jobs to the broker named here: nothing listens on port 1, so

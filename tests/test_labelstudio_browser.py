@@ -89,8 +89,9 @@ def artifacts(request, capsys) -> Path:
 
 
 @pytest.fixture()
-def page(chromium, tmp_path, artifacts) -> Iterator[Any]:
-    """A logged-out page of a fresh Chromium profile (its own user-data dir)."""
+def page(request, chromium, tmp_path, artifacts) -> Iterator[Any]:
+    """A logged-out page of a fresh Chromium profile (its own user-data dir); on failure
+    the page's last state is kept as ``failure.png`` and ``failure.html``."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -105,10 +106,10 @@ def page(chromium, tmp_path, artifacts) -> Iterator[Any]:
             page = context.pages[0] if context.pages else context.new_page()
             page.set_default_timeout(90_000)  # a loaded 2-core machine: be patient
             yield page
-        except BaseException:
-            if context.pages:
-                context.pages[0].screenshot(path=str(artifacts / "failure.png"))
-            raise
+            report = getattr(request.node, "rep_call", None)
+            if report is not None and report.failed:
+                page.screenshot(path=str(artifacts / "failure.png"))
+                (artifacts / "failure.html").write_text(page.content())
         finally:
             context.close()
 
@@ -248,6 +249,11 @@ def test_clicks_in_the_editor_get_sam_masks(ls, backend, page, artifacts, tmp_pa
     shown = page.locator("img[src^='blob:']").first.bounding_box()
 
     def click(x_px: float, y_px: float, *, alt: bool = False) -> tuple[dict, dict]:
+        # Label Studio unselects the label after each new point: pick it again, as an
+        # annotator does (or keeps it with the editor setting "Keep label selected").
+        chip = page.locator(".lsf-label", has_text="Car").nth(1)
+        if "lsf-label_selected" not in (chip.get_attribute("class") or ""):
+            chip.click()
         x = shown["x"] + shown["width"] * x_px / W
         y = shown["y"] + shown["height"] * y_px / H
         with page.expect_response(lambda r: "/interactive-annotating" in r.url) as asked:
@@ -268,9 +274,6 @@ def test_clicks_in_the_editor_get_sam_masks(ls, backend, page, artifacts, tmp_pa
     assert ls_rle_to_mask(mask["value"]["rle"], W, H).shape == (H, W)
     assert _suggestions(page) == 1
     page.screenshot(path=str(artifacts / "3-first-click.png"))
-    # The editor draws the suggested mask after the count shows; a click before it is
-    # done is taken by the drawing, not by the keypoint tool (seen on a loaded machine).
-    page.wait_for_timeout(3000)
 
     sent, data = click(70, 40, alt=True)  # Alt + click: a point to leave out
     points = sent["context"]["result"]

@@ -285,3 +285,34 @@ def test_bad_clicks_and_missing_images_are_clear_errors(served, app_store):
     assert "outside the 96x64 image" in reply["detail"]
     reply = _click(client, f"{url}/missing.png", [keypoint(10, 10)], tid=9, status=502)
     assert "404" in reply["detail"]
+
+
+def test_an_annotation_made_by_clicks_is_stored_for_retraining(app_store, tmp_path):
+    """The accepted mask keeps its clicks beside it in the annotation: the webhook takes it
+    (the points are SAM prompts, not regions), the mask and the box are what is trained on."""
+    from labelstudio.results import brush_result, parse_results
+    from training.store import AnnotationStore
+
+    settings, store = app_store
+    settings = settings.with_overrides(model_dir=tmp_path / "md")
+    client = create_app(settings, store=store, preload=False).test_client()
+    _, circle, _ = scene()
+    mask = brush_result(circle, ["Car"], from_name="mask", region_id="m1")
+    result = [
+        keypoint(*pct(28, 24)),
+        keypoint(*pct(70, 40), positive=False),
+        box(10, 10, 40, 60),
+        mask,
+    ]
+    regions = parse_results(result, task_id=5)
+    assert sorted(r.kind for r in regions) == ["brush", "rectangle"]
+    body = {
+        "action": "ANNOTATION_CREATED",
+        "project": {"id": 3, "label_config": label_config(CONFIG)},
+        "task": {"id": 5, "data": {"image": "scene.png"}},
+        "annotation": {"id": 12, "result": result},
+    }
+    reply = client.post("/webhook", json=body)
+    assert reply.status_code == 201, reply.get_json()
+    [task] = AnnotationStore(settings.model_dir).export_tasks("3")
+    assert [a["id"] for a in task["annotations"]] == [12]
