@@ -22,11 +22,13 @@ import json
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .store import create_database, transaction
 
 STORE_NAME = "prelabel.sqlite"
 MAX_CLAIMS = 3  # a task claimed this often without finishing fails (its worker keeps dying)
@@ -177,26 +179,10 @@ class PrelabelStore:
     def __init__(self, model_dir: str | Path) -> None:
         self.path = Path(model_dir) / STORE_NAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=30)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
-        finally:
-            db.close()
+        create_database(self.path, _SCHEMA).close()
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("BEGIN IMMEDIATE")
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        finally:
-            db.close()
+    def _connect(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self.path)
 
     # ------------------------------------------------------------------------- runs
     def create_run(self, project_id: str, model_version: str, options: RunOptions) -> Run:

@@ -18,7 +18,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,16 +80,46 @@ class Job:
         return dict(self.__dict__)
 
 
+def create_database(path: Path, schema: str) -> sqlite3.Connection:
+    """Open ``path`` in WAL mode with ``schema`` applied (``CREATE ... IF NOT EXISTS``
+    statements); the caller closes the connection. Shared by the annotation store and the
+    pre-labeling runs (training.prelabel_runs): several processes use each file."""
+    db = sqlite3.connect(path, timeout=30)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(schema)  # commits by itself
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+@contextmanager
+def transaction(path: Path) -> Iterator[sqlite3.Connection]:
+    """One short write transaction on ``path`` (``BEGIN IMMEDIATE``, committed on exit,
+    rolled back on any error; durable: ``synchronous=FULL``)."""
+    db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("BEGIN IMMEDIATE")
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    finally:
+        db.close()
+
+
 class AnnotationStore:
     """Annotations and retraining jobs of every project, in ``MODEL_DIR/annotations.sqlite``."""
 
     def __init__(self, model_dir: str | Path) -> None:
         self.path = Path(model_dir) / STORE_NAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=30)
+        db = create_database(self.path, _SCHEMA)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)  # commits by itself
             columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
             if "attempts" not in columns:  # a store written before job attempts were counted
                 db.execute("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
@@ -97,20 +127,8 @@ class AnnotationStore:
         finally:
             db.close()
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("BEGIN IMMEDIATE")
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        finally:
-            db.close()
+    def _connect(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self.path)
 
     # ------------------------------------------------------------------ annotations
     def upsert_annotation(
