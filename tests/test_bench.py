@@ -124,3 +124,18 @@ def test_click_latency_runs_on_the_bundled_model():
     assert "embedding cache 2 miss / 2 hit" in out.stdout  # the warm-up image is the other miss
     for row in ("first click on an image", "later clicks", "core: SAM image embedding alone"):
         assert row in out.stdout, row
+
+
+def test_score_candidates_runs_on_the_bundled_model():
+    out = subprocess.run(
+        [sys.executable, "bench/score_candidates.py", "--records", "8"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "8 records:" in out.stdout
+    for row in ("p(`<at>`) (today's score)", "p(yes) of 'Is there {expr}?'", "| 0.5 |", "| CPU |"):
+        assert row in out.stdout, row
