@@ -180,7 +180,8 @@ class NextChatBackend:
             if changes:
                 self.projects.update(project, **changes)
         version = self.store.current_version()
-        self._maybe_show_version(project, version.name, delays=(0.0,))
+        state = self.projects.get(project) if project is not None else None
+        self._maybe_show_version(state, version.name, delays=(0.0,))
         logger.info(
             "setup: project %s, hostname %s, access token %s, model version %s",
             project,
@@ -309,7 +310,7 @@ class NextChatBackend:
         if context.prompt is None and not context.regions:
             # stored predictions (not interactive ones): the project can show them once
             # Label Studio has saved them
-            self._maybe_show_version(project, version.name, delays=(2.0, 5.0, 15.0))
+            self._maybe_show_version(state, version.name, delays=(2.0, 5.0, 15.0))
         return out
 
     def _show_version(self, state: ProjectState, version: str, delays: tuple[float, ...]) -> None:
@@ -362,9 +363,8 @@ class NextChatBackend:
         threading.Thread(target=run, name=f"show-version-{state.project}", daemon=True).start()
 
     def _maybe_show_version(
-        self, project: str | None, version: str, delays: tuple[float, ...]
+        self, state: ProjectState | None, version: str, delays: tuple[float, ...]
     ) -> None:
-        state = self.projects.get(project) if project is not None else None
         if (
             self.settings.sync_project_version
             and state is not None

@@ -273,7 +273,7 @@ def parse_task(
         raise ValueError(f"source must be 'annotations', 'predictions' or 'both', got {source!r}")
     regions: list[Region] = []
     if source in ("annotations", "both"):
-        anns = _result_sets(task, "annotations", task_id)
+        anns = result_sets(task, "annotations", task_id)
         anns = [a for a in anns if not a.get("was_cancelled")]
         if not all_annotations and len(anns) > 1:
             gt = [a for a in anns if a.get("ground_truth")]
@@ -288,7 +288,7 @@ def parse_task(
                 errors=errors,
             )
     if source in ("predictions", "both"):
-        preds = _result_sets(task, "predictions", task_id)
+        preds = result_sets(task, "predictions", task_id)
         if model_version is not None:
             preds = [p for p in preds if p.get("model_version") == model_version]
         elif len(preds) > 1:
@@ -796,7 +796,9 @@ def _region_id(r: Any, index: int) -> str:
     return str(rid) if rid not in (None, "") else f"result[{index}]"
 
 
-def _result_sets(task: dict[str, Any], key: str, task_id: Any) -> list[dict[str, Any]]:
+def result_sets(task: dict[str, Any], key: str, task_id: Any = None) -> list[dict[str, Any]]:
+    """The task's ``annotations`` (``completions`` in Label Studio < 1.0 exports) or
+    ``predictions`` objects, checked to be objects with a ``result`` list."""
     items = task.get(key)
     if items is None and key == "annotations":
         items = task.get("completions")  # Label Studio < 1.0 exports

@@ -66,6 +66,7 @@ from ..results import (
     pair_objects,
     parse_task,
     result_image_size,
+    result_sets,
     task_id_of,
     task_results,
 )
@@ -361,12 +362,10 @@ def _nothing_to_export(
 ) -> str | None:
     """Why ``task`` holds nothing of ``source`` (``None``: it does)."""
     task_id = task_id_of(task)
-    annotated = any(
-        not a.get("was_cancelled") for a in _result_sets_of(task, "annotations", task_id)
-    )
+    annotated = any(not a.get("was_cancelled") for a in result_sets(task, "annotations", task_id))
     predicted = any(
         model_version is None or p.get("model_version") == model_version
-        for p in _result_sets_of(task, "predictions", task_id)
+        for p in result_sets(task, "predictions", task_id)
     )
     if source == "annotations" and not annotated:
         return "not annotated"
@@ -375,19 +374,6 @@ def _nothing_to_export(
     if source == "both" and not (annotated or predicted):
         return "neither annotated nor predicted"
     return None
-
-
-def _result_sets_of(task: dict[str, Any], key: str, task_id: Any) -> list[dict[str, Any]]:
-    items = task.get(key) if key != "annotations" else task.get(key, task.get("completions"))
-    if items is None:
-        return []
-    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-        raise LabelStudioFormatError(
-            f"'{key}' must be a list of objects (export with full annotation and prediction "
-            "objects, e.g. exportType=JSON)",
-            task_id=task_id,
-        )
-    return items
 
 
 def _fetch_sizes(

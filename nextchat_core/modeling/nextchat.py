@@ -239,20 +239,8 @@ class NextChatModel(nn.Module):
             k, cfg.num_prompt_tokens, cfg.prompt_dim
         )
         sparse = torch.cat([sparse, prompt_tokens.to(sparse.dtype)], dim=1)
-        low_res, iou = self.sam.mask_decoder(
-            image_embeddings=image_embedding,
-            image_pe=self.sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
-        logits = F.interpolate(
-            low_res.float(),
-            size=(cfg.image_size, cfg.image_size),
-            mode="bilinear",
-            align_corners=False,
-        )
-        return MaskOutput(logits=logits[:, 0], iou_predictions=iou[:, 0].float())
+        logits, iou = self._decode_masks(image_embedding, sparse, dense, multimask_output=False)
+        return MaskOutput(logits=logits[:, 0], iou_predictions=iou[:, 0])
 
     def predict_prompt_masks(
         self,
@@ -275,7 +263,6 @@ class NextChatModel(nn.Module):
             raise ValueError("predict_prompt_masks needs point_coords (with point_labels) or a box")
         if (point_coords is None) != (point_labels is None):
             raise ValueError("point_coords and point_labels go together: pass both or neither")
-        cfg = self.config.sam
         dtype = image_embedding.dtype
         points = None
         if point_coords is not None and point_labels is not None:
@@ -283,6 +270,22 @@ class NextChatModel(nn.Module):
         sparse, dense = self.sam.prompt_encoder(
             points=points, boxes=None if box is None else box.to(dtype), masks=None
         )
+        logits, iou = self._decode_masks(
+            image_embedding, sparse, dense, multimask_output=multimask_output
+        )
+        return MaskOutput(logits=logits[0], iou_predictions=iou[0])
+
+    def _decode_masks(
+        self,
+        image_embedding: torch.Tensor,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        *,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's mask decoder on the prompt embeddings, its low-res masks upsampled to the
+        SAM input frame (float32 logits ``k x m x S x S``, IoU predictions ``k x m``)."""
+        size = self.config.sam.image_size
         low_res, iou = self.sam.mask_decoder(
             image_embeddings=image_embedding,
             image_pe=self.sam.prompt_encoder.get_dense_pe(),
@@ -291,12 +294,9 @@ class NextChatModel(nn.Module):
             multimask_output=multimask_output,
         )
         logits = F.interpolate(
-            low_res.float(),
-            size=(cfg.image_size, cfg.image_size),
-            mode="bilinear",
-            align_corners=False,
+            low_res.float(), size=(size, size), mode="bilinear", align_corners=False
         )
-        return MaskOutput(logits=logits[0], iou_predictions=iou[0].float())
+        return logits, iou.float()
 
     # ------------------------------------------------------------------- training
     def forward(
