@@ -69,6 +69,7 @@ from .results import (
     detection_results,
     drop_existing,
     new_region_id,
+    task_score,
 )
 from .settings import Settings
 
@@ -538,7 +539,12 @@ class NextChatBackend:
             and det.box[2] - det.box[0] >= 1.0
             and det.box[3] - det.box[1] >= 1.0
         ]
-        kept = deduplicate(items, plan, iou=self.settings.dedup_iou)
+        kept = deduplicate(
+            items,
+            plan,
+            iou=self.settings.dedup_iou,
+            cross_label_iou=self.settings.cross_label_iou,
+        )
         if work.existing:
             kept = drop_existing(kept, work.existing, plan)
         return kept
@@ -579,10 +585,13 @@ class NextChatBackend:
             for query, answer in zip(work.queries, work.answers, strict=True):
                 if query.query_task == "chat":
                     result.append(_text(answer.text, box_token, plan.answer_area.name, plan.image))
-        scores = [item.detection.score for item in work.detections]
+        answers = [
+            a for q, a in zip(work.queries, work.answers, strict=True) if q.query_task != "caption"
+        ]
+        shown = [item.detection for item in work.detections]
         return {
             "result": result,
-            "score": float(sum(scores) / len(scores)) if scores else 0.0,
+            "score": task_score(answers, shown, self.settings.score_threshold),
             "model_version": version.name,
         }
 

@@ -188,6 +188,8 @@ class ModelCache:
             dtype=dtype,
             max_new_tokens=s.max_new_tokens,
             mask_iou_threshold=s.mask_threshold,
+            presence=s.score_presence,
+            presence_threshold=s.presence_threshold,
         )
         self.loads += 1
         logger.info(

@@ -22,7 +22,7 @@ from labelstudio.results import (
 )
 from nextchat_core import frames
 from nextchat_core.masks import mask_to_polygons, polygon_area, simplify_polygon
-from nextchat_core.predictor import Detection
+from nextchat_core.predictor import Answer, Detection
 
 from .label_config import LabelPlan
 
@@ -46,24 +46,50 @@ def new_region_id() -> str:
 
 
 def deduplicate(
-    items: list[LabeledDetection], plan: LabelPlan, *, iou: float
+    items: list[LabeledDetection], plan: LabelPlan, *, iou: float, cross_label_iou: float = 1.0
 ) -> list[LabeledDetection]:
-    """Drop a detection whose box overlaps a higher-scored one of the same label by more
-    than ``iou`` (several prompts of one label, e.g. ``predicted_values="car,auto"``,
-    find the same object). Order of the kept ones: by descending score."""
-    if iou >= 1.0 or not plan.region_controls:
+    """Drop a detection whose box overlaps a higher-scored kept one of the same label by
+    more than ``iou`` (several prompts of one label, e.g. ``predicted_values="car,auto"``,
+    find the same object), or of another label by more than ``cross_label_iou`` (two
+    labels' prompts find one object - "circle" and "hexagon" on a hexagon: the label the
+    model is surer of is kept). Order of the kept ones: by descending score."""
+    if (iou >= 1.0 and cross_label_iou >= 1.0) or not plan.region_controls:
         return items
     control = plan.region_controls[0]
     kept: list[tuple[str, LabeledDetection]] = []
     for item in sorted(items, key=lambda d: -d.detection.score):
         label = plan.label_for(item.prompt, control, item.label)
         if any(
-            lab == label and frames.box_iou(item.detection.box, other.detection.box) > iou
+            frames.box_iou(item.detection.box, other.detection.box)
+            > (iou if lab == label else cross_label_iou)
             for lab, other in kept
         ):
             continue
         kept.append((label, item))
     return [item for _, item in kept]
+
+
+def task_score(answers: list[Answer], shown: list[Detection], score_threshold: float) -> float:
+    """The prediction's score, for sorting tasks in the Data Manager (lowest first = most
+    worth reviewing): the confidence of its least certain decision. Each box the model
+    found is a decision - shown (confidence: its score) or held back by the presence gate
+    or ``score_threshold`` (confidence it is not there: 1 - score); a grounding prompt
+    with no box at all is the decision "absent" (1 - its presence, when measured). Boxes
+    dropped as duplicates or as regions already on the task decide nothing. The minimum,
+    not the mean or product: a task with one doubtful region among sure ones is worth a
+    look, however many labels it was asked for. 0 when nothing was decided."""
+    on = {id(d) for d in shown}
+    decisions: list[float] = []
+    for answer in answers:
+        if not answer.detections and not answer.rejected and answer.presence is not None:
+            decisions.append(1.0 - answer.presence)
+        decisions += [1.0 - d.score for d in answer.rejected]
+        for det in answer.detections:
+            if id(det) in on:
+                decisions.append(det.score)
+            elif det.score < score_threshold:
+                decisions.append(1.0 - det.score)
+    return float(min(decisions)) if decisions else 0.0
 
 
 # A detection is the object of an existing region of its label above this box IoU: lower

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 from training.settings import (
     ServiceSettings,
@@ -32,11 +32,20 @@ class Settings(ServiceSettings):
     basic_auth_user: str | None = None  # BASIC_AUTH_USER
     basic_auth_pass: str | None = field(default=None, repr=False)  # BASIC_AUTH_PASS
     webhook_allow_unauthenticated: bool = False  # WEBHOOK_ALLOW_UNAUTHENTICATED
-    score_threshold: float = 0.0  # SCORE_THRESHOLD: drop boxes whose <at> probability is lower
+    score_threshold: float = 0.0  # SCORE_THRESHOLD: drop regions whose score is lower
+    # SCORE_PRESENCE: exists | at - how a region's presence is scored (nextchat_core.predictor:
+    # p(yes) of "Is there ...?", one extra batched pass per prompt, or the <at> probability);
+    # PRESENCE_THRESHOLD: under "exists", prompts whose p(yes) is lower get no region.
+    # Both default to the checkpoint's config ("score" section).
+    score_presence: Literal["exists", "at"] | None = None
+    presence_threshold: float | None = None
     mask_threshold: float | None = (
         None  # MASK_THRESHOLD: SAM IoU below which no mask (ckpt default)
     )
     dedup_iou: float = 0.9  # DEDUP_IOU: same-label boxes overlapping more are one region
+    # CROSS_LABEL_IOU: boxes of different labels overlapping more are one object, found by
+    # two labels' prompts: only the higher-scored is kept (1 keeps both).
+    cross_label_iou: float = 0.7
     polygon_tolerance: float = 1.0  # POLYGON_TOLERANCE: pixels of polygon simplification
     batch_size: int = 8  # BATCH_SIZE: images (and prompts) per model call
     max_new_tokens: int = 48  # MAX_NEW_TOKENS: generation limit per prompt
@@ -67,6 +76,9 @@ class Settings(ServiceSettings):
             "webhook_allow_unauthenticated": env_bool(env, "WEBHOOK_ALLOW_UNAUTHENTICATED", False),
             "score_threshold": env_float(env, "SCORE_THRESHOLD", 0.0, lo=0.0, hi=1.0),
             "mask_threshold": env_float(env, "MASK_THRESHOLD", None, lo=0.0, hi=1.0),
+            "score_presence": env_choice(env, "SCORE_PRESENCE", ("exists", "at")),
+            "presence_threshold": env_float(env, "PRESENCE_THRESHOLD", None, lo=0.0, hi=1.0),
+            "cross_label_iou": env_float(env, "CROSS_LABEL_IOU", 0.7, lo=0.0, hi=1.0),
             "dedup_iou": env_float(env, "DEDUP_IOU", 0.9, lo=0.0, hi=1.0),
             "polygon_tolerance": env_float(env, "POLYGON_TOLERANCE", 1.0, lo=0.0, hi=100.0),
             "batch_size": env_int(env, "BATCH_SIZE", 8, lo=1),

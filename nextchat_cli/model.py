@@ -91,6 +91,8 @@ def _predict(args: argparse.Namespace) -> int:
                 "prompt": a.prompt,
                 "text": a.text,
                 "score": round(a.score, 4),
+                "presence": None if a.presence is None else round(a.presence, 4),
+                "rejected": len(a.rejected),
                 "detections": [
                     {
                         "box": [round(float(v), 1) for v in d.box],
@@ -107,6 +109,9 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         for a in answers:
             print(f"{a.prompt!r} -> {a.text}")
+            if a.presence is not None:
+                held = f"; {len(a.rejected)} box(es) held back" if a.rejected else ""
+                print(f"  presence p(yes) {a.presence:.3f}{held}")
             for k, d in enumerate(a.detections):
                 box = ", ".join(f"{v:.1f}" for v in d.box)
                 mask = (

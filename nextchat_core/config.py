@@ -293,6 +293,49 @@ class TemplateConfig:
 
 
 @dataclass
+class ScoreConfig:
+    """How a region's confidence is computed (the formula: ``nextchat_core.predictor``'s
+    module docstring; the measurements behind it: ``bench/score_candidates.py``).
+
+    ``presence``: ``"exists"`` - the prompt's object is judged present with the model's own
+    yes/no answer to ``template.exists_question`` (p(yes) / (p(yes) + p(no)), POPE-style,
+    which the released model is evaluated on), and a region found for a prompt whose
+    p(yes) is under ``presence_threshold`` is not returned; ``"at"`` - the probability of
+    the ``<at>`` token, for checkpoints that never learned to answer yes/no (the tiny test
+    preset): no extra pass, no gate. ``presence_threshold`` 0.5: a region is returned when
+    the model would answer "Yes".
+
+    ``calibration``: Platt scaling of the score, fitted for this checkpoint on a held-out
+    split (``training.evaluation.fit_calibration``): ``{"masks": [a, b, c], "boxes": [a,
+    c]}`` gives ``sigmoid(a * logit(presence) + b * logit(SAM IoU) + c)`` for a region with
+    a mask, ``sigmoid(a * logit(presence) + c)`` for a box alone; ``None`` (the released
+    model: nothing to fit it on here) leaves the product presence x SAM IoU."""
+
+    presence: Literal["exists", "at"] = "exists"
+    presence_threshold: float = 0.5
+    calibration: dict[str, list[float]] | None = None
+
+    def validate(self) -> None:
+        if self.presence not in ("exists", "at"):
+            raise ValueError(f"score.presence must be 'exists' or 'at', got {self.presence!r}")
+        if not 0.0 <= self.presence_threshold <= 1.0:
+            raise ValueError(
+                f"score.presence_threshold must be in [0, 1], got {self.presence_threshold}"
+            )
+        sizes = {"masks": 3, "boxes": 2}
+        for key, weights in (self.calibration or {}).items():
+            if key not in sizes or not (
+                isinstance(weights, list)
+                and len(weights) == sizes[key]
+                and all(isinstance(w, int | float) for w in weights)
+            ):
+                raise ValueError(
+                    f"score.calibration[{key!r}] must be one of 'masks' (3 numbers) or "
+                    f"'boxes' (2 numbers), got {weights!r}"
+                )
+
+
+@dataclass
 class LossConfig:
     """Loss weights (NExT-Chat public code: GIoU weight 0.2; the paper says 0.8)."""
 
@@ -320,6 +363,7 @@ class NextChatConfig:
     sam: SamConfig = field(default_factory=SamConfig)
     tokens: TokenConfig = field(default_factory=TokenConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     version: int = CONFIG_VERSION
 
@@ -335,6 +379,7 @@ class NextChatConfig:
             self.sam,
             self.tokens,
             self.template,
+            self.score,
         ):
             part.validate()
         top = max(
@@ -365,6 +410,7 @@ class NextChatConfig:
             "sam": SamConfig,
             "tokens": TokenConfig,
             "template": TemplateConfig,
+            "score": ScoreConfig,
             "loss": LossConfig,
         }
         known = {f.name for f in dataclasses.fields(cls)}
@@ -453,6 +499,9 @@ def _tiny() -> NextChatConfig:
         ),
         tokens=_small_tokens(512),
         template=TemplateConfig(system="", rec_question="<image> Where is {expr}?"),
+        # Test models are trained for a few steps on boxes; their yes/no answers mean
+        # nothing, so their regions keep the <at> probability and no presence gate.
+        score=ScoreConfig(presence="at"),
     )
 
 

@@ -13,11 +13,13 @@ checkpoint's config (:class:`~nextchat_core.config.TemplateConfig`).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import inflect
 from transformers import PreTrainedTokenizerBase
 
 from .config import NextChatConfig
@@ -98,6 +100,43 @@ def caption_turns(config: NextChatConfig, *, caption: str | None = None) -> list
     if caption is not None:
         turns.append(Turn("assistant", caption))
     return turns
+
+
+def exists_turns(expression: str, config: NextChatConfig) -> list[Turn]:
+    """The yes/no question a region's confidence asks about a referring expression
+    (``template.exists_question``), with the expression as POPE - the benchmark NExT-Chat
+    reports yes/no accuracy on - words its objects ("Is there a car in the image?"):
+    :func:`presence_expression`."""
+    question = config.template.exists_question.format(expr=presence_expression(expression))
+    return chat_turns(question, config)
+
+
+def presence_expression(expression: str) -> str:
+    """``expression`` as the object of "Is there ...?": a leading "the" becomes "a"/"an"
+    ("the orange star" -> "an orange star"), and "all" + a plural becomes "a" + its
+    singular ("all red cars on the left" -> "a red car on the left"); anything else as
+    typed. English articles and singulars by ``inflect``. Measured on the bundled model
+    (bench/score_candidates.py, per-label prompts "all circles"): the absent ones dropped at
+    p(yes) < 0.5 go from 0.69 as typed to 0.94 asked this way."""
+    words = expression.split()
+    head = words[0].lower() if len(words) > 1 else ""
+    if head not in ("the", "all"):
+        return " ".join(words)
+    rest = words[1:]
+    if head == "all":
+        for i, word in enumerate(rest):
+            singular = _english().singular_noun(word)
+            if singular:
+                rest[i] = singular
+                break
+        else:
+            return " ".join(words)  # no plural noun after "all": leave it
+    return _english().a(" ".join(rest))
+
+
+@functools.cache
+def _english() -> inflect.engine:
+    return inflect.engine()
 
 
 def chat_turns(question: str, config: NextChatConfig, *, answer: str | None = None) -> list[Turn]:

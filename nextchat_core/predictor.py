@@ -6,10 +6,28 @@
     answers[0].detections[0].box                 # original-pixel xyxy
     answers[0].detections[0].mask                # HxW bool at original resolution
 
-Scores (NExT-Chat has none; users need one to sort and threshold): a box's ``score`` is
-the probability the model gave the ``<at>`` token at the step that produced it; a mask's
-``mask_score`` is that probability times SAM's predicted IoU (clamped to [0, 1]). An
-answer's ``score`` is the mean of its boxes' scores (0 with no box).
+Scores (NExT-Chat has none; users need one to sort and threshold). A region's ``score``
+is its presence times its quality:
+
+- presence (``config.score.presence``): ``"exists"`` - p(yes) / (p(yes) + p(no)) for the
+  first answer token of "Is there {expression}?" (``conversation.exists_turns``; one
+  teacher-forced pass per prompt, batched with the prompts' generation, on the image
+  tokens already encoded); ``"at"`` - the probability the model gave the ``<at>`` token at
+  the step that produced the box (checkpoints that never learned yes/no);
+- quality: SAM's predicted IoU of the region's mask (clamped to [0, 1]) when masks are
+  made, else 1;
+- calibrated, when the checkpoint carries a fitted ``score.calibration`` (Platt scaling
+  of both logits: ``nextchat_core.config.ScoreConfig``), so that a score of 0.8 is right
+  about 8 times in 10 (``nextchat evaluate`` reports the ECE and draws the diagram).
+
+``presence=`` / ``presence_threshold=`` override the checkpoint's choice. With
+``"exists"``, a prompt whose presence is under ``presence_threshold`` (default the
+checkpoint's ``score.presence_threshold``, 0.5: the model would answer "No") returns no
+region; its boxes are kept in ``Answer.rejected``. Measured on the bundled model
+(bench/score_candidates.py, bench/RESULTS.md): p(`<at>`) is about 1 for every box and
+separates nothing (AUROC 0.48); p(yes) x SAM IoU separates right from wrong best. An
+answer's ``score`` is the probability that it is right as returned: its weakest region's
+score, or, with no region, 1 - presence (0 under ``"at"``, which says nothing then).
 
 Decoding: greedy by default - what NExT-Chat's published tables were measured with (its
 eval configs: ``num_beams=1``), deterministic (the same task gives the same pre-label on
@@ -41,6 +59,7 @@ from .conversation import (
     caption_turns,
     chat_turns,
     encode_conversation,
+    exists_turns,
     grounding_turns,
     refer_regions,
 )
@@ -87,19 +106,25 @@ class Detection:
     score: float
     mask: np.ndarray | None = None
     mask_score: float | None = None
+    mask_iou: float | None = None  # SAM's predicted IoU of the mask, clamped to [0, 1]
+    at_score: float | None = None  # the <at> token's probability at this box's step
 
 
 @dataclass
 class Answer:
     """The model's reply to one prompt about one image. ``text`` keeps the
     ``<at> <boxes>`` pairs, one per detection, in order. ``truncated``: the answer was cut
-    off by ``max_new_tokens`` before the model ended it (it may have had more to list)."""
+    off by ``max_new_tokens`` before the model ended it (it may have had more to list).
+    ``presence``: the prompt's p(yes) (``None`` when not asked: ``"at"`` scoring, or not
+    a grounding prompt); ``rejected``: the boxes the presence gate held back."""
 
     prompt: str
     text: str
     detections: list[Detection] = field(default_factory=list)
     score: float = 0.0
     truncated: bool = False
+    presence: float | None = None
+    rejected: list[Detection] = field(default_factory=list)
 
 
 @dataclass
@@ -161,6 +186,8 @@ class NextChatPredictor:
         dtype: torch.dtype | None = None,
         max_new_tokens: int = 48,
         mask_iou_threshold: float | None = None,
+        presence: Literal["exists", "at"] | None = None,
+        presence_threshold: float | None = None,
         sam_batch_size: int = 4,
     ) -> None:
         self.device = (
@@ -178,6 +205,14 @@ class NextChatPredictor:
         self.max_new_tokens = max_new_tokens
         self.mask_iou_threshold = (
             self.config.sam.mask_iou_threshold if mask_iou_threshold is None else mask_iou_threshold
+        )
+        self.presence = self.config.score.presence if presence is None else presence
+        if self.presence not in ("exists", "at"):
+            raise ValueError(f"presence must be 'exists' or 'at', got {self.presence!r}")
+        self.presence_threshold = (
+            self.config.score.presence_threshold
+            if presence_threshold is None
+            else presence_threshold
         )
         self._num_image_tokens = model.num_image_tokens
         self._image: _Encoded | None = None
@@ -424,8 +459,8 @@ class NextChatPredictor:
     def exists(self, prompts: str | Sequence[str]) -> list[float]:
         """For the image of :meth:`set_image`: the model's probability that each prompt's
         object is in the image - ``p(yes) / (p(yes) + p(no))`` for the first answer token
-        of ``template.exists_question`` (one teacher-forced forward pass per prompt, all
-        prompts in one batch; no decoding)."""
+        of :func:`~nextchat_core.conversation.exists_turns` (one teacher-forced forward
+        pass per prompt, all prompts in one batch; no decoding)."""
         if self._image is None:
             raise RuntimeError("call set_image(image) before exists()")
         if isinstance(prompts, str):
@@ -436,10 +471,9 @@ class NextChatPredictor:
         tpl = self.config.template
         rows = []
         for q in queries:
-            question = tpl.exists_question.format(expr=q.prompt.strip())
             rows.append(
                 encode_conversation(
-                    chat_turns(question, self.config),
+                    exists_turns(q.prompt, self.config),
                     self.tokenizer,
                     self.config,
                     num_image_tokens=self._num_image_tokens,
@@ -523,6 +557,12 @@ class NextChatPredictor:
             else None
         )
         kwargs = {"max_new_tokens": self.max_new_tokens, **generate_kwargs}
+        presence: list[float | None] = [None] * len(queries)
+        asked = [i for i, q in enumerate(queries) if self._asks_presence(q)]
+        if asked:
+            p_yes = self._exists(encoded, [queries[i] for i in asked])
+            for i, value in zip(asked, p_yes, strict=True):
+                presence[i] = value
         with self._context():
             gen = self.model.generate(
                 ids.to(self.device), mask.to(self.device), feats, input_boxes=box_tensor, **kwargs
@@ -537,6 +577,7 @@ class NextChatPredictor:
                         gen.boxes[i],
                         gen.at_hidden[i],
                         gen.box_scores[i],
+                        presence[i],
                         with_masks=with_masks,
                     )
                 )
@@ -559,6 +600,7 @@ class NextChatPredictor:
         boxes: torch.Tensor,
         hidden: torch.Tensor,
         scores: torch.Tensor,
+        presence: float | None,
         *,
         with_masks: bool,
     ) -> Answer:
@@ -567,7 +609,18 @@ class NextChatPredictor:
         text = decode_text(sequence, self.tokenizer, tk)
         square = frames.sort_corners(boxes.float().cpu().numpy())
         px = frames.square_to_pixel(square, p.width, p.height, clip=True)
-        dets = [Detection(box=px[j], score=float(scores[j])) for j in range(len(px))]
+        dets = [
+            Detection(
+                box=px[j],
+                score=self._region_score(float(scores[j]) if presence is None else presence),
+                at_score=float(scores[j]),
+            )
+            for j in range(len(px))
+        ]
+        if presence is not None and presence < self.presence_threshold:
+            return Answer(
+                prompt=q.prompt, text=text, score=1.0 - presence, presence=presence, rejected=dets
+            )
         if with_masks and len(dets):
             if enc.sam_embedding is None:
                 self._encode_sam([enc])
@@ -578,7 +631,41 @@ class NextChatPredictor:
             full = frames.sam_mask_to_original(m.logits, geometry) > 0
             for j, det in enumerate(dets):
                 iou = float(m.iou_predictions[j].clamp(0, 1))
-                det.mask_score = det.score * iou
+                det.mask_iou = iou
+                det.score = self._region_score(
+                    float(scores[j]) if presence is None else presence, iou
+                )
+                det.mask_score = det.score
                 det.mask = full[j].cpu().numpy() if iou >= self.mask_iou_threshold else None
-        score = float(np.mean([d.score for d in dets])) if dets else 0.0
-        return Answer(prompt=q.prompt, text=text, detections=dets, score=score)
+        none = 0.0 if presence is None else 1.0 - presence  # no region: right if absent
+        score = min(d.score for d in dets) if dets else none
+        return Answer(prompt=q.prompt, text=text, detections=dets, score=score, presence=presence)
+
+    def _region_score(self, presence: float, quality: float | None = None) -> float:
+        """A region's score from its presence and (with a mask) SAM's predicted IoU: the
+        product, or the checkpoint's calibration when it was fitted for this scoring."""
+        score = self.config.score
+        fitted = score.calibration if self.presence == score.presence else None
+        weights = (fitted or {}).get("boxes" if quality is None else "masks")
+        if not weights:
+            return presence * (1.0 if quality is None else quality)
+        z = weights[0] * logit(presence) + weights[-1]
+        if quality is not None:
+            z += weights[1] * logit(quality)
+        return float(1.0 / (1.0 + np.exp(-z)))
+
+    def _asks_presence(self, q: Query) -> bool:
+        """Whether ``q``'s regions are scored with p(yes): a grounding prompt (a referring
+        expression, no input regions) under ``"exists"`` scoring."""
+        return (
+            self.presence == "exists"
+            and q.task == "ground"
+            and not q.boxes
+            and self.config.tokens.image_placeholder not in q.prompt
+        )
+
+
+def logit(p: float, eps: float = 1e-4) -> float:
+    """log(p / (1 - p)), ``p`` clipped to [eps, 1 - eps]."""
+    p = min(max(p, eps), 1.0 - eps)  # SAM's IoU head and softmaxes reach 0 and 1
+    return float(np.log(p / (1.0 - p)))

@@ -22,7 +22,7 @@ from nextchat_core.build import (
 )
 from nextchat_core.config import NextChatConfig, get_preset
 from nextchat_core.conversation import Turn, encode_conversation, grounding_turns
-from nextchat_core.predictor import NextChatPredictor, Query
+from nextchat_core.predictor import NextChatPredictor, Query, logit
 
 # A copy of ../shared/data/nextchat-7b-336-state-dict.json (every tensor name and shape of
 # the released NExT-Chat-7B-336 state dict), kept in the repo so CI has it.
@@ -167,6 +167,87 @@ def test_batch_of_prompts_equals_one_by_one(overfit, tiny_tokenizer):
             assert (a.mask is None) == (b.mask is None)
             if a.mask is not None:
                 assert (a.mask != b.mask).mean() < 1e-3
+
+
+def test_presence_scores_regions_and_gates_absent_prompts(overfit, tiny_tokenizer):
+    """Under "exists" scoring a region's score is its prompt's p(yes) (the same number
+    ``exists`` gives, batched over images) times SAM's predicted IoU; a prompt under the
+    presence threshold returns no region, its boxes held back in ``rejected``."""
+    model, _, img, _ = overfit
+    img2 = np.ascontiguousarray(img[:, ::-1])
+    prompts = ["the red circle", "all shapes"]
+    queries = [Query(i, p) for i in (0, 1) for p in prompts]
+    scored = NextChatPredictor(model, tiny_tokenizer, presence="exists", presence_threshold=0.0)
+    answers = scored.predict_batch([img, img2], queries, batch_size=3)
+    plain = NextChatPredictor(model, tiny_tokenizer).predict_batch([img, img2], queries)
+    for i, image in enumerate((img, img2)):
+        scored.set_image(image, with_masks=False)
+        pairs = zip(answers[2 * i : 2 * i + 2], plain[2 * i : 2 * i + 2], strict=True)
+        for p_yes, (got, base) in zip(scored.exists(prompts), pairs, strict=True):
+            assert got.presence == pytest.approx(p_yes, abs=1e-5)
+            assert len(got.detections) == len(base.detections) and got.detections
+            for det, ref in zip(got.detections, base.detections, strict=True):
+                np.testing.assert_allclose(det.box, ref.box, atol=1e-3)  # same boxes
+                assert det.at_score == pytest.approx(ref.at_score, abs=1e-4)
+                assert det.score == pytest.approx(p_yes * det.mask_iou, abs=1e-5)
+            assert got.score == pytest.approx(min(d.score for d in got.detections))
+    # the tiny preset scores by the <at> probability (it never learned yes/no)
+    assert plain[0].presence is None
+    assert all(d.score == pytest.approx(d.at_score * d.mask_iou) for d in plain[0].detections)
+    # the gate: a threshold above every p(yes) holds every box back
+    gated = NextChatPredictor(model, tiny_tokenizer, presence="exists", presence_threshold=1.0)
+    gated.set_image(img)
+    (answer,) = gated.predict("the red circle")
+    assert answer.detections == [] and len(answer.rejected) == len(plain[0].detections)
+    assert answer.score == pytest.approx(1.0 - answer.presence)
+    np.testing.assert_allclose(answer.rejected[0].box, plain[0].detections[0].box, atol=1e-3)
+    # captions and chat are not asked whether they exist
+    (caption,) = gated.predict("", task="caption", boxes=[list(BOX)])
+    assert caption.presence is None
+    # a calibration fitted for "exists" (Platt scaling of both logits) replaces the product
+    model.config.score.calibration = {"masks": [2.0, 1.5, -0.5], "boxes": [1.0, 0.25]}
+    model.config.score.presence = "exists"
+    try:
+        for with_masks in (True, False):
+            scored.set_image(img, with_masks=with_masks)
+            (a,) = scored.predict("the red circle", with_masks=with_masks)
+            d = a.detections[0]
+            z = (
+                2.0 * logit(a.presence) + 1.5 * logit(d.mask_iou) - 0.5
+                if with_masks
+                else 1.0 * logit(a.presence) + 0.25
+            )
+            assert d.score == pytest.approx(1 / (1 + np.exp(-z)), abs=1e-6)
+        # fitted for "exists": a predictor told to score by <at> keeps the product
+        at = NextChatPredictor(model, tiny_tokenizer, presence="at")
+        at.set_image(img)
+        (a,) = at.predict("the red circle")
+        d = a.detections[0]
+        assert d.score == pytest.approx(d.at_score * d.mask_iou)
+    finally:
+        model.config.score.calibration = None
+        model.config.score.presence = "at"
+    with pytest.raises(ValueError, match="presence must be"):
+        NextChatPredictor(model, tiny_tokenizer, presence="maybe")  # type: ignore[arg-type]
+
+
+def test_exists_question_asks_for_an_object_not_the_object(tiny_config):
+    from nextchat_core.conversation import chat_turns, exists_turns
+
+    def asked(expr: str) -> str:
+        return exists_turns(expr, tiny_config)[0].text
+
+    def want(expr: str) -> str:  # the template's question about ``expr``
+        question = tiny_config.template.exists_question.format(expr=expr)
+        return chat_turns(question, tiny_config)[0].text
+
+    assert asked("the red circle") == want("a red circle")
+    assert asked("The orange star") == want("an orange star")
+    assert asked(" all red shapes ") == want("a red shape")
+    assert asked("all people on the left") == want("a person on the left")
+    assert asked("all of it") == want("all of it")  # no plural after "all": as typed
+    assert asked("red circles") == want("red circles")
+    assert asked("the") == want("the")  # nothing after it: left as typed
 
 
 def test_static_cache_decoding_equals_dynamic(overfit, tiny_tokenizer):
@@ -445,18 +526,22 @@ def test_sam_sdpa_attention_matches_segment_anything():
 def test_exists_is_the_yes_share_of_the_first_answer_token(tiny_model, tiny_tokenizer, tiny_config):
     """``NextChatPredictor.exists`` (the yes/no signal for region confidence) equals
     p(yes) / (p(yes) + p(no)) read off a plain teacher-forced forward pass of each prompt
-    alone, although it batches prompts of different lengths with left padding."""
+    alone, although it batches prompts of different lengths with left padding. A referring
+    expression's "the" is asked as "a" (POPE's form)."""
     from nextchat_core.batch import Sample
     from nextchat_core.conversation import IGNORE_INDEX, chat_turns
 
     img, _ = make_scene()
     predictor = NextChatPredictor(tiny_model, tiny_tokenizer)
     predictor.set_image(img, with_masks=False)
-    prompts = ["a red circle", "the blue square on the left of everything"]
-    got = predictor.exists(prompts)
+    asked = {
+        "a red circle": "a red circle",
+        "the blue square on the left of everything": "a blue square on the left of everything",
+    }
+    got = predictor.exists(list(asked))
     tpl = tiny_config.template
-    for prompt, p_yes in zip(prompts, got, strict=True):
-        question = tpl.exists_question.format(expr=prompt)
+    for expr, p_yes in zip(asked.values(), got, strict=True):
+        question = tpl.exists_question.format(expr=expr)
         batch = collate(
             [Sample(img, chat_turns(question, tiny_config, answer=tpl.yes_answer))],
             tokenizer=tiny_tokenizer,

@@ -448,3 +448,20 @@ def test_evaluate_command_runs_a_checkpoint_on_refexp_records(
     assert report["n_mask_records"] == 6
     assert 0.0 <= report["rec_acc"] <= 1.0 and report["seconds"] > 0
     assert capsys.readouterr().out.strip()
+
+
+def test_platt_scaling_recovers_known_weights():
+    """The calibration fit (training.evaluation._platt, LBFGS logistic regression) finds
+    the weights the labels were drawn with."""
+    import torch
+
+    from training.evaluation import _platt
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 2, generator=gen, dtype=torch.float64)
+    p = torch.sigmoid(2.0 * x[:, 0] - 1.0 * x[:, 1] + 0.5)
+    y = torch.bernoulli(p, generator=gen)
+    a, b, c = _platt(x, y)
+    assert (a, b, c) == pytest.approx((2.0, -1.0, 0.5), abs=0.1)
+    (a1, c1) = _platt(x[:, :1], y)  # one feature: the other's effect averages out
+    assert 0.5 < a1 < 2.0 and c1 > 0

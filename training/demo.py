@@ -34,11 +34,12 @@ import contextlib
 import json
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -54,8 +55,11 @@ from nextchat_core.modeling import NextChatOutput
 from . import robust_render, synth
 from .data import SampleSet, read_refexp_jsonl
 from .demo_pretrain import PretrainPhase, pretrain_sam, pretrain_vision, zero_prompt_mlp
-from .evaluation import evaluate_predictor
+from .evaluation import evaluate_predictor, fit_calibration
 from .trainer import TrainConfig, train
+
+if TYPE_CHECKING:
+    from nextchat_core.predictor import NextChatPredictor
 
 log = logging.getLogger(__name__)
 
@@ -494,6 +498,95 @@ def robust_split(out: Path, n_scenes: int) -> Path:
     return split / "data.jsonl"
 
 
+def calibration_split(out: Path, n_scenes: int) -> Path:
+    """The split the region score's calibration is fitted on (seed ``EVAL_SEED + 2``, the
+    generator's default renderer; present and absent objects): no reported figure is
+    measured on it, and the robustness split's renderer is never fitted on."""
+    split = out / "calibration"
+    if not (split / "data.jsonl").exists():
+        cfg = synth.SynthConfig(
+            task_mix={"rec": 0.6, "absent": 0.4, "caption": 0.0, "chat": 0.0},
+            records_per_scene=2,
+        )
+        synth.write_dataset(split, EVAL_SEED + 2, n_scenes, cfg, overwrite=True)
+    return split / "data.jsonl"
+
+
+def calibrate(
+    checkpoint: Path, predictor: NextChatPredictor, out: Path, n_scenes: int
+) -> dict[str, Any]:
+    """Fit the region score's calibration (:func:`training.evaluation.fit_calibration`)
+    on :func:`calibration_split` and write it into ``checkpoint``'s config.json; the
+    predictor (of that checkpoint) scores with it from now on. Returns what
+    ``metrics.json`` records of it: the weights and the split's size, or, when a model
+    that is never right (a smoke-test run) leaves nothing to fit, why not - the
+    checkpoint then keeps the uncalibrated product."""
+    split = read_refexp_jsonl(calibration_split(out, n_scenes), predictor.config)
+    predictor.config.score.calibration = None  # fitted on the raw scores
+    try:
+        fitted = fit_calibration(predictor, split)
+    except ValueError as exc:
+        log.warning("%s: no calibration fitted: %s", checkpoint, exc)
+        return {"fitted": None, "why": str(exc)}
+    predictor.config.score.calibration = fitted
+    predictor.config.save(checkpoint / "config.json")
+    log.info("calibration of %s: %s", checkpoint, fitted)
+    return {"fitted": fitted, "seed": EVAL_SEED + 2, "records": len(split.records)}
+
+
+def eval_sets(
+    out: Path, eval_scenes: int, config: NextChatConfig
+) -> tuple[SampleSet, SampleSet, SampleSet]:
+    """The held-out, tasks and robustness splits of a run (written under ``out`` once)."""
+    return (
+        read_refexp_jsonl(eval_split(out, eval_scenes), config),
+        read_refexp_jsonl(tasks_split(out, max(4, eval_scenes // 2)), config),
+        read_refexp_jsonl(robust_split(out, eval_scenes), config),
+    )
+
+
+def score_splits(
+    predictor: NextChatPredictor, eval_set: SampleSet, task_set: SampleSet, robust_set: SampleSet
+) -> dict[str, Any]:
+    """The evaluation part of ``metrics.json``: every split scored by ``predictor`` as it
+    answers by default (its presence gate included), and the scoring it used."""
+    report = evaluate_predictor(predictor, eval_set)
+    return {
+        "eval_seed": EVAL_SEED,
+        "eval_records": report["n_records"],
+        "final": report,
+        "tasks": evaluate_predictor(predictor, task_set),
+        "robust_seed": ROBUST_SEED,
+        "robust": evaluate_predictor(predictor, robust_set),
+        "score": {
+            "presence": predictor.presence,
+            "presence_threshold": predictor.presence_threshold,
+        },
+    }
+
+
+def rescore(ship: Path, eval_scenes: int = 300) -> dict[str, Any]:
+    """Score a shipped checkpoint again with today's predictor (its region score or gate
+    changed, not its weights): fit its calibration again (:func:`calibrate`, into its
+    config.json) and update its ``metrics.json`` in place - the splits' figures and
+    ``rescored`` (the date); the training curve and wall times stay those of the run that
+    made it."""
+    from nextchat_core.predictor import NextChatPredictor
+
+    path = ship / "metrics.json"
+    metrics = json.loads(path.read_text())
+    predictor = NextChatPredictor.from_pretrained(ship)
+    with tempfile.TemporaryDirectory() as tmp:
+        calibration = None
+        if predictor.presence == "exists":
+            calibration = calibrate(ship, predictor, Path(tmp), max(4, eval_scenes * 2 // 3))
+        sets = eval_sets(Path(tmp), eval_scenes, predictor.config)
+        metrics.update(score_splits(predictor, *sets), rescored=time.strftime("%Y-%m-%d"))
+        metrics["score"]["calibration"] = calibration
+    path.write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
 def run(
     out: Path,
     *,
@@ -511,9 +604,7 @@ def run(
     grid = mcfg.vision.image_size // mcfg.vision.patch_size  # LLM token grid (8x8)
     times = _Times(out / "times.json")
     with times("splits"):
-        eval_set = read_refexp_jsonl(eval_split(out, eval_scenes), mcfg)
-        task_set = read_refexp_jsonl(tasks_split(out, max(4, eval_scenes // 2)), mcfg)
-        robust_set = read_refexp_jsonl(robust_split(out, eval_scenes), mcfg)
+        eval_set, task_set, robust_set = eval_sets(out, eval_scenes, mcfg)
         tokenizer_dir = domain_tokenizer(out, mcfg)
         init = _initial_checkpoint(out, mcfg, tokenizer_dir)
     readout: dict[str, Any] | None = None
@@ -558,18 +649,16 @@ def run(
     from nextchat_core.predictor import NextChatPredictor
 
     predictor = NextChatPredictor(ckpt.model, ckpt.tokenizer)
+    calibration = None
+    if predictor.presence == "exists":
+        with times("calibration"):
+            calibration = calibrate(Path(init), predictor, out, max(4, eval_scenes * 2 // 3))
     with times("evaluation"):
-        report = evaluate_predictor(predictor, eval_set)
-        tasks_report = evaluate_predictor(predictor, task_set)
-        robust_report = evaluate_predictor(predictor, robust_set)
+        scores = score_splits(predictor, eval_set, task_set, robust_set)
+    scores["score"]["calibration"] = calibration
     curve = training_curve(out, phases)
     metrics = {
-        "eval_seed": EVAL_SEED,
-        "eval_records": report["n_records"],
-        "final": report,
-        "tasks": tasks_report,
-        "robust_seed": ROBUST_SEED,
-        "robust": robust_report,
+        **scores,
         "vision_readout": readout,
         "curve": curve,
         "phase_wall_s": times.load(),
@@ -719,22 +808,43 @@ def readme_summary(metrics: dict[str, Any]) -> str:
         return "n/a" if v is None else f"{v:.2f}"
 
     held, robust, tasks = metrics["final"], metrics.get("robust") or {}, metrics.get("tasks") or {}
+
+    def score(report: dict[str, Any]) -> str:
+        conf = report.get("confidence") or {}
+        return f"{f(conf.get('auroc'))} / {f(conf.get('ece'))}"
+
     rows = [
-        "| split | Acc@0.5 | mean box IoU | mask mIoU | mask cIoU | multi-instance recall | absent: no box |",
-        "|---|---|---|---|---|---|---|",
+        "| split | Acc@0.5 | mean box IoU | mask mIoU | mask cIoU | multi-instance recall "
+        "| present: a region | absent: no region | score AUROC / ECE |",
+        "|---|---|---|---|---|---|---|---|---|",
         f"| held-out ({held['n_box_records']} expressions, {held['n_gt_boxes']} boxes) | "
         f"{f(held['rec_acc'])} | {f(held['mean_box_iou'])} | {f(held['mask_miou'])} | "
         f"{f(held['mask_ciou'])} | {f(held['multi_instance_recall'])} | "
-        f"{f(tasks.get('absent_no_box_rate'))} ({tasks.get('n_absent', 0)} prompts) |",
+        f"{f(held.get('present_with_region_rate'))} | "
+        f"{f(tasks.get('absent_no_box_rate'))} ({tasks.get('n_absent', 0)} prompts) | "
+        f"{score(held)} |",
     ]
     if robust:
         rows.append(
             f"| robustness ({robust['n_box_records']} expressions, {robust['n_gt_boxes']} boxes) | "
             f"{f(robust['rec_acc'])} | {f(robust['mean_box_iou'])} | {f(robust['mask_miou'])} | "
             f"{f(robust['mask_ciou'])} | {f(robust['multi_instance_recall'])} | "
-            f"{f(robust.get('absent_no_box_rate'))} ({robust.get('n_absent', 0)} prompts) |"
+            f"{f(robust.get('present_with_region_rate'))} | "
+            f"{f(robust.get('absent_no_box_rate'))} ({robust.get('n_absent', 0)} prompts) | "
+            f"{score(robust)} |"
         )
     lines = [*rows, ""]
+    scoring = metrics.get("score")
+    if scoring:
+        fitted = (scoring.get("calibration") or {}).get("fitted")
+        lines.append(
+            f"Region score: presence by {scoring['presence']!r} (a region only when it is >= "
+            f"{scoring['presence_threshold']}), times SAM's IoU, "
+            + ("calibrated" if fitted else "uncalibrated")
+            + " (nextchat_core.predictor); AUROC / ECE of each prompt's best region shown "
+            "(right: IoU >= 0.5; any region for an absent object is wrong; the held-out "
+            "split's prompts are all for objects that are there)."
+        )
     if tasks:
         lines.append(
             f"Region captions (exact match): {f(tasks.get('caption_acc'))} of "
@@ -794,9 +904,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="METRICS_JSON",
         help="print the README's demo-model table from this metrics.json and exit",
     )
+    ap.add_argument(
+        "--rescore",
+        metavar="CHECKPOINT",
+        help="score this shipped checkpoint again with today's predictor, update its "
+        "metrics.json, and exit",
+    )
     args = ap.parse_args(argv)
     if args.readme:
         print(readme_summary(json.loads(Path(args.readme).read_text())))
+        return 0
+    if args.rescore:
+        metrics = rescore(Path(args.rescore), args.eval_scenes)
+        print(readme_summary(metrics))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     metrics = run(

@@ -12,6 +12,9 @@
 
 A split without records of a kind reports ``None`` and a count of 0 for it, so the
 numbers of a ``rec``-only split are exactly those it always had.
+
+:func:`fit_calibration` fits a checkpoint's region-score calibration (``score.calibration``
+of its config) on a split of the same kinds of records.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import time
 from typing import Any, cast
 
 import numpy as np
+import torch
 
 from labelstudio.coco.evaluate import ScoredRefExp, evaluate_refexp, score_quality
 from nextchat_core import frames
 from nextchat_core.image_processing import load_image
-from nextchat_core.predictor import NextChatPredictor, Query, Task
+from nextchat_core.predictor import NextChatPredictor, Query, Task, logit
 
 from .data import Record, SampleSet, _decode_mask, _size
 
@@ -63,7 +67,8 @@ def evaluate_predictor(
     report["present_with_region_rate"] = (
         len(regions) / len(recs) if recs else None
     )  # prompts for objects that are there which got at least one region
-    answers = _answers(predictor, absent, "ground", batch_size)
+    # scored as the present ones are (with masks when they are): one score, one meaning
+    answers = _answers(predictor, absent, "ground", batch_size, with_masks=with_masks)
     report["n_absent"] = len(absent)
     report["absent_no_box_rate"] = (
         float(np.mean([not a.detections for a in answers])) if absent else None
@@ -178,10 +183,73 @@ def _score_rec(
     return evaluate_refexp(scored)
 
 
+def fit_calibration(
+    predictor: NextChatPredictor, samples: SampleSet, *, batch_size: int = 16
+) -> dict[str, list[float]]:
+    """Platt scaling of the region score (``nextchat_core.config.ScoreConfig.calibration``)
+    fitted on the ``rec`` records of ``samples``, present and absent: for each prompt's
+    best box (presence gate off), whether it is right (box IoU >= 0.5 with a true box;
+    any box for an absent object is wrong) from logit(presence) and logit(SAM's predicted
+    IoU) - ``"masks"`` - or logit(presence) alone - ``"boxes"``. Logistic regression by
+    ``torch.optim.LBFGS`` (the project has no scikit-learn; three weights need no more).
+    Fit it on a split that no reported figure is measured on."""
+    ungated = NextChatPredictor(
+        predictor.model, predictor.tokenizer, presence=predictor.presence, presence_threshold=0.0
+    )
+    records = [r for r in samples.records if r.task == "rec"]
+    if not records:
+        raise ValueError("fit_calibration needs 'rec' records (with and without boxes)")
+    rows: list[tuple[float, float, bool]] = []
+    for i in range(0, len(records), batch_size):
+        chunk = records[i : i + batch_size]
+        images = [load_image(r.image) for r in chunk]
+        queries = [Query(k, r.text) for k, r in enumerate(chunk)]
+        for rec, ans in zip(chunk, ungated.predict_batch(images, queries), strict=True):
+            if not ans.detections:
+                continue
+            best = max(ans.detections, key=lambda d: d.score)
+            presence = ans.presence if ans.presence is not None else best.at_score
+            truth = np.asarray(rec.boxes or [], dtype=np.float64).reshape(-1, 4)
+            right = any(frames.box_iou(best.box, t) >= 0.5 for t in truth)
+            rows.append((logit(float(presence or 0.0)), logit(best.mask_iou or 0.0), right))
+    if len({r[2] for r in rows}) < 2:
+        raise ValueError(
+            f"cannot fit a calibration on {len(rows)} regions that are all "
+            f"{'right' if rows and rows[0][2] else 'wrong'}: use a split with both"
+        )
+    data = torch.tensor(rows, dtype=torch.float64)
+    return {
+        "masks": _platt(data[:, :2], data[:, 2]),
+        "boxes": _platt(data[:, :1], data[:, 2]),
+    }
+
+
+def _platt(x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """Weights then bias of a logistic regression of ``y`` on ``x`` (tiny L2)."""
+    w = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        z = x @ w[:-1] + w[-1]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y) + 1e-4 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return [round(float(v), 4) for v in w.detach()]
+
+
 def _answers(
-    predictor: NextChatPredictor, records: list[Record], task: str, batch_size: int
+    predictor: NextChatPredictor,
+    records: list[Record],
+    task: str,
+    batch_size: int,
+    *,
+    with_masks: bool = False,
 ) -> list[Any]:
-    """The predictor's answers (boxes only, no masks) to ``records`` as ``task`` queries."""
+    """The predictor's answers to ``records`` as ``task`` queries (boxes only unless
+    ``with_masks``)."""
     out = []
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]
@@ -196,7 +264,7 @@ def _answers(
             for k, r in enumerate(chunk)
         ]
         out.extend(
-            predictor.predict_batch(images, queries, with_masks=False, batch_size=batch_size)
+            predictor.predict_batch(images, queries, with_masks=with_masks, batch_size=batch_size)
         )
     return out
 
