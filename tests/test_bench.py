@@ -137,5 +137,25 @@ def test_score_candidates_runs_on_the_bundled_model():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "8 records:" in out.stdout
-    for row in ("p(`<at>`) (today's score)", "p(yes) of 'Is there {expr}?'", "| 0.5 |", "| CPU |"):
+    for row in (
+        "p(`<at>`) (the score before)",
+        "p(yes) of 'Is there {expr}?'",
+        "**the predictor's score**",
+        "| p(yes) >= 0.5 |",
+        "| CPU |",
+    ):
+        assert row in out.stdout, row
+
+
+def test_interactive_latency_runs_two_real_backends():
+    out = subprocess.run(
+        [sys.executable, "bench/interactive_latency.py", "--requests", "2", "--warmup", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for row in ("`SCORE_PRESENCE=at`", "`SCORE_PRESENCE=exists` (default)", "| ratio |"):
         assert row in out.stdout, row
