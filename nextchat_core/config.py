@@ -267,18 +267,17 @@ class TemplateConfig:
     exists_question: str = "Is there {expr} in the image?"
     yes_answer: str = "Yes"
     no_answer: str = "No"
-    # How the conversation becomes ids. "one-string": rendered as ONE string and tokenized
-    # by the official rule (nextchat_core.tokenizer.encode_text), what the released model
-    # was trained on. "per-turn": each turn's pieces tokenized apart, which puts standalone
-    # spaces beside the added tokens; only the demo model shipped before this field existed
-    # was trained so, and it keeps it (its accuracy drops by half under "one-string").
-    tokenization: Literal["one-string", "per-turn"] = "one-string"
+    # How the conversation becomes ids: rendered as ONE string and tokenized by the official
+    # rule (nextchat_core.tokenizer.encode_text), what the released model was trained on. The
+    # only value: kept in config.json so that a checkpoint states it.
+    tokenization: Literal["one-string"] = "one-string"
 
     def validate(self) -> None:
-        if self.tokenization not in ("one-string", "per-turn"):
+        if self.tokenization != "one-string":
             raise ValueError(
-                f"template.tokenization must be 'one-string' or 'per-turn', got "
-                f"{self.tokenization!r}"
+                f"template.tokenization must be 'one-string' (the official rule), got "
+                f"{self.tokenization!r}: 'per-turn' checkpoints (the demo model shipped before "
+                "2026-12-01) are no longer read; retrain with `make demo-model`"
             )
         if "{expr}" not in self.rec_question:
             raise ValueError("template.rec_question must contain '{expr}'")

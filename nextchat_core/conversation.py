@@ -231,11 +231,6 @@ def encode_conversation(
             )
     if add_generation_prompt and turns[-1].role != "user":
         raise ValueError("add_generation_prompt needs the last turn to be the user's")
-    if config.template.tokenization == "per-turn":
-        return _checked(
-            *_encode_per_turn(turns, tokenizer, config, num_image_tokens, add_generation_prompt),
-            config,
-        )
     text, spans = render_conversation(
         turns,
         config,
@@ -268,45 +263,3 @@ def _checked(
     return EncodedConversation(
         input_ids=input_ids, labels=labels, num_boxes=input_ids.count(tk.boxes_id)
     )
-
-
-def _encode_per_turn(
-    turns: Sequence[Turn],
-    tokenizer: PreTrainedTokenizerBase,
-    config: NextChatConfig,
-    num_image_tokens: int,
-    add_generation_prompt: bool,
-) -> tuple[list[int], list[int]]:
-    """The ``per-turn`` tokenization (see ``TemplateConfig.tokenization``): each turn's
-    text tokenized on its own, split at ``<image>``; ``<at> <boxes>`` written adjacent."""
-    tk, tpl = config.tokens, config.template
-    image_ids = [tk.im_start_id] + [tk.im_patch_id] * num_image_tokens + [tk.im_end_id]
-
-    def encode(text: str) -> list[int]:
-        text = text.replace(f"{tk.at} {tk.boxes}", tk.at + tk.boxes)
-        ids: list[int] = []
-        for k, part in enumerate(text.split(tk.image_placeholder)):
-            if k:
-                ids.extend(image_ids)
-            if part:
-                ids.extend(tokenizer(part, add_special_tokens=False)["input_ids"])
-        return ids
-
-    input_ids: list[int] = [tk.bos_id]
-    labels: list[int] = [IGNORE_INDEX]
-
-    def add(ids: list[int], *, target: bool) -> None:
-        input_ids.extend(ids)
-        labels.extend(ids if target else [IGNORE_INDEX] * len(ids))
-
-    if tpl.system:
-        add(encode(tpl.system + tpl.sep), target=False)
-    for turn in turns:
-        if turn.role == "user":
-            add(encode(f"{tpl.user_role}: {turn.text}{tpl.sep}"), target=False)
-        else:
-            add(encode(f"{tpl.assistant_role}:"), target=False)
-            add([*encode(f" {turn.text}"), tk.eos_id], target=True)
-    if add_generation_prompt:
-        add(encode(f"{tpl.assistant_role}:"), target=False)
-    return input_ids, labels

@@ -23,18 +23,20 @@ from training.evaluation import evaluate_predictor
 from training.versions import resolve_checkpoint
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
-# Of 20; measured for the shipped weights with the presence gate (2026-12-01: 19 and 12; 13
-# of the full domain before the gate held back a box the model answers "No" for).
-EASY_HITS, FULL_HITS = 19, 12
+# Of 20; measured for the shipped weights (stage2c on top of the second run) with the
+# presence gate, 2026-12-01: 20 and 11 (the second run's weights: 19 and 12 with the gate,
+# 19 and 13 without).
+EASY_HITS, FULL_HITS = 20, 11
 # Of 20 fresh scenes of the second renderer (training.robust_render, seed 424243); measured
-# for the shipped weights on 2026-12-01: 11/20 with the presence gate, 12/20 without (the
-# previous model, which learned its own renderer: 9/20).
-ROBUST_HITS = 11
-# With the presence gate (scored 2026-12-01): of seed 424244's 18 absent-object prompts 15
-# got no region, of its 22 present ones 20 kept theirs; per-label prompts on seed 424245's
-# 10 scenes: 23 of 31 labels that are there got a region, 26 of 29 that are not, none.
-ABSENT_DROPPED, PRESENT_KEPT = 15, 20
-PER_LABEL_PRESENT, PER_LABEL_ABSENT = 23, 26
+# for the shipped weights on 2026-12-01: 12/20 (the second run's: 11 with the gate, 12
+# without; the model before them, which learned its own renderer: 9/20).
+ROBUST_HITS = 12
+# With the presence gate (the shipped weights, 2026-12-01): of seed 424244's 18 absent-object
+# prompts 17 got no region, of its 22 present ones 20 kept theirs; per-label prompts on seed
+# 424245's 10 scenes: 24 of 31 labels that are there got a region, 25 of 29 that are not,
+# none.
+ABSENT_DROPPED, PRESENT_KEPT = 17, 20
+PER_LABEL_PRESENT, PER_LABEL_ABSENT = 24, 25
 
 
 def test_the_default_checkpoint_is_the_bundled_demo():
@@ -142,7 +144,7 @@ def test_the_recipe_runs_end_to_end_at_small_scale(tmp_path):
         ship=tmp_path / "shipped",
     )
     run = tmp_path / "run"
-    assert [p.name for p in phases] == ["vision", "sam", "stage2", "stage2b", "stage3"]
+    assert [p.name for p in phases] == ["vision", "sam", "stage2", "stage2b", "stage2c", "stage3"]
     assert metrics["final"]["n_records"] == 4
     # every split of the issue is scored: held-out, absent/captions/yes-no, robustness
     assert metrics["tasks"]["n_absent"] and metrics["tasks"]["n_captions"]

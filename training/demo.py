@@ -408,6 +408,21 @@ def default_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
     def n(x: int) -> int:
         return max(2, int(x * scale))
 
+    def language(name: str, steps: int, lr: float, **kwargs: Any) -> Phase:
+        # What every cycle of the language stage shares: no cycle1 (it collapsed the <at>
+        # state to a constant while boxes were poor, measured in the first demo runs), the
+        # LLM at 0.3x the learning rate, a little weight decay.
+        return Phase(
+            name,
+            2,
+            n(steps),
+            lr,
+            loss={"cycle1": 0.0},
+            lr_scale={"language_model": 0.3},
+            weight_decay=0.01,
+            **kwargs,
+        )
+
     return [
         # 1. The vision tower alone, dense object-level targets (docs/perception-trial.md's
         #    setup: batch 16, AdamW 2e-3, wd 0.05); then frozen for good, like CLIP.
@@ -416,28 +431,19 @@ def default_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
         PretrainPhase("sam", n(SAM_STEPS), 1e-3, batch_size=8, seed=12, warmup=min(50, n(50))),
         # 3. The language stage (NExT-Chat's stages 1-2 in one): projector, LLM and the
         #    location MLPs on the frozen tokens, with the grounding stand-ins of DemoAux.
-        #    No cycle1 (it collapsed the <at> state to a constant while boxes were poor,
-        #    measured in the first demo runs).
-        Phase(
-            "stage2",
-            2,
-            n(LANGUAGE_STEPS),
-            1e-3,
-            loss={"cycle1": 0.0},
-            lr_scale={"language_model": 0.3},
-            weight_decay=0.01,
-        ),
+        language("stage2", LANGUAGE_STEPS, 1e-3),
         # ... and a second cosine cycle on fresh scenes: measured on the 2026-12-01 run,
         # held-out Acc@0.5 still rose 0.11 per 1,000 steps at the end of the first one.
-        Phase(
-            "stage2b",
-            2,
-            n(LANGUAGE_MORE_STEPS),
-            5e-4,
-            loss={"cycle1": 0.0},
-            lr_scale={"language_model": 0.3},
-            weight_decay=0.01,
-            seed=1,
+        language("stage2b", LANGUAGE_MORE_STEPS, 5e-4, seed=1),
+        # ... and a third, shorter one weighted to yes/no questions and absent objects: the
+        # region score's presence is the model's own yes/no answer (nextchat_core.predictor),
+        # which the second run answered right 0.86 of the time.
+        language(
+            "stage2c",
+            PRESENCE_STEPS,
+            3e-4,
+            seed=2,
+            task_mix={"rec": 0.35, "multi": 0.1, "caption": 0.05, "chat": 0.25, "absent": 0.25},
         ),
         # 4. NExT-Chat's stage 3: seg_prompt_mlp + SAM's mask decoder learn the <at> prompt.
         Phase(
@@ -462,6 +468,7 @@ VISION_STEPS, SAM_STEPS, LANGUAGE_STEPS, LANGUAGE_MORE_STEPS, MASK_STEPS = (
     4000,
     600,
 )
+PRESENCE_STEPS = 2000  # stage2c, added on top of the second run's weights (docs/demo-recipe.md)
 
 
 def eval_split(out: Path, n_scenes: int) -> Path:
@@ -656,7 +663,7 @@ def run(
     with times("evaluation"):
         scores = score_splits(predictor, eval_set, task_set, robust_set)
     scores["score"]["calibration"] = calibration
-    curve = training_curve(out, phases)
+    curve = training_curve(out, phases, times.load())
     metrics = {
         **scores,
         "vision_readout": readout,
@@ -772,13 +779,21 @@ def domain_tokenizer(out: Path, mcfg: NextChatConfig) -> str:
     return str(path)
 
 
-def training_curve(out: Path, phases: list[Phase | PretrainPhase]) -> list[dict[str, Any]]:
+def training_curve(
+    out: Path, phases: list[Phase | PretrainPhase], wall: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
     """Held-out Acc@0.5 / mIoU against cumulative training minutes, across phases (the
-    pre-training phases add their minutes; they have no answers to score)."""
+    pre-training phases add their minutes; they have no answers to score). A phase whose
+    metrics are not in ``out`` (its checkpoint was put there: trained by an earlier run)
+    adds its ``wall`` seconds (the run's times.json), so later minutes stay cumulative."""
     curve, offset = [], 0.0
     for phase in phases:
         easy = isinstance(phase, Phase) and phase.easy_steps
-        for sub in ([out / phase.name / "easy"] if easy else []) + [out / phase.name]:
+        subs = ([out / phase.name / "easy"] if easy else []) + [out / phase.name]
+        if not any((sub / "metrics.jsonl").exists() for sub in subs):
+            offset += (wall or {}).get(phase.name, 0.0)
+            continue
+        for sub in subs:
             path = sub / "metrics.jsonl"
             if not path.exists():
                 continue
@@ -858,6 +873,12 @@ def readme_summary(metrics: dict[str, Any]) -> str:
         lines.append(
             f"Wall time of the run that made it: {total / 60:.1f} minutes ({parts}; minutes)."
         )
+        earlier = metrics.get("continued_from")
+        if earlier:
+            lines.append(
+                f"(It continued {earlier['run']}: {', '.join(earlier['phases'])} were that "
+                "run's, their minutes and curve copied from it.)"
+            )
     curve = metrics.get("curve") or []
     if curve:
         lines += [
