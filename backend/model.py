@@ -28,8 +28,9 @@ A config with an answer TextArea turns prompts of levels 1, 2 and 4 into chat qu
 a config with a caption TextArea captions the rectangle of the interactive context (or,
 in batch, every detected box).
 
-Response per task: ``{"result": [...], "score", "model_version"}`` with ``score`` the mean
-``<at>`` probability of the task's boxes (0 with none: Label Studio sorts by it). A task
+Response per task: ``{"result": [...], "score", "model_version"}`` with ``score`` the
+confidence of the task's least certain decision (``results.task_score``: Label Studio
+sorts by it; regions scored as ``nextchat_core.predictor`` says). A task
 whose image or prompt cannot be used gets ``[]`` (Label Studio: "no prediction for this
 task"; it stores nothing, so a later "Retrieve predictions" tries the task again, where
 ``{"result": []}`` would be stored as a prediction of this version and never retried) and

@@ -18,6 +18,7 @@ from labelstudio.results import (
     Region,
     brush_result,
     polygon_result,
+    prediction_score,
     rectangle_result,
 )
 from nextchat_core import frames
@@ -70,14 +71,12 @@ def deduplicate(
 
 
 def task_score(answers: list[Answer], shown: list[Detection], score_threshold: float) -> float:
-    """The prediction's score, for sorting tasks in the Data Manager (lowest first = most
-    worth reviewing): the confidence of its least certain decision. Each box the model
-    found is a decision - shown (confidence: its score) or held back by the presence gate
-    or ``score_threshold`` (confidence it is not there: 1 - score); a grounding prompt
-    with no box at all is the decision "absent" (1 - its presence, when measured). Boxes
-    dropped as duplicates or as regions already on the task decide nothing. The minimum,
-    not the mean or product: a task with one doubtful region among sure ones is worth a
-    look, however many labels it was asked for. 0 when nothing was decided."""
+    """The prediction's score (:func:`labelstudio.results.prediction_score` of its
+    decisions). Each box the model found is a decision - shown (confidence: its score) or
+    held back by the presence gate or ``score_threshold`` (confidence it is not there:
+    1 - score); a grounding prompt with no box at all is the decision "absent" (1 - its
+    presence, when measured). Boxes dropped as duplicates or as regions already on the task
+    decide nothing."""
     on = {id(d) for d in shown}
     decisions: list[float] = []
     for answer in answers:
@@ -89,7 +88,7 @@ def task_score(answers: list[Answer], shown: list[Detection], score_threshold: f
                 decisions.append(det.score)
             elif det.score < score_threshold:
                 decisions.append(1.0 - det.score)
-    return float(min(decisions)) if decisions else 0.0
+    return prediction_score(decisions)
 
 
 # A detection is the object of an existing region of its label above this box IoU: lower

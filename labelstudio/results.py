@@ -451,6 +451,17 @@ def image_reference(task: dict[str, Any], config: LabelConfig | None = None) -> 
 # -------------------------------------------------------------------------- building
 
 
+def prediction_score(decisions: Iterable[float]) -> float:
+    """A Label Studio prediction's ``score`` (the Data Manager's "Prediction score" column,
+    sorted ascending to review the doubtful tasks first) from the confidences of its
+    decisions - each region shown (its score) and, where known, each region held back or
+    prompt left without one (the confidence that nothing is there): the least certain. The
+    minimum, not the mean: one doubtful region among sure ones still brings the task up,
+    however many labels it was asked for. 0 when nothing was decided."""
+    values = list(decisions)
+    return float(min(values)) if values else 0.0
+
+
 def rectangle_result(
     box_xyxy: Any,
     labels: Sequence[str],

@@ -453,7 +453,7 @@ def test_import_results_become_predictions(tmp_path):
     (pred,) = task["predictions"]
     assert [r["type"] for r in pred["result"]] == ["brushlabels", "rectanglelabels"]
     assert [r["score"] for r in pred["result"]] == [0.8, 0.1]
-    assert pred["score"] == pytest.approx(0.45)
+    assert pred["score"] == pytest.approx(0.1)  # the least certain detection (sort by it)
     brush_mask = ls_results.ls_rle_to_mask(pred["result"][0]["value"]["rle"], 100, 50)
     assert (brush_mask == mask).all()
     (task,) = import_coco(gt, dets, min_score=0.5)

@@ -29,7 +29,13 @@ from nextchat_core import frames
 from nextchat_core.masks import coco_segmentation_to_mask
 
 from ..config import LabelConfig, parse_label_config
-from ..results import RegionKind, brush_result, polygon_result, rectangle_result
+from ..results import (
+    RegionKind,
+    brush_result,
+    polygon_result,
+    prediction_score,
+    rectangle_result,
+)
 from .common import CocoLike, ResultsLike, is_box_only, load_instances, load_results
 
 logger = logging.getLogger(__name__)
@@ -142,8 +148,8 @@ def import_coco(
         if pred_results or instances_as == "predictions":
             prediction: dict[str, Any] = {"model_version": model_version, "result": pred_results}
             scores = [r["score"] for r in pred_results if "score" in r]
-            if scores:
-                prediction["score"] = float(np.mean(scores))
+            if scores:  # every imported detection is shown: the least certain one
+                prediction["score"] = prediction_score(scores)
             task["predictions"] = [prediction] if pred_results else []
         tasks.append(task)
     if skipped_crowd:
