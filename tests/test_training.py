@@ -465,3 +465,26 @@ def test_platt_scaling_recovers_known_weights():
     assert (a, b, c) == pytest.approx((2.0, -1.0, 0.5), abs=0.1)
     (a1, c1) = _platt(x[:, :1], y)  # one feature: the other's effect averages out
     assert 0.5 < a1 < 2.0 and c1 > 0
+
+
+def test_presence_records_teach_yes_for_corrected_boxes(tiny_config, tiny_tokenizer):
+    """A corrected box also becomes the presence question its confidence asks, answered
+    "Yes" with the same boxes (so a new word is not held back by the gate after retraining)."""
+    from nextchat_core.conversation import IGNORE_INDEX, encode_conversation, exists_turns
+    from training.data import Record, presence_records, record_to_sample
+
+    img, _ = make_scene()
+    box = [10.0, 10.0, 30.0, 30.0]
+    rec = Record(img, "rec", "the pink cross", None, [box, box], None, 64, 64, "t")
+    absent = Record(img, "rec", "the cyan heart", None, [], None, 64, 64, "t")
+    caption = Record(img, "caption", "", "a cross", [box], None, 64, 64, "t")
+    (chat,) = presence_records([rec, absent, caption], tiny_config)
+    assert chat.task == "chat" and chat.boxes == [box, box]
+    assert chat.text == exists_turns("the pink cross", tiny_config)[0].text
+    sample = record_to_sample(chat, tiny_config)
+    enc = encode_conversation(sample.turns, tiny_tokenizer, tiny_config, num_image_tokens=4)
+    assert enc.num_boxes == 2
+    # the first answer token the model learns is the one the presence pass reads
+    predictor = NextChatPredictor(build_model(tiny_config), tiny_tokenizer)
+    first = next(t for t in enc.labels if t != IGNORE_INDEX)
+    assert first == predictor._answer_token(tiny_config.template.yes_answer)

@@ -28,6 +28,7 @@ matching the text): a ``ValueError``/``FileNotFoundError`` naming the record
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -47,7 +48,14 @@ from labelstudio.results import (
 from nextchat_core import frames
 from nextchat_core.batch import Sample
 from nextchat_core.config import NextChatConfig
-from nextchat_core.conversation import Turn, box_pairs, caption_turns, chat_turns, grounding_turns
+from nextchat_core.conversation import (
+    Turn,
+    box_pairs,
+    caption_turns,
+    chat_turns,
+    exists_turns,
+    grounding_turns,
+)
 from nextchat_core.masks import coco_segmentation_to_mask
 
 log = logging.getLogger(__name__)
@@ -107,6 +115,26 @@ def record_to_sample(rec: Record, config: NextChatConfig) -> Sample:
         w, h = _size(rec)
         masks = [None if m is None else _decode_mask(m, w, h, rec.source) for m in rec.masks]
     return Sample(rec.image, turns, [list(b) for b in rec.boxes], masks, rec.source)
+
+
+def presence_records(records: Sequence[Record], config: NextChatConfig) -> list[Record]:
+    """For each boxed ``rec`` record, the presence question its region's confidence will
+    ask (``exists_turns``: "Is there a red cross?"), answered ``"{yes}, <at> <boxes> ..."``
+    with the same boxes and masks: retraining on corrected boxes then also teaches the
+    model to say "Yes" to what it was corrected on - under ``"exists"`` scoring a word the
+    model never saw would otherwise stay held back by the presence gate however well its
+    boxes were learned."""
+    yes = config.template.yes_answer
+    return [
+        dataclasses.replace(
+            r,
+            task="chat",
+            text=exists_turns(r.text, config)[0].text,
+            answer=f"{yes}, {box_pairs(len(r.boxes))}.",
+        )
+        for r in records
+        if r.task == "rec" and r.boxes
+    ]
 
 
 def _size(rec: Record) -> tuple[int, int]:
