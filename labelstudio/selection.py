@@ -86,3 +86,22 @@ def select(
     if strategy == "uncertainty":
         return uncertainty_first(scored)[:n]
     return random_order([k for k, _ in scored], seed)[:n]
+
+
+def is_annotated(task: Mapping[str, Any]) -> bool:
+    """Whether a Label Studio task has a submitted annotation (a skipped one - Label
+    Studio's ``was_cancelled`` - does not count)."""
+    return any(
+        isinstance(a, Mapping) and not a.get("was_cancelled") for a in task.get("annotations") or []
+    )
+
+
+def next_tasks(
+    tasks: Iterable[Mapping[str, Any]], *, model_version: str | None = None
+) -> list[tuple[Any, float | None]]:
+    """A project's unannotated tasks (Label Studio tasks with their ``predictions``), most
+    worth annotating first (:func:`uncertainty_first` by :func:`task_score`), as
+    ``(task id, score)`` pairs: what ``nextchat next-tasks`` lists."""
+    scored = [(t.get("id"), task_score(t, model_version)) for t in tasks if not is_annotated(t)]
+    score_of = dict(scored)
+    return [(k, score_of[k]) for k in uncertainty_first(scored)]

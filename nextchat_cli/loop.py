@@ -50,6 +50,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         sub, "retrain", "request a retraining job for a project (as START_TRAINING does)", _retrain
     )
     p.add_argument("project", help="Label Studio project id")
+    p = sub.add_parser(
+        "next-tasks",
+        help="list a project's unannotated tasks, most worth annotating first",
+        description=(
+            "Unannotated tasks of a Label Studio project ordered by their prediction's score, "
+            "lowest first (the pre-labels most likely to need a correction; tasks without a "
+            "prediction first of all): the order uncertainty-first active learning annotates "
+            "in (labelstudio/selection.py). Reads the project through label-studio-sdk "
+            "(LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY), or a JSON export with predictions."
+        ),
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--project", type=int, help="Label Studio project id")
+    source.add_argument("--export", type=Path, help="a Label Studio JSON export instead")
+    p.add_argument("--version", help="score by this model version's predictions (default newest)")
+    p.add_argument("--limit", type=int, default=20, help="how many to list (0: all; default 20)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_next_tasks)
     versions_commands.register(sub)
     p = sub.add_parser(
         "loop-demo",
@@ -193,6 +211,39 @@ def _retrain(args: argparse.Namespace) -> int:
     state = "created" if created else "already active"
     broker = "enqueued" if sent else "broker unreachable: enqueued when it is back"
     print(f"job {job.job_id} {state} for project {job.project_id} ({broker})")
+    return 0
+
+
+def _next_tasks(args: argparse.Namespace) -> int:
+    from labelstudio.selection import next_tasks
+
+    if args.limit < 0:
+        raise ValueError(f"--limit must be >= 0 (0: all), got {args.limit}")
+    if args.export is not None:
+        if not args.export.is_file():
+            raise FileNotFoundError(f"Label Studio export not found: {args.export}")
+        try:
+            tasks = json.loads(args.export.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{args.export} is not a Label Studio JSON export: {exc}") from None
+        if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+            raise ValueError(f"{args.export}: expected a JSON list of Label Studio tasks")
+    else:
+        from labelstudio.coco.export import fetch_project
+
+        tasks, _ = fetch_project(
+            args.project,
+            base_url=os.environ.get("LABEL_STUDIO_URL"),
+            api_key=os.environ.get("LABEL_STUDIO_API_KEY"),
+        )
+    ranked = next_tasks(tasks, model_version=args.version)
+    shown = ranked[: args.limit] if args.limit else ranked
+    if args.json:
+        print(json.dumps([{"task": k, "score": s} for k, s in shown], indent=2))
+        return 0
+    print(f"{len(ranked)} unannotated task(s), most worth annotating first:")
+    for task_id, score in shown:
+        print(f"task {task_id}  score {'none' if score is None else f'{score:.4f}'}")
     return 0
 
 

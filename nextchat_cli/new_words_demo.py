@@ -163,9 +163,7 @@ def run_strategy(
                     # the /predict scores of the picked tasks, and the lowest score left
                     # in the pool (uncertainty-first: none picked above it)
                     "picked_scores": [score_of[k] for k in picked],
-                    "lowest_score_left": min(
-                        (v for v in left if v is not None), default=None
-                    ),
+                    "lowest_score_left": min((v for v in left if v is not None), default=None),
                     "selected_new_words": sorted(
                         {w for i in picked for w in by_id[i]["data"]["new_words"]}
                     ),

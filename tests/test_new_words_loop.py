@@ -106,3 +106,45 @@ def test_new_words_loop_with_one_new_word_on_the_tiny_preset(tmp_path, base):
     png = tmp_path / "curve.png"
     new_words_demo.plot_curve(report, png)
     assert Image.open(png).size == (720, 420)
+
+
+def test_next_tasks_lists_unannotated_tasks_lowest_score_first(tmp_path, capsys):
+    from nextchat_cli.main import main
+
+    def prediction(score, version="v2", when="2026-12-01T12:00:00Z"):
+        return {"score": score, "model_version": version, "created_at": when, "result": []}
+
+    export = [
+        {"id": 1, "data": {}, "annotations": [{"id": 5, "result": []}], "predictions": []},
+        {"id": 2, "data": {}, "annotations": [], "predictions": [prediction(0.9)]},
+        {"id": 3, "data": {}, "annotations": [], "predictions": [prediction(0.2)]},
+        {"id": 4, "data": {}, "annotations": [], "predictions": []},
+        {  # a skipped task is still to be annotated
+            "id": 5,
+            "data": {},
+            "annotations": [{"id": 6, "result": [], "was_cancelled": True}],
+            "predictions": [prediction(0.6), prediction(0.1, "v1", "2026-11-30T12:00:00Z")],
+        },
+    ]
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(export))
+
+    def cli(*args):  # the real command line, in this process
+        rc = main(["next-tasks", "--export", str(path), *args])
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
+    listed = json.loads(cli("--json")[1])
+    assert listed == [
+        {"task": 4, "score": None},
+        {"task": 3, "score": 0.2},
+        {"task": 5, "score": 0.6},  # its newest prediction
+        {"task": 2, "score": 0.9},
+    ]
+    by_v1 = json.loads(cli("--json", "--version", "v1", "--limit", "2")[1])
+    assert by_v1 == [{"task": 2, "score": None}, {"task": 3, "score": None}]
+    text = cli("--limit", "1")[1]
+    assert "4 unannotated task(s)" in text and "task 4  score none" in text
+    path.write_text('{"not": "a list"}')
+    rc, _, err = cli()
+    assert rc == 1 and "expected a JSON list of Label Studio tasks" in err
