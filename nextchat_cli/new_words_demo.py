@@ -132,7 +132,8 @@ def run_strategy(
             before = _evaluate(loop, held_new, held_old)
         loop.worker()
         for budget in budgets:
-            rest = [t for t in pool if t["id"] not in set(annotated)]
+            done = set(annotated)
+            rest = [t for t in pool if t["id"] not in done]
             t0 = time.perf_counter()
             if strategy == "uncertainty":
                 # the served version's /predict score: lowest = most worth correcting
@@ -143,7 +144,8 @@ def run_strategy(
             select_s = time.perf_counter() - t0
             picked = select(scored, budget - len(annotated), strategy, seed=seed + budget)
             score_of = dict(scored)
-            left = [score_of[k] for k in score_of if k not in set(picked)]
+            chosen = set(picked)
+            left = [v for k, v in scored if k not in chosen]
             for task_id in picked:
                 loop.post(annotation_event(by_id[task_id], PROJECT))
             annotated += picked
