@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2000, help="RETRAIN_MAX_STEPS")
     p.add_argument("--regression", type=int, default=48, help="RETRAIN_REGRESSION")
     p.add_argument("-o", "--out", type=Path, default=None, help="write the JSON here")
+    p.add_argument(
+        "--skip-before", action="store_true", help="do not score the base (known from a run)"
+    )
     args = p.parse_args(argv)
     base = resolve_checkpoint(args.checkpoint).resolve()
     rows = []
@@ -62,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
             root / "images", args.eval, first_id=100_000, seed=2, config=_config()
         )
         held_old = original_tasks(root / "images", args.eval, first_id=200_000, seed=3)
-        before = {"new_words": score(base, held_new), "original": score(base, held_old)}
+        before = (
+            None
+            if args.skip_before
+            else {"new_words": score(base, held_new), "original": score(base, held_old)}
+        )
         print(json.dumps({"before": before}), flush=True)
         for k, (replay, lr) in enumerate(
             itertools.product(
