@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=float, default=4.0)
     p.add_argument("--steps", type=int, default=2000, help="RETRAIN_MAX_STEPS")
     p.add_argument("--regression", type=int, default=48, help="RETRAIN_REGRESSION")
+    p.add_argument("--loss", default="", help="RETRAIN_LOSS, e.g. cycle1=0")
     p.add_argument("-o", "--out", type=Path, default=None, help="write the JSON here")
     p.add_argument(
         "--skip-before", action="store_true", help="do not score the base (known from a run)"
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         ):
             settings = RetrainSettings.from_env(
-                {},
+                {"RETRAIN_LOSS": args.loss},
                 model_dir=root / f"md{k}",
                 checkpoint=str(base),
                 local_files_root=root,
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {
                 "replay": replay,
                 "lr": lr,
+                "loss": settings.loss,
                 "job_s": round(job_s, 1),
                 "stages": result["stages"],
                 "replay_samples": result["replay_samples"],

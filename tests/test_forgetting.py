@@ -47,6 +47,14 @@ def test_replay_and_regression_settings():
         RetrainSettings.from_env({"RETRAIN_REPLAY": "-1"})
     with pytest.raises(ValueError, match="RETRAIN_REGRESSION='some'"):
         RetrainSettings.from_env({"RETRAIN_REGRESSION": "some"})
+    assert RetrainSettings.from_env({"RETRAIN_LOSS": "cycle1=0, giou=0.5"}).loss == {
+        "cycle1": 0.0,
+        "giou": 0.5,
+    }
+    with pytest.raises(ValueError, match="RETRAIN_LOSS must set loss weights"):
+        RetrainSettings.from_env({"RETRAIN_LOSS": "cycle3=0"})
+    with pytest.raises(ValueError, match="RETRAIN_LOSS='cycle1'"):
+        RetrainSettings.from_env({"RETRAIN_LOSS": "cycle1"})
     with pytest.raises(ValueError, match="PROMOTE_FORGETTING_TOLERANCE"):
         RetrainSettings.from_env({"PROMOTE_FORGETTING_TOLERANCE": "2"})
 

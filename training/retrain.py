@@ -31,7 +31,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +70,9 @@ class RetrainSettings(ServiceSettings):
     max_steps: int = 2000  # RETRAIN_MAX_STEPS: cap per stage
     batch_size: int = 8  # RETRAIN_BATCH_SIZE
     lr: float = 1e-4  # RETRAIN_LR
+    # RETRAIN_LOSS: loss-weight overrides for every stage, e.g. "cycle1=0" (the demo
+    # recipe trains its language stage without cycle1: training.demo.default_phases)
+    loss: dict[str, float] = field(default_factory=dict)
     holdout: float = 0.2  # RETRAIN_HOLDOUT: fraction of tasks held out for the gate
     min_tasks: int = 4  # RETRAIN_MIN_TASKS: fewer annotated tasks fail the job clearly
     policy: str = "not_worse"  # PROMOTE_POLICY: not_worse | always | manual
@@ -103,6 +106,12 @@ class RetrainSettings(ServiceSettings):
         def stages(raw: str) -> tuple[int, ...]:
             return tuple(int(x) for x in raw.replace(" ", "").split(",") if x)
 
+        def loss(raw: str) -> dict[str, float]:
+            pairs = [p.split("=", 1) for p in raw.replace(" ", "").split(",") if p]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError(raw)
+            return {k: float(v) for k, v in pairs}
+
         s = cls(
             **ServiceSettings.values_from_env(env),
             retrain_every=get("RETRAIN_EVERY", int, 50),
@@ -111,6 +120,7 @@ class RetrainSettings(ServiceSettings):
             max_steps=get("RETRAIN_MAX_STEPS", int, 2000),
             batch_size=get("RETRAIN_BATCH_SIZE", int, 8),
             lr=get("RETRAIN_LR", float, 1e-4),
+            loss=get("RETRAIN_LOSS", loss, {}),
             holdout=get("RETRAIN_HOLDOUT", float, 0.2),
             min_tasks=get("RETRAIN_MIN_TASKS", int, 4),
             policy=get("PROMOTE_POLICY", str, "not_worse"),
@@ -142,6 +152,15 @@ class RetrainSettings(ServiceSettings):
         for name in ("batch_size", "max_steps", "keep_versions", "min_tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.upper()} must be >= 1, got {getattr(self, name)}")
+        from nextchat_core.config import LossConfig
+
+        known = {f.name for f in fields(LossConfig)}
+        bad_loss = {k: v for k, v in self.loss.items() if k not in known or not v >= 0}
+        if bad_loss:
+            raise ValueError(
+                f"RETRAIN_LOSS must set loss weights >= 0 among {sorted(known)} (like "
+                f"'cycle1=0'), got {bad_loss}"
+            )
         if not (self.replay >= 0 and self.regression >= 0):
             raise ValueError(
                 "RETRAIN_REPLAY (samples per correction) and RETRAIN_REGRESSION (records) "
@@ -416,6 +435,7 @@ def _train_stages(
             save_every=max(5, steps // 10),
             log_every=max(1, steps // 20),
             device=device,
+            loss=dict(settings.loss),
             precision="bf16" if device != "cpu" else "fp32",
             gradient_checkpointing=big,
             lora={"r": 16, "alpha": 32, "dropout": 0.05} if use_lora and stage != 3 else None,
