@@ -31,8 +31,9 @@ import numpy as np
 import requests
 from PIL import Image, ImageDraw
 
-from labelstudio.results import parse_results, rectangle_result, textarea_result
+from labelstudio.results import pair_objects, parse_results, rectangle_result, textarea_result
 from nextchat_core import frames
+from nextchat_core.masks import mask_iou
 from training import synth
 
 REPO = Path(__file__).resolve().parent.parent
@@ -287,7 +288,9 @@ class Loop:
         logs = "\n".join(f"--- {p.log.name}\n{p.text()[-3000:]}" for p in self.procs)
         raise AssertionError(f"job {job_id} stuck at {job}\n{logs}")
 
-    def predict(self, tasks: list[dict[str, Any]], batch: int = 16) -> list[dict[str, Any]]:
+    def predict(
+        self, tasks: list[dict[str, Any]], batch: int = 16, label_config: str = LABEL_CONFIG
+    ) -> list[dict[str, Any]]:
         """Pre-labels as Label Studio requests them ("Retrieve predictions")."""
         assert self.url
         out = []
@@ -296,7 +299,7 @@ class Loop:
             body: dict[str, Any] = {
                 "tasks": chunk,
                 "project": "7.1700000000",
-                "label_config": LABEL_CONFIG,
+                "label_config": label_config,
             }
             reply = requests.post(self.url + "/predict", json=body, timeout=600)
             reply.raise_for_status()
@@ -310,23 +313,34 @@ class Loop:
 
 def prelabel_accuracy(tasks: list[dict[str, Any]], predictions: list[Any]) -> dict[str, float]:
     """Acc@0.5 of pre-labels: the best-scored rectangle of each task against its corrected
-    box (tasks with one box). A task without a prediction counts as a miss."""
-    hits, ious = 0, []
+    box (tasks with one box). A task without a prediction counts as a miss. When every
+    corrected box has its brush mask nested under it, also ``mask_miou``: the mean IoU of
+    the best rectangle's predicted mask (none: 0) with the corrected one."""
+    hits, ious, mask_ious = 0, [], []
     for task, pred in zip(tasks, predictions, strict=True):
         truth = [
-            r for r in parse_results(task["annotations"][0]["result"]) if r.kind == "rectangle"
+            r
+            for r in pair_objects(parse_results(task["annotations"][0]["result"]))
+            if r.kind == "rectangle"
         ]
         assert len(truth) == 1, "one corrected box per task"
+        true_mask = truth[0].to_mask() if truth[0].shapes else None
         regions = parse_results(pred.get("result", [])) if isinstance(pred, dict) else []
-        boxes = [r for r in regions if r.kind == "rectangle"]
+        boxes = [r for r in pair_objects(regions) if r.kind == "rectangle"]
         if not boxes:
             ious.append(0.0)
+            mask_ious.append(0.0)
             continue
         best = max(boxes, key=lambda r: r.score if r.score is not None else 0.0)
         iou = frames.box_iou(best.box_xyxy, truth[0].box_xyxy)
         ious.append(iou)
         hits += iou >= 0.5
-    return {"acc50": hits / len(tasks), "mean_iou": sum(ious) / len(ious), "n": len(tasks)}
+        if true_mask is not None:
+            mask_ious.append(mask_iou(best.to_mask(), true_mask) if best.shapes else 0.0)
+    out = {"acc50": hits / len(tasks), "mean_iou": sum(ious) / len(ious), "n": len(tasks)}
+    if len(mask_ious) == len(tasks):
+        out["mask_miou"] = sum(mask_ious) / len(mask_ious)
+    return out
 
 
 def run_demo(

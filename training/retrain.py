@@ -5,9 +5,11 @@ version. The Celery task (:mod:`training.tasks`) is a thin wrapper around :func:
       -> Label Studio export shape -> training samples (training.data.read_label_studio,
          images fetched like /predict does: labelstudio.images)
       -> split: a held-out slice of tasks (by a hash of the task id: stable across jobs)
+      -> + replay of the base domain (RETRAIN_REPLAY, training.forgetting), if any
       -> the configured stages (default 2 then 3), continuing from the served version;
          LoRA + bf16 on CUDA for a large model
-      -> evaluate the served and the new version on the held-out slice
+      -> evaluate the served and the new version on the held-out slice (and on the fixed
+         regression slice of the original vocabulary, RETRAIN_REGRESSION, if any)
       -> publish the new version (atomic rename into MODEL_DIR/versions)
       -> promote it when the gate passes (policy), prune old versions
 
@@ -29,7 +31,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,10 +70,19 @@ class RetrainSettings(ServiceSettings):
     max_steps: int = 2000  # RETRAIN_MAX_STEPS: cap per stage
     batch_size: int = 8  # RETRAIN_BATCH_SIZE
     lr: float = 1e-4  # RETRAIN_LR
+    # RETRAIN_LOSS: loss-weight overrides for every stage, e.g. "cycle1=0" (the demo
+    # recipe trains its language stage without cycle1: training.demo.default_phases)
+    loss: dict[str, float] = field(default_factory=dict)
     holdout: float = 0.2  # RETRAIN_HOLDOUT: fraction of tasks held out for the gate
     min_tasks: int = 4  # RETRAIN_MIN_TASKS: fewer annotated tasks fail the job clearly
     policy: str = "not_worse"  # PROMOTE_POLICY: not_worse | always | manual
     tolerance: float = 0.0  # PROMOTE_TOLERANCE: Acc@0.5 the new version may lose
+    # Against forgetting (training.forgetting; the synthetic base domain, which the bundled
+    # model was trained on - off by default, as it means nothing to other checkpoints):
+    replay: float = 0.0  # RETRAIN_REPLAY: base-domain samples mixed in per correction
+    regression: int = 0  # RETRAIN_REGRESSION: records of the fixed regression slice (0: none)
+    # PROMOTE_FORGETTING_TOLERANCE: Acc@0.5 / mask mIoU the regression slice may lose
+    forgetting_tolerance: float = 0.05
     keep_versions: int = 5  # KEEP_VERSIONS: retention (current and rollback target kept)
     lora: str = "auto"  # RETRAIN_LORA: auto (CUDA + a 7B-sized LLM) | on | off
     time_limit: int = 6 * 3600  # RETRAIN_TIME_LIMIT: seconds before a job is killed
@@ -95,6 +106,12 @@ class RetrainSettings(ServiceSettings):
         def stages(raw: str) -> tuple[int, ...]:
             return tuple(int(x) for x in raw.replace(" ", "").split(",") if x)
 
+        def loss(raw: str) -> dict[str, float]:
+            pairs = [p.split("=", 1) for p in raw.replace(" ", "").split(",") if p]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError(raw)
+            return {k: float(v) for k, v in pairs}
+
         s = cls(
             **ServiceSettings.values_from_env(env),
             retrain_every=get("RETRAIN_EVERY", int, 50),
@@ -103,10 +120,14 @@ class RetrainSettings(ServiceSettings):
             max_steps=get("RETRAIN_MAX_STEPS", int, 2000),
             batch_size=get("RETRAIN_BATCH_SIZE", int, 8),
             lr=get("RETRAIN_LR", float, 1e-4),
+            loss=get("RETRAIN_LOSS", loss, {}),
             holdout=get("RETRAIN_HOLDOUT", float, 0.2),
             min_tasks=get("RETRAIN_MIN_TASKS", int, 4),
             policy=get("PROMOTE_POLICY", str, "not_worse"),
             tolerance=get("PROMOTE_TOLERANCE", float, 0.0),
+            replay=get("RETRAIN_REPLAY", float, 0.0),
+            regression=get("RETRAIN_REGRESSION", int, 0),
+            forgetting_tolerance=get("PROMOTE_FORGETTING_TOLERANCE", float, 0.05),
             keep_versions=get("KEEP_VERSIONS", int, 5),
             lora=get("RETRAIN_LORA", str, "auto"),
             time_limit=get("RETRAIN_TIME_LIMIT", int, 6 * 3600),
@@ -131,6 +152,24 @@ class RetrainSettings(ServiceSettings):
         for name in ("batch_size", "max_steps", "keep_versions", "min_tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.upper()} must be >= 1, got {getattr(self, name)}")
+        from nextchat_core.config import LossConfig
+
+        known = {f.name for f in fields(LossConfig)}
+        bad_loss = {k: v for k, v in self.loss.items() if k not in known or not v >= 0}
+        if bad_loss:
+            raise ValueError(
+                f"RETRAIN_LOSS must set loss weights >= 0 among {sorted(known)} (like "
+                f"'cycle1=0'), got {bad_loss}"
+            )
+        if not (self.replay >= 0 and self.regression >= 0):
+            raise ValueError(
+                "RETRAIN_REPLAY (samples per correction) and RETRAIN_REGRESSION (records) "
+                f"must be >= 0, got {self.replay} and {self.regression}"
+            )
+        if not 0.0 <= self.forgetting_tolerance <= 1.0:
+            raise ValueError(
+                f"PROMOTE_FORGETTING_TOLERANCE must be in [0, 1], got {self.forgetting_tolerance}"
+            )
         if self.retrain_every < 0 or self.epochs <= 0 or self.lr <= 0 or self.heartbeat_s <= 0:
             raise ValueError(
                 "RETRAIN_EVERY must be >= 0 and RETRAIN_EPOCHS, RETRAIN_LR, JOB_HEARTBEAT_S > 0"
@@ -240,6 +279,16 @@ def _run(
     report({"phase": "evaluating", "held_out": len(data.held_out)})
     old = _evaluate(parent.path, data.held_out, device)
     new = _evaluate(final, data.held_out, device)
+    regression: dict[str, Any] | None = None
+    if settings.regression:
+        from .forgetting import regression_set
+
+        report({"phase": "evaluating the regression slice", "records": settings.regression})
+        slice_ = regression_set(settings.regression, data.config)
+        regression = {
+            "old": _evaluate(parent.path, slice_, device),
+            "new": _evaluate(final, slice_, device),
+        }
     meta = {
         "job_id": job.job_id,
         "project": job.project_id,
@@ -247,11 +296,13 @@ def _run(
         "created_at": time.time(),
         "train_samples": len(data.train),
         "held_out_samples": len(data.held_out),
+        "replay_samples": data.replay,
         "tasks": data.tasks,
         "synced_from_label_studio": synced,
         "stages": timings,
         "eval_old": old,
         "eval_new": new,
+        "regression": regression,
     }
     staged = versions.staging_dir(settings.model_dir, name)
     staged.rmdir()
@@ -288,10 +339,11 @@ class _TrainingData:
     """A job's annotations as training samples, split by :func:`split_tasks`."""
 
     tasks: int  # annotated tasks in the store
-    train: SampleSet
+    train: SampleSet  # the corrections' training slice + the replay samples
     held_out: SampleSet  # for the promotion gate
     config: NextChatConfig  # the served checkpoint's
-    has_masks: bool  # any training region with a mask (stage 3 runs only then)
+    has_masks: bool  # any correction with a mask (stage 3 runs only then)
+    replay: int = 0  # base-domain samples in ``train`` (RETRAIN_REPLAY)
 
 
 def _training_data(
@@ -306,7 +358,7 @@ def _training_data(
     like ``/predict`` does, split into a training and a held-out slice."""
     from nextchat_core.build import load_config
 
-    from .data import read_label_studio
+    from .data import SampleSet, presence_records, read_label_studio
 
     tasks = store.export_tasks(job.project_id)
     if len(tasks) < settings.min_tasks:
@@ -337,7 +389,19 @@ def _training_data(
             "train on"
         )
     has_masks = any(any(m is not None for m in (r.masks or [])) for r in train_set.records)
-    return _TrainingData(len(tasks), train_set, held_set, config, has_masks)
+    corrections = len(train_set)
+    if config.score.presence == "exists":
+        # The region score asks "Is there ...?" of every prompt: corrected boxes also teach
+        # the "Yes", or a new word stays held back by the presence gate (data.presence_records).
+        train_set = train_set + SampleSet(presence_records(train_set.records, config), config)
+    replay = 0
+    if settings.replay:
+        from .forgetting import replay_set
+
+        extra = replay_set(corrections, settings.replay, config)
+        train_set, replay = train_set + extra, len(extra)
+        log.info("job %s: %d replay samples of the base domain mixed in", job.job_id, replay)
+    return _TrainingData(len(tasks), train_set, held_set, config, has_masks, replay)
 
 
 def _train_stages(
@@ -376,6 +440,7 @@ def _train_stages(
             save_every=max(5, steps // 10),
             log_every=max(1, steps // 20),
             device=device,
+            loss=dict(settings.loss),
             precision="bf16" if device != "cpu" else "fp32",
             gradient_checkpointing=big,
             lora={"r": 16, "alpha": 32, "dropout": 0.05} if use_lora and stage != 3 else None,
@@ -409,7 +474,15 @@ def _gate_and_promote(
     settings: RetrainSettings, name: str, meta: dict[str, Any], *, already: bool
 ) -> dict[str, Any]:
     old, new = meta["eval_old"], meta["eval_new"]
-    promote, why = gate(old, new, settings.policy, settings.tolerance)
+    regression = meta.get("regression")
+    promote, why = gate(
+        old,
+        new,
+        settings.policy,
+        settings.tolerance,
+        regression=(regression["old"], regression["new"]) if regression else None,
+        forgetting_tolerance=settings.forgetting_tolerance,
+    )
     served = versions.read_current_version(settings.model_dir)
     prelabel: dict[str, Any] | None = None
     if promote and served != name:
@@ -434,6 +507,8 @@ def _gate_and_promote(
         "reason": why,
         "eval_old": old,
         "eval_new": new,
+        "regression": regression,
+        "replay_samples": meta.get("replay_samples", 0),
         "stages": meta.get("stages", []),
         "synced_from_label_studio": meta.get("synced_from_label_studio"),
         "pruned": removed,
@@ -461,14 +536,50 @@ def _prelabel_unannotated(settings: RetrainSettings, project: str, version: str)
 
 
 def gate(
-    old: dict[str, Any], new: dict[str, Any], policy: str, tolerance: float
+    old: dict[str, Any],
+    new: dict[str, Any],
+    policy: str,
+    tolerance: float,
+    *,
+    regression: tuple[dict[str, Any], dict[str, Any]] | None = None,
+    forgetting_tolerance: float = 0.05,
 ) -> tuple[bool, str]:
     """Whether to serve the new version, and why. ``not_worse``: held-out Acc@0.5 and (when
-    both have masks) mask mIoU may drop by at most ``tolerance``."""
+    both have masks) mask mIoU may drop by at most ``tolerance``; and with a
+    ``regression`` slice (the served and the new version's scores on the original
+    vocabulary), neither may drop there by more than ``forgetting_tolerance``: a version
+    that learns the project's data but forgets what the model knew is not served."""
     if policy == "always":
         return True, "policy 'always'"
     if policy == "manual":
         return False, "policy 'manual': promote with `nextchat promote`"
+    worse = _drops(old, new, tolerance)
+    if worse:
+        return False, "worse on the held-out slice: " + ", ".join(worse)
+    why = (
+        f"not worse on the held-out slice (Acc@0.5 {old.get('rec_acc', 0):.3f} -> "
+        f"{new.get('rec_acc', 0):.3f})"
+    )
+    if regression is not None:
+        r_old, r_new = regression
+        forgot = _drops(r_old, r_new, forgetting_tolerance)
+        n = r_new.get("n_records", "?")
+        if forgot:
+            return False, (
+                f"{why}, but it forgets the original vocabulary: on the regression slice "
+                f"({n} records) {', '.join(forgot)}, more than PROMOTE_FORGETTING_TOLERANCE="
+                f"{forgetting_tolerance}"
+            )
+        why += (
+            f"; regression slice ({n} records) Acc@0.5 {r_old.get('rec_acc', 0):.3f} -> "
+            f"{r_new.get('rec_acc', 0):.3f}, within {forgetting_tolerance}"
+        )
+    return True, why
+
+
+def _drops(old: dict[str, Any], new: dict[str, Any], tolerance: float) -> list[str]:
+    """``"key a -> b"`` for each of Acc@0.5 and mask mIoU that fell by more than
+    ``tolerance`` (a metric missing on either side is not compared)."""
     worse = []
     for key in ("rec_acc", "mask_miou"):
         a, b = old.get(key), new.get(key)
@@ -476,12 +587,7 @@ def gate(
             continue
         if b < a - tolerance:
             worse.append(f"{key} {a:.3f} -> {b:.3f}")
-    if worse:
-        return False, "worse on the held-out slice: " + ", ".join(worse)
-    return True, (
-        f"not worse on the held-out slice (Acc@0.5 {old.get('rec_acc', 0):.3f} -> "
-        f"{new.get('rec_acc', 0):.3f})"
-    )
+    return worse
 
 
 def _evaluate(path: Path, samples: Any, device: str) -> dict[str, Any]:

@@ -113,6 +113,18 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "white": (250, 250, 250),
     "black": (15, 15, 15),
 }
+# Words the bundled demo model never saw (its recipe draws only SHAPES and COLORS): the
+# vocabulary of the new-words benchmark (training.new_words). Each new color keeps >= 100
+# RGB from every color above and from the others (closest: brown/red).
+NEW_SHAPES: tuple[str, ...] = ("cross", "heart", "arrow", "crescent")
+NEW_COLORS: dict[str, tuple[int, int, int]] = {
+    "pink": (250, 150, 200),
+    "cyan": (40, 210, 230),
+    "brown": (125, 80, 25),
+}
+# Every name a scene may draw (SynthConfig defaults to the original vocabulary only).
+ALL_SHAPES: tuple[str, ...] = SHAPES + NEW_SHAPES
+ALL_COLORS: dict[str, tuple[int, int, int]] = {**COLORS, **NEW_COLORS}
 SIZES: tuple[str, ...] = ("small", "large")
 BACKGROUNDS: tuple[str, ...] = ("plain", "gradient", "noise", "texture")
 # What SynthConfig() draws from (the held-out split's renderer): "texture" is opt-in.
@@ -161,8 +173,8 @@ class SynthConfig:
     small_range: tuple[float, float] = (0.06, 0.14)
     large_range: tuple[float, float] = (0.21, 0.35)
     small_prob: float = 0.5  # probability that an object is small
-    shapes: tuple[str, ...] = SHAPES  # restrict for curricula; names from SHAPES
-    colors: tuple[str, ...] = tuple(COLORS)  # names from COLORS
+    shapes: tuple[str, ...] = SHAPES  # restrict for curricula; names from ALL_SHAPES
+    colors: tuple[str, ...] = tuple(COLORS)  # names from ALL_COLORS
     backgrounds: tuple[str, ...] = DEFAULT_BACKGROUNDS  # drawn uniformly
     noise_amplitude: int = 24  # "noise": uniform per-channel noise in [-a, a]
     # "texture": a smooth random field (a coarse grid of cells of ~texture_scale px,
@@ -221,8 +233,8 @@ class SynthConfig:
                 f"large_range={self.large_range}"
             )
         for name, value, allowed in (
-            ("shapes", self.shapes, SHAPES),
-            ("colors", self.colors, tuple(COLORS)),
+            ("shapes", self.shapes, ALL_SHAPES),
+            ("colors", self.colors, tuple(ALL_COLORS)),
             ("backgrounds", self.backgrounds, BACKGROUNDS),
         ):
             unknown = [v for v in value if v not in allowed]
@@ -324,7 +336,7 @@ class SceneObject:
 
     @property
     def rgb(self) -> tuple[int, int, int]:
-        return COLORS[self.color]
+        return ALL_COLORS[self.color]
 
     @property
     def box_center(self) -> tuple[float, float]:
@@ -397,25 +409,50 @@ def contrast_ok(rgb: Sequence[int], background: Background, min_contrast: float)
     return background_contrast(rgb, background) >= min_contrast
 
 
-def render_scene(rng: np.random.Generator, config: SynthConfig, *, scene_id: int = 0) -> Scene:
+def render_scene(
+    rng: np.random.Generator,
+    config: SynthConfig,
+    *,
+    scene_id: int = 0,
+    objects: Sequence[tuple[str, str]] | None = None,
+) -> Scene:
     """Draw one scene: canvas size, background, then objects placed one by one under the
     visibility and same-color constraints (an object that finds no place within
-    ``max_attempts`` tries is dropped; a scene always keeps at least one)."""
+    ``max_attempts`` tries is dropped; a scene always keeps at least one, the first).
+
+    ``objects``: the ``(shape, color)`` of each object to draw, in drawing order (names
+    from :data:`ALL_SHAPES` / :data:`ALL_COLORS`), instead of drawing them from the config;
+    the background then keeps ``min_contrast`` from every one of their colors. Sizes and
+    positions are drawn as always."""
+    if objects is not None:
+        objects = list(objects)
+        bad = [o for o in objects if o[0] not in ALL_SHAPES or o[1] not in ALL_COLORS]
+        if not objects or bad:
+            raise ValueError(
+                "objects must be a non-empty list of (shape, color) names from "
+                f"{list(ALL_SHAPES)} and {list(ALL_COLORS)}, got {objects}"
+            )
     width = int(rng.integers(config.min_side, config.max_side + 1))
     height = int(rng.integers(config.min_side, config.max_side + 1))
-    background, palette = _draw_background(rng, config)
+    required = tuple(dict.fromkeys(c for _, c in objects)) if objects else ()
+    background, palette = _draw_background(rng, config, required)
     image = _render_background(rng, background, width, height, config.texture_scale)
     antialias = bool(config.antialias_prob) and bool(rng.random() < config.antialias_prob)
 
-    if config.easy:
+    if objects is not None:
+        n_target = len(objects)
+    elif config.easy:
         n_target = int(rng.integers(1, 3))
     else:
         n_target = int(rng.integers(config.min_objects, config.max_objects + 1))
     short = min(width, height)
     placed: list[_Placed] = []
-    for _ in range(n_target):
+    for k in range(n_target):
+        forced = objects[k] if objects is not None else None
         for _attempt in range(config.max_attempts):
-            candidate = _propose(rng, config, placed, palette, width, height, short, antialias)
+            candidate = _propose(
+                rng, config, placed, palette, width, height, short, antialias, forced
+            )
             if candidate is not None and _fits(candidate, placed, config):
                 for other in placed:  # the new object is drawn on top of the earlier ones
                     covered = other.visible[candidate.slices] & candidate.crop
@@ -428,14 +465,14 @@ def render_scene(rng: np.random.Generator, config: SynthConfig, *, scene_id: int
     if not placed:  # cannot happen with sane sizes: the first object always fits
         raise RuntimeError(f"scene {scene_id}: could not place a single object ({config})")
 
-    objects = []
+    drawn: list[SceneObject] = []
     for p in placed:
         if p.alpha is None:
-            image[p.slices][p.crop] = COLORS[p.color]
+            image[p.slices][p.crop] = ALL_COLORS[p.color]
         else:  # anti-aliased edge: blend by coverage
             region = image[p.slices].astype(np.float32)
             a = p.alpha[..., None]
-            color = np.asarray(COLORS[p.color], dtype=np.float32)
+            color = np.asarray(ALL_COLORS[p.color], dtype=np.float32)
             image[p.slices] = np.rint(region * (1.0 - a) + color * a).astype(np.uint8)
     image = _degrade(rng, image, config)
     for p in placed:
@@ -444,7 +481,7 @@ def render_scene(rng: np.random.Generator, config: SynthConfig, *, scene_id: int
         box = mask_to_box(p.visible[p.slices])
         assert box is not None and p.visible_count > 0, "min_visible keeps every object visible"
         box += [p.slices[1].start, p.slices[0].start] * 2
-        objects.append(
+        drawn.append(
             SceneObject(
                 shape=p.shape,
                 color=p.color,
@@ -456,7 +493,7 @@ def render_scene(rng: np.random.Generator, config: SynthConfig, *, scene_id: int
                 drawn_area=p.area,
             )
         )
-    return Scene(scene_id=scene_id, image=image, objects=objects, background=background)
+    return Scene(scene_id=scene_id, image=image, objects=drawn, background=background)
 
 
 def dense_annotations(scene: Scene) -> DenseAnnotations:
@@ -522,8 +559,11 @@ def _rgb(values: Any) -> tuple[int, int, int]:
     return r, g, b
 
 
-def _draw_background(rng: np.random.Generator, config: SynthConfig) -> tuple[Background, list[str]]:
-    """A background and the configured colors that keep ``min_contrast`` against it."""
+def _draw_background(
+    rng: np.random.Generator, config: SynthConfig, required: Sequence[str] = ()
+) -> tuple[Background, list[str]]:
+    """A background and the configured colors that keep ``min_contrast`` against it (and
+    against which every ``required`` color does too)."""
     need = min(3, len(config.colors))
     for _ in range(1000):
         kind = config.backgrounds[int(rng.integers(len(config.backgrounds)))]
@@ -539,12 +579,15 @@ def _draw_background(rng: np.random.Generator, config: SynthConfig) -> tuple[Bac
             end = _rgb(np.clip(np.asarray(base) + offset, 0, 255))
             angle = float(rng.uniform(0.0, 2.0 * math.pi))
             bg = Background("gradient", (base, end), angle=angle)
-        palette = [c for c in config.colors if contrast_ok(COLORS[c], bg, config.min_contrast)]
-        if len(palette) >= need:
+        palette = [c for c in config.colors if contrast_ok(ALL_COLORS[c], bg, config.min_contrast)]
+        if len(palette) >= need and all(
+            contrast_ok(ALL_COLORS[c], bg, config.min_contrast) for c in required
+        ):
             return bg, palette
     raise ValueError(
         f"no background keeps min_contrast={config.min_contrast} against {need} of the colors "
-        f"{list(config.colors)}; lower min_contrast or allow more colors"
+        f"{list(config.colors)} and all of {list(required)}; lower min_contrast or allow more "
+        "colors"
     )
 
 
@@ -598,18 +641,23 @@ def _propose(
     height: int,
     short: int,
     antialias: bool = False,
+    forced: tuple[str, str] | None = None,
 ) -> _Placed | None:
     """Draw one candidate object (attributes, extent, position) and rasterize it
-    (``antialias``: at 4x, box-filtered down to a coverage ``alpha``; drawn = >= 50 %)."""
+    (``antialias``: at 4x, box-filtered down to a coverage ``alpha``; drawn = >= 50 %).
+    ``forced``: its ``(shape, color)``, not drawn."""
     small = False if config.easy else bool(rng.random() < config.small_prob)
     lo, hi = config.small_range if small else config.large_range
     extent = float(rng.uniform(lo, hi)) * short
     r = extent / 2.0
     cx = float(rng.uniform(r, width - r))
     cy = float(rng.uniform(r, height - r))
-    shape = config.shapes[int(rng.integers(len(config.shapes)))]
-    color = palette[int(rng.integers(len(palette)))]
-    if placed and rng.random() < config.repeat_prob:
+    if forced is not None:
+        shape, color = forced
+    else:
+        shape = config.shapes[int(rng.integers(len(config.shapes)))]
+        color = palette[int(rng.integers(len(palette)))]
+    if forced is None and placed and rng.random() < config.repeat_prob:
         # Repeated colors/shapes are what makes size, position and multi-instance
         # expressions necessary; independent draws rarely repeat a color + shape.
         src = placed[int(rng.integers(len(placed)))]
@@ -689,6 +737,11 @@ def _draw_shape(
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         return
+    if shape == "crescent":  # a disc less a disc shifted right: horns to the right
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        d = 0.45 * r
+        draw.ellipse([cx - r + d, cy - 0.9 * r, cx + r + d, cy + 0.9 * r], fill=0)
+        return
     if shape == "square":
         pts = [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     elif shape == "triangle":  # apex up, base as wide as the square
@@ -701,8 +754,28 @@ def _draw_shape(
         outer = _regular_polygon(cx, cy, r, 5, -math.pi / 2)
         inner = _regular_polygon(cx, cy, 0.45 * r, 5, -math.pi / 2 + math.pi / 5)
         pts = [p for pair in zip(outer, inner, strict=True) for p in pair]
+    elif shape == "cross":  # a plus sign, arms a third of the side wide
+        a = r / 3.0
+        pts = [
+            (cx - a, cy - r), (cx + a, cy - r), (cx + a, cy - a), (cx + r, cy - a),
+            (cx + r, cy + a), (cx + a, cy + a), (cx + a, cy + r), (cx - a, cy + r),
+            (cx - a, cy + a), (cx - r, cy + a), (cx - r, cy - a), (cx - a, cy - a),
+        ]  # fmt: skip
+    elif shape == "arrow":  # pointing right: a shaft and a head as tall as the square
+        s = 0.3 * r
+        pts = [
+            (cx - r, cy - s), (cx, cy - s), (cx, cy - r), (cx + r, cy),
+            (cx, cy + r), (cx, cy + s), (cx - r, cy + s),
+        ]  # fmt: skip
+    elif shape == "heart":  # the classic parametric heart, point down, fit to the square
+        t = np.linspace(0.0, 2.0 * math.pi, 72, endpoint=False)
+        hx = 16.0 * np.sin(t) ** 3
+        hy = -(13.0 * np.cos(t) - 5.0 * np.cos(2 * t) - 2.0 * np.cos(3 * t) - np.cos(4 * t))
+        hy -= (hy.max() + hy.min()) / 2.0  # centre vertically (extent 16 x ~14.5)
+        k = r / 16.0
+        pts = [(cx + k * float(x), cy + k * float(y)) for x, y in zip(hx, hy, strict=True)]
     else:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+        raise ValueError(f"unknown shape {shape!r}; expected one of {ALL_SHAPES}")
     draw.polygon(pts, fill=fill)
 
 
@@ -828,6 +901,13 @@ def _record(
         "attributes": [o.attributes for o in objs],
         "scene_id": scene.scene_id,
     }
+
+
+def rec_record(scene: Scene, index: int, expression: str) -> dict[str, Any]:
+    """The ``rec`` record of ``expression`` referring to object ``index`` of ``scene`` (the
+    module docstring's format), for generators with their own grammar
+    (:mod:`training.new_words`)."""
+    return _record(scene, "rec", [index], expression=expression)
 
 
 def _draw_rec(
@@ -1105,25 +1185,39 @@ def label_studio_task(
     *,
     annotation_id: int | None = None,
     masks: bool = False,
+    boxes: bool | None = None,
     label: str = "Object",
 ) -> dict[str, Any]:
     """A ``rec`` record as a Label Studio task with one corrected annotation (what an
     annotator's submission looks like): the expression in the ``prompt`` TextArea and one
     ``rectanglelabels`` region per box, or (``masks``) one ``brushlabels`` region per
-    mask. The active-learning demo, tests and bench feed these through ``/webhook``."""
+    mask, or (``masks`` and ``boxes``) both, each mask nested under its rectangle
+    (``parentID``, as the backend links them). ``boxes`` defaults to ``not masks``. The
+    active-learning demo, tests and bench feed these through ``/webhook``."""
     from labelstudio.results import brush_result, rectangle_result, textarea_result
 
     if record["task"] != "rec":
         raise ValueError(f"only 'rec' records become annotations, got {record['task']!r}")
     w, h = record["width"], record["height"]
     results: list[dict[str, Any]] = []
+    boxes = not masks if boxes is None else boxes
+    if not (boxes or masks):
+        raise ValueError("label_studio_task needs boxes, masks or both; got neither")
     for k, box in enumerate(record["boxes"]):
         rid = f"r{task_id}-{k}"
+        if boxes:
+            results.append(rectangle_result(box, [label], width=w, height=h, region_id=rid))
         if masks:
             mask = coco_segmentation_to_mask(record["masks"][k], w, h)
-            results.append(brush_result(mask, [label], from_name="brush", region_id=rid))
-        else:
-            results.append(rectangle_result(box, [label], width=w, height=h, region_id=rid))
+            results.append(
+                brush_result(
+                    mask,
+                    [label],
+                    from_name="brush",
+                    region_id=f"{rid}-mask" if boxes else rid,
+                    parent_id=rid if boxes else None,
+                )
+            )
     results.append(textarea_result(record["expression"]))
     annotation = {"id": annotation_id or 100_000 + task_id, "task": task_id, "result": results}
     return {"id": task_id, "data": {"image": image_ref}, "annotations": [annotation]}

@@ -1,0 +1,128 @@
+"""Sizing the retraining recipe for new words (issue #21): replay and learning rate.
+
+    python bench/new_words_recipe.py --n 200 --replay 0,0.5 --lr 1e-4 -o runs/recipe.json
+    python bench/new_words_recipe.py --n 8 --eval 4 --steps 2     # smoke run
+
+For each (replay, lr) one real retraining job (training.retrain.run_job, the worker's
+code without the broker) runs from the bundled model on the same ``n`` new-words
+corrections (boxes + masks, stages 2 then 3, policy 'always' so every candidate is
+scored), then the new version is scored in-process on held-out new-word tasks and on
+held-out tasks of the original vocabulary (training.evaluation.evaluate_predictor: Acc@0.5
+and mask mIoU). The job's own gate numbers (held-out corrections, regression slice) and
+its wall time are in the output too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from nextchat_cli.new_words_demo import new_word_tasks, original_tasks  # noqa: E402
+from training.retrain import RetrainSettings, run_job  # noqa: E402
+from training.versions import resolve_checkpoint, version_dir  # noqa: E402
+
+
+def score(path: Path, tasks: list[dict]) -> dict:
+    from nextchat_core.build import load_config
+    from nextchat_core.predictor import NextChatPredictor
+    from training.data import read_label_studio
+    from training.evaluation import evaluate_predictor
+
+    samples = read_label_studio(tasks, load_config(path))
+    report = evaluate_predictor(NextChatPredictor.from_pretrained(path), samples)
+    return {k: report[k] for k in ("rec_acc", "mask_miou", "n_records")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default=None, help="base (default: the bundled demo)")
+    p.add_argument("--n", type=int, default=200, help="corrections")
+    p.add_argument("--eval", type=int, default=60, help="held-out tasks of each kind")
+    p.add_argument("--replay", default="0,0.5", help="RETRAIN_REPLAY values")
+    p.add_argument("--lr", default="1e-4", help="RETRAIN_LR values")
+    p.add_argument("--epochs", type=float, default=4.0)
+    p.add_argument("--steps", type=int, default=2000, help="RETRAIN_MAX_STEPS")
+    p.add_argument("--regression", type=int, default=48, help="RETRAIN_REGRESSION")
+    p.add_argument("--loss", default="", help="RETRAIN_LOSS, e.g. cycle1=0")
+    p.add_argument("-o", "--out", type=Path, default=None, help="write the JSON here")
+    p.add_argument(
+        "--skip-before", action="store_true", help="do not score the base (known from a run)"
+    )
+    args = p.parse_args(argv)
+    base = resolve_checkpoint(args.checkpoint).resolve()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="nw-recipe-") as tmp:
+        root = Path(tmp)
+        train = new_word_tasks(root / "images", args.n, first_id=1, seed=1, config=_config())
+        held_new = new_word_tasks(
+            root / "images", args.eval, first_id=100_000, seed=2, config=_config()
+        )
+        held_old = original_tasks(root / "images", args.eval, first_id=200_000, seed=3)
+        before = (
+            None
+            if args.skip_before
+            else {"new_words": score(base, held_new), "original": score(base, held_old)}
+        )
+        print(json.dumps({"before": before}), flush=True)
+        for k, (replay, lr) in enumerate(
+            itertools.product(
+                [float(x) for x in args.replay.split(",")], [float(x) for x in args.lr.split(",")]
+            )
+        ):
+            settings = RetrainSettings.from_env(
+                {"RETRAIN_LOSS": args.loss},
+                model_dir=root / f"md{k}",
+                checkpoint=str(base),
+                local_files_root=root,
+                stages=(2, 3),
+                epochs=args.epochs,
+                max_steps=args.steps,
+                lr=lr,
+                replay=replay,
+                regression=args.regression,
+                policy="always",
+            )
+            for task in train:
+                settings.store.upsert_annotation("1", task, task["annotations"][0])
+            job, _ = settings.store.request_job("1", "bench")
+            t0 = time.perf_counter()
+            result = run_job(job.job_id, settings)
+            job_s = time.perf_counter() - t0
+            path = version_dir(settings.model_dir, result["version"])
+            row = {
+                "replay": replay,
+                "lr": lr,
+                "loss": settings.loss,
+                "job_s": round(job_s, 1),
+                "stages": result["stages"],
+                "replay_samples": result["replay_samples"],
+                "gate_held_out": {"old": result["eval_old"], "new": result["eval_new"]},
+                "gate_regression": result["regression"],
+                "new_words": score(path, held_new),
+                "original": score(path, held_old),
+            }
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    out = {"n": args.n, "eval": args.eval, "epochs": args.epochs, "before": before, "runs": rows}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+def _config():
+    from training.new_words import NewWordsConfig
+
+    return NewWordsConfig()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

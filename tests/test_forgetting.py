@@ -1,0 +1,153 @@
+"""Against forgetting (training.forgetting, training.retrain): replay of the base domain,
+the fixed regression slice, and the two-slice gate - down to a real retraining job on the
+bundled model that is made to forget and is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from labelstudio.results import rectangle_result, textarea_result
+from nextchat_core.build import load_config
+from nextchat_core.masks import mask_to_box
+from training import forgetting, synth, versions
+from training.data import _decode_mask
+from training.retrain import RetrainSettings, gate, run_job
+
+DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
+
+
+def test_gate_refuses_a_version_that_forgets_the_regression_slice():
+    old, new = {"rec_acc": 0.2, "mask_miou": 0.1}, {"rec_acc": 0.9, "mask_miou": 0.6}
+    kept = ({"rec_acc": 0.6, "n_records": 40}, {"rec_acc": 0.57, "n_records": 40})
+    lost = ({"rec_acc": 0.6, "n_records": 40}, {"rec_acc": 0.5, "n_records": 40})
+    ok, why = gate(old, new, "not_worse", 0.0, regression=kept, forgetting_tolerance=0.05)
+    assert ok and "regression slice (40 records) Acc@0.5 0.600 -> 0.570" in why
+    ok, why = gate(old, new, "not_worse", 0.0, regression=lost, forgetting_tolerance=0.05)
+    assert not ok and "forgets the original vocabulary" in why and "rec_acc 0.600 -> 0.500" in why
+    assert gate(old, new, "not_worse", 0.0, regression=lost, forgetting_tolerance=0.2)[0]
+    assert gate(old, new, "always", 0.0, regression=lost)[0]  # 'always' means always
+    # mask mIoU counts too, and a worse held-out slice is still refused first
+    masks = ({"rec_acc": 0.6, "mask_miou": 0.5}, {"rec_acc": 0.6, "mask_miou": 0.3})
+    assert not gate(old, new, "not_worse", 0.0, regression=masks)[0]
+    assert "held-out" in gate(new, old, "not_worse", 0.0, regression=kept)[1]
+
+
+def test_replay_and_regression_settings():
+    s = RetrainSettings.from_env(
+        {"RETRAIN_REPLAY": "0.5", "RETRAIN_REGRESSION": "40", "PROMOTE_FORGETTING_TOLERANCE": "0.1"}
+    )
+    assert (s.replay, s.regression, s.forgetting_tolerance) == (0.5, 40, 0.1)
+    off = RetrainSettings.from_env({})
+    assert (off.replay, off.regression, off.forgetting_tolerance) == (0.0, 0, 0.05)
+    with pytest.raises(ValueError, match="RETRAIN_REPLAY"):
+        RetrainSettings.from_env({"RETRAIN_REPLAY": "-1"})
+    with pytest.raises(ValueError, match="RETRAIN_REGRESSION='some'"):
+        RetrainSettings.from_env({"RETRAIN_REGRESSION": "some"})
+    assert RetrainSettings.from_env({"RETRAIN_LOSS": "cycle1=0, giou=0.5"}).loss == {
+        "cycle1": 0.0,
+        "giou": 0.5,
+    }
+    with pytest.raises(ValueError, match="RETRAIN_LOSS must set loss weights"):
+        RetrainSettings.from_env({"RETRAIN_LOSS": "cycle3=0"})
+    with pytest.raises(ValueError, match="RETRAIN_LOSS='cycle1'"):
+        RetrainSettings.from_env({"RETRAIN_LOSS": "cycle1"})
+    with pytest.raises(ValueError, match="PROMOTE_FORGETTING_TOLERANCE"):
+        RetrainSettings.from_env({"PROMOTE_FORGETTING_TOLERANCE": "2"})
+
+
+def test_replay_and_regression_slices_are_fixed_valid_and_disjoint():
+    config = load_config(DEMO)
+    replay = forgetting.replay_set(40, 0.5, config)
+    regression = forgetting.regression_set(20, config)
+    assert len(replay) == 20 and len(regression) == 20
+    assert len(forgetting.replay_set(40, 0.0, config)) == 0
+    again = forgetting.regression_set(20, config)
+    assert [r.text for r in again.records] == [r.text for r in regression.records]
+    assert all(
+        (a.image == b.image).all() for a, b in zip(again.records, regression.records, strict=True)
+    )
+    assert not any(
+        a.image.shape == b.image.shape and (a.image == b.image).all()
+        for a in replay.records
+        for b in regression.records
+    )
+    for r in replay.records + regression.records:
+        words = set(r.text.split())
+        assert not words & (set(synth.NEW_SHAPES) | set(synth.NEW_COLORS))  # the old words
+        assert r.masks is not None and len(r.masks) == len(r.boxes) >= 1
+        union = np.zeros((r.height, r.width), dtype=bool)
+        for m, b in zip(r.masks, r.boxes, strict=True):
+            mask = _decode_mask(m, r.width, r.height, r.source)
+            assert list(mask_to_box(mask)) == b
+            union |= mask
+        assert union.sum() > 0
+    sample = replay[0]  # a training Sample: the image, its turns, boxes and masks
+    assert sample.boxes and sample.masks and all(m is not None for m in sample.masks)
+
+
+def _conflicting_tasks(root: Path, n: int) -> list[dict]:
+    """Scenes of the ORIGINAL vocabulary whose corrections contradict it: every expression
+    ("the red circle") boxed as the image's top-left quadrant, whatever is there. Learning
+    these - which the held-out corrections reward - must unlearn the words."""
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = synth.SynthConfig(
+        min_side=128, max_side=256, task_mix={"rec": 1.0, "multi": 0, "caption": 0, "chat": 0}
+    )
+    tasks = []
+    for scene, records in synth.generate(77, n, cfg, start=1):
+        if not records:
+            continue
+        path = root / f"conflict-{scene.scene_id}.png"
+        Image.fromarray(scene.image).save(path)
+        w, h = scene.width, scene.height
+        result = [
+            rectangle_result([0, 0, w / 2, h / 2], ["Object"], width=w, height=h, region_id="q"),
+            textarea_result(records[0]["expression"]),
+        ]
+        i = scene.scene_id
+        tasks.append(
+            {
+                "id": i,
+                "data": {"image": str(path)},
+                "annotations": [{"id": 90_000 + i, "task": i, "result": result}],
+            }
+        )
+    return tasks
+
+
+def test_a_retraining_job_that_forgets_is_not_promoted(tmp_path):
+    # The bundled model knows the original vocabulary (about half of the regression slice
+    # right); 60 steps at lr 1e-3 without replay on the contradicting corrections win the
+    # held-out corrections and lose the words. The gate must see the second and refuse.
+    settings = RetrainSettings.from_env(
+        {},
+        model_dir=tmp_path / "md",
+        checkpoint=str(DEMO),
+        local_files_root=tmp_path,
+        stages=(2,),
+        epochs=15.0,
+        max_steps=60,
+        lr=1e-3,
+        batch_size=8,
+        regression=24,
+        replay=0.0,
+        heartbeat_s=1.0,
+    )
+    store = settings.store
+    for task in _conflicting_tasks(tmp_path / "images", 40):
+        store.upsert_annotation("3", task, task["annotations"][0])
+    job, _ = store.request_job("3", "START_TRAINING")
+    result = run_job(job.job_id, settings)
+    old, new = result["eval_old"], result["eval_new"]
+    r_old, r_new = result["regression"]["old"], result["regression"]["new"]
+    print(old["rec_acc"], new["rec_acc"], r_old["rec_acc"], r_new["rec_acc"], result["reason"])
+    assert new["rec_acc"] > old["rec_acc"]  # it did learn what the corrections asked ...
+    assert r_new["rec_acc"] < r_old["rec_acc"] - 0.05  # ... and forgot the words
+    assert result["promoted"] is False
+    assert "forgets the original vocabulary" in result["reason"]
+    assert versions.read_current_version(settings.model_dir) is None  # the base is served
+    assert [v["name"] for v in versions.list_versions(settings.model_dir)] == [result["version"]]
