@@ -191,7 +191,9 @@ def _accept_and_submit(page: Any, shots: Path, n: int) -> dict:
     ) as created:
         page.get_by_test_id("bottombar-submit-button").click()
     assert created.value.status == 201, created.value.text()
-    page.get_by_text("Annotation saved successfully").wait_for()
+    # the toast itself; Label Studio also announces it in an aria-live status element,
+    # whose text ("Notification Annotation saved successfully") would match too
+    page.get_by_text("Annotation saved successfully", exact=True).wait_for()
     page.screenshot(path=str(shots / f"{n + 1}-submitted.png"))
     return created.value.json()
 
