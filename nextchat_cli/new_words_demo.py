@@ -276,6 +276,14 @@ def readme_table(report: dict[str, Any]) -> str:
                 f"| {run['strategy']} | {r['corrections']} | {cells(r)} | "
                 f"{'yes' if r['promoted'] else 'no'} | {r['retrain_job_s']} s |"
             )
+    held = report["held_out"]
+    recipe = ", ".join(f"`{k}={v}`" for k, v in sorted(report["recipe"].items()))
+    lines += [
+        "",
+        f"Corrections chosen from a pool of {report['pool']} tasks; held out: "
+        f"{held['new_words']} new-word tasks and {held['original']} tasks of the original "
+        f"vocabulary; new words: {', '.join(report['new_words'])}; recipe: {recipe}.",
+    ]
     return "\n".join(lines)
 
 

@@ -148,3 +148,13 @@ def test_next_tasks_lists_unannotated_tasks_lowest_score_first(tmp_path, capsys)
     path.write_text('{"not": "a list"}')
     rc, _, err = cli()
     assert rc == 1 and "expected a JSON list of Label Studio tasks" in err
+
+
+def test_the_readme_new_words_table_is_generated_from_its_report():
+    repo = Path(__file__).resolve().parents[1]
+    report = json.loads((repo / "docs" / "loop-new-words.json").read_text())
+    readme = (repo / "README.md").read_text()
+    start, end = "<!-- loop-new-words -->\n", "\n<!-- /loop-new-words -->"
+    block = readme[readme.index(start) + len(start) : readme.index(end)]
+    assert block == new_words_demo.readme_table(report)
+    assert report["domain"] == "new-words" and report["strategies"]
