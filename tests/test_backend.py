@@ -763,6 +763,9 @@ def test_settings_from_env_validates(tmp_path):
         ({"WEBHOOK_ALLOW_UNAUTHENTICATED": "maybe"}, "true or false"),
         ({"LABEL_STUDIO_URL": "ls:8080"}, "http:// or https://"),
         ({"NEXTCHAT_DTYPE": "int8"}, "NEXTCHAT_DTYPE must be one of"),
+        ({"SCORE_PRESENCE": "maybe"}, "SCORE_PRESENCE must be one of exists, at"),
+        ({"PRESENCE_THRESHOLD": "-1"}, r"PRESENCE_THRESHOLD must be a number in \[0.0, 1.0\]"),
+        ({"CROSS_LABEL_IOU": "x"}, "CROSS_LABEL_IOU must be a number"),
     ):
         with pytest.raises(ValueError, match=message):
             Settings.from_env(env)
@@ -781,6 +784,29 @@ def test_score_threshold_drops_low_boxes(ckpt, server, tmp_path, store):
     # every box held back: the task's score is how sure the model is that none is there
     assert out["results"][0]["result"] == []
     assert out["results"][0]["score"] == pytest.approx(min(1 - s for s in scores), abs=1e-6)
+
+
+def test_presence_settings_reach_the_served_model(ckpt, server, tmp_path):
+    """SCORE_PRESENCE / PRESENCE_THRESHOLD override the checkpoint's scoring: the tiny
+    checkpoint scores by <at> (no gate); asked to score by p(yes) with a threshold no
+    answer reaches, every prompt's boxes are held back and the task's score says how sure
+    the model is that nothing is there."""
+    settings = Settings.from_env(
+        {"SCORE_PRESENCE": "exists", "PRESENCE_THRESHOLD": "1.0"},
+        checkpoint=str(ckpt),
+        model_dir=tmp_path,
+    )
+    store = ModelCache(settings)
+    _, predictor = store.get()
+    assert (predictor.presence, predictor.presence_threshold) == ("exists", 1.0)
+    client = create_app(settings, store=store, preload=False).test_client()
+    out = predict(client, [task(server, 1)], "boxes", context=typed("the red circle"))
+    (result,) = out["results"]
+    assert result["result"] == []
+    img, _, _ = scene()
+    predictor.set_image(img, with_masks=False)
+    (p_yes,) = predictor.exists("the red circle")
+    assert result["score"] == pytest.approx(1 - p_yes, abs=1e-4)
 
 
 def test_task_score_is_the_least_certain_decision():
