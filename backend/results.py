@@ -128,14 +128,13 @@ def detection_results(
     height: int,
     polygon_tolerance: float,
 ) -> list[dict[str, Any]]:
-    """One region per region control of the config for one detection: a rectangle (score:
-    the box's ``<at>`` probability), a brush mask and polygons, one per connected part of
-    the mask of at least ``MIN_PART`` of its largest part (score: the mask score).
-    Without a mask (SAM's IoU below the threshold) the brush is left out and the polygon
-    is the box outline."""
+    """One region per region control of the config for one detection: a rectangle, a
+    brush mask and polygons, one per connected part of the mask of at least ``MIN_PART``
+    of its largest part, all with the detection's score (one object, one confidence:
+    ``nextchat_core.predictor``). Without a mask (SAM's IoU below the threshold) the brush
+    is left out and the polygon is the box outline."""
     det = item.detection
     out: list[dict[str, Any]] = []
-    mask_score = det.mask_score if det.mask_score is not None else det.score
     # Every region carries the prompt that found it (region meta); the mask and polygons
     # point at the rectangle of the same detection (parentID): one object, counted once
     # by exports and retraining (labelstudio.results.pair_objects).
@@ -167,7 +166,7 @@ def detection_results(
                 from_name=plan.brushes.name,
                 to_name=plan.image,
                 region_id=new_region_id(),
-                score=mask_score,
+                score=det.score,
                 prompt=item.prompt,
                 parent_id=parent,
             )
@@ -182,11 +181,9 @@ def detection_results(
             # annotator, not an object part.
             keep = [p for p, a in zip(traced, areas, strict=True) if a >= MIN_PART * max(areas)]
             polygons = [simplify_polygon(p, polygon_tolerance) for p in keep]
-            score = mask_score
         else:
             x1, y1, x2, y2 = (float(v) for v in det.box)
             polygons = [np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]])]
-            score = det.score
         for points in polygons:
             out.append(
                 polygon_result(
@@ -197,7 +194,7 @@ def detection_results(
                     from_name=plan.polygons.name,
                     to_name=plan.image,
                     region_id=new_region_id(),
-                    score=score,
+                    score=det.score,
                     prompt=item.prompt,
                     parent_id=parent,
                 )

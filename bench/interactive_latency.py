@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             Image.fromarray(scene.image).save(root / f"{scene.scene_id}.png")
             prompts.append((f"{scene.scene_id}.png", record["expression"]))
         server, images = serve_folder(root)
-        env = {**os.environ, "MODEL_DIR": str(root / "md"), "WORKERS": "1"}
+        env = {**os.environ, "WORKERS": "1"}
         backends = {}
         try:
             for mode in ("at", "exists"):

@@ -97,7 +97,7 @@ def _predict(args: argparse.Namespace) -> int:
                     {
                         "box": [round(float(v), 1) for v in d.box],
                         "score": round(d.score, 4),
-                        "mask_score": None if d.mask_score is None else round(d.mask_score, 4),
+                        "mask_iou": None if d.mask_iou is None else round(d.mask_iou, 4),
                         "mask_area": None if d.mask is None else int(d.mask.sum()),
                     }
                     for d in a.detections
@@ -117,7 +117,7 @@ def _predict(args: argparse.Namespace) -> int:
                 mask = (
                     ""
                     if d.mask is None
-                    else f"  mask {int(d.mask.sum())} px (score {d.mask_score:.3f})"
+                    else f"  mask {int(d.mask.sum())} px (SAM IoU {d.mask_iou:.3f})"
                 )
                 print(f"  [{k}] box [{box}]  score {d.score:.3f}{mask}")
     if args.overlay:

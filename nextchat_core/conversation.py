@@ -115,9 +115,8 @@ def presence_expression(expression: str) -> str:
     """``expression`` as the object of "Is there ...?": a leading "the" becomes "a"/"an"
     ("the orange star" -> "an orange star"), and "all" + a plural becomes "a" + its
     singular ("all red cars on the left" -> "a red car on the left"); anything else as
-    typed. English articles and singulars by ``inflect``. Measured on the bundled model
-    (bench/score_candidates.py, per-label prompts "all circles"): the absent ones dropped at
-    p(yes) < 0.5 go from 0.69 as typed to 0.94 asked this way."""
+    typed. English articles and singulars by ``inflect``. Why (measured on the bundled
+    model): bench/RESULTS.md, "Region-score candidates"."""
     words = expression.split()
     head = words[0].lower() if len(words) > 1 else ""
     if head not in ("the", "all"):

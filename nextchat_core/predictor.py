@@ -105,7 +105,6 @@ class Detection:
     box: np.ndarray
     score: float
     mask: np.ndarray | None = None
-    mask_score: float | None = None
     mask_iou: float | None = None  # SAM's predicted IoU of the mask, clamped to [0, 1]
     at_score: float | None = None  # the <at> token's probability at this box's step
 
@@ -635,7 +634,6 @@ class NextChatPredictor:
                 det.score = self._region_score(
                     float(scores[j]) if presence is None else presence, iou
                 )
-                det.mask_score = det.score
                 det.mask = full[j].cpu().numpy() if iou >= self.mask_iou_threshold else None
         none = 0.0 if presence is None else 1.0 - presence  # no region: right if absent
         score = min(d.score for d in dets) if dets else none

@@ -190,6 +190,19 @@ def api(ls: dict, method: str, path: str, **kwargs) -> requests.Response:
     return reply
 
 
+def connect_backend(ls: dict, project: int, backend_url: str) -> dict:
+    """Connect the backend to ``project`` as a user does in Settings -> Model (interactive
+    pre-annotation on); Label Studio's reply, which must say the backend answered (CO)."""
+    ml = api(
+        ls,
+        "POST",
+        "/api/ml",
+        json={"url": backend_url, "project": project, "title": "nextchat", "is_interactive": True},
+    )
+    assert ml.status_code == 201 and ml.json()["state"] == "CO", ml.json()
+    return ml.json()
+
+
 def wait_for_project_version(ls: dict, project: int, version: str, timeout: float = 30) -> None:
     deadline = time.time() + timeout
     seen = None
@@ -265,19 +278,7 @@ def test_predictions_stored_in_label_studio(ls, backend, images):
             {"image": f"{images['url']}/scene.png", "prompt": "the red circle"},
         ],
     )
-    ml = api(
-        ls,
-        "POST",
-        "/api/ml",
-        json={
-            "url": backend["url"],
-            "project": project,
-            "title": "nextchat",
-            "is_interactive": True,
-        },
-    )
-    assert ml.status_code == 201 and ml.json()["state"] == "CO", ml.json()
-    ml_id = ml.json()["id"]
+    ml_id = connect_backend(ls, project, backend["url"])["id"]
     version = requests.get(f"{backend['url']}/health", timeout=10).json()["model_version"]
 
     reply = api(
@@ -483,17 +484,7 @@ def test_team_flow_editor_and_exports(ls, backend, images, tmp_path, monkeypatch
     url = f"{images['url']}/scene.png"
     api(ls, "POST", f"/api/projects/{project}/import", json=[{"image": url} for _ in range(3)])
     annotated, empty, fresh = sorted(t["id"] for t in project_tasks(ls, project))
-    ml_id = api(
-        ls,
-        "POST",
-        "/api/ml",
-        json={
-            "url": backend["url"],
-            "project": project,
-            "title": "nextchat",
-            "is_interactive": True,
-        },
-    ).json()["id"]
+    ml_id = connect_backend(ls, project, backend["url"])["id"]
 
     # prompt after prompt in the editor: the newest prompt is asked, each region keeps it
     found = _interactive(ls, ml_id, annotated, "the red circle")

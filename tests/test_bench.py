@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,30 +11,27 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_fullscale_runs_at_tiny_on_cpu(tmp_path):
+def run_bench(script: str, *args: str, **env: str) -> str:
+    """``python bench/<script> args...`` from the repository root (``env`` on top of this
+    process's); fails with its stderr unless it exits 0; returns its stdout."""
     out = subprocess.run(
-        [
-            sys.executable,
-            "bench/fullscale.py",
-            "--preset",
-            "tiny",
-            "--device",
-            "cpu",
-            "--iters",
-            "1",
-            "--batches",
-            "2",
-            "--train-batch",
-            "2",
-            "--json",
-            str(tmp_path / "r.json"),
-        ],
+        [sys.executable, f"bench/{script}", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_fullscale_runs_at_tiny_on_cpu(tmp_path):
+    stdout = run_bench(
+        "fullscale.py",
+        *("--preset", "tiny", "--device", "cpu", "--iters", "1", "--batches", "2"),
+        *("--train-batch", "2", "--json", str(tmp_path / "r.json")),
+    )
     for phase in (
         "SAM image encoder",
         "prefill",
@@ -42,101 +40,48 @@ def test_fullscale_runs_at_tiny_on_cpu(tmp_path):
         "train stage 2",
         "train stage 3",
     ):
-        assert phase in out.stdout, phase
-    import json
-
+        assert phase in stdout, phase
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["e2e_batch1_ms"] > 0 and data["train_stage3"]["samples_per_s"] > 0
 
 
 def test_train_throughput_runs_every_stage_at_tiny():
-    out = subprocess.run(
-        [
-            sys.executable,
-            "bench/train_throughput.py",
-            "--presets",
-            "tiny",
-            "--iters",
-            "2",
-            "--batch",
-            "2",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    stdout = run_bench("train_throughput.py", "--presets", "tiny", "--iters", "2", "--batch", "2")
     for stage in range(4):
-        assert f"train stage {stage} " in out.stdout, out.stdout
-    assert "samples/s" in out.stdout
+        assert f"train stage {stage} " in stdout, stdout
+    assert "samples/s" in stdout
 
 
 def test_retrain_bench_runs_real_jobs_at_tiny(tmp_path, tiny_config, tiny_tokenizer):
-    import json
-
     from nextchat_core.build import build_model, save_pretrained
 
     base = tmp_path / "tiny-base"
     save_pretrained(build_model(tiny_config), base, tiny_tokenizer)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "bench/retrain.py",
-            "--checkpoint",
-            str(base),
-            "--sizes",
-            "5",
-            "6",
-            "--steps",
-            "2",
-            "--batch",
-            "2",
-            "--json",
-            str(tmp_path / "rows.json"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "TORCH_THREADS": "1"},
+    stdout = run_bench(
+        "retrain.py",
+        *("--checkpoint", str(base), "--sizes", "5", "6", "--steps", "2", "--batch", "2"),
+        *("--json", str(tmp_path / "rows.json")),
+        TORCH_THREADS="1",
     )
-    assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [r["n"] for r in rows] == [5, 6]
     for r in rows:  # both stages ran (brush masks), each 2 steps, and the job promoted
         assert [(s["stage"], s["steps"]) for s in r["stages"]] == [(2, 2), (3, 2)]
         assert r["promoted"] and r["total_s"] >= sum(s["seconds"] for s in r["stages"])
-    assert "samples/s" in out.stdout and "fixed cost" in out.stdout
+    assert "samples/s" in stdout and "fixed cost" in stdout
 
 
 def test_click_latency_runs_on_the_bundled_model():
-    out = subprocess.run(
-        [sys.executable, "bench/click_latency.py", "--images", "1", "--clicks", "2"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    stdout = run_bench("click_latency.py", "--images", "1", "--clicks", "2")
     # one image: its first click misses the embedding cache, the second click and the box hit
-    assert "embedding cache 2 miss / 2 hit" in out.stdout  # the warm-up image is the other miss
+    assert "embedding cache 2 miss / 2 hit" in stdout  # the warm-up image is the other miss
     for row in ("first click on an image", "later clicks", "core: SAM image embedding alone"):
-        assert row in out.stdout, row
+        assert row in stdout, row
 
 
 def test_score_candidates_runs_on_the_bundled_model():
-    out = subprocess.run(
-        [sys.executable, "bench/score_candidates.py", "--records", "8"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "8 records:" in out.stdout
+    stdout = run_bench("score_candidates.py", "--records", "8")
+    assert "8 records:" in stdout
     for row in (
         "p(`<at>`) (the score before)",
         "p(yes) of 'Is there {expr}?'",
@@ -144,18 +89,10 @@ def test_score_candidates_runs_on_the_bundled_model():
         "| p(yes) >= 0.5 |",
         "| CPU |",
     ):
-        assert row in out.stdout, row
+        assert row in stdout, row
 
 
 def test_interactive_latency_runs_two_real_backends():
-    out = subprocess.run(
-        [sys.executable, "bench/interactive_latency.py", "--requests", "2", "--warmup", "1"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    stdout = run_bench("interactive_latency.py", "--requests", "2", "--warmup", "1")
     for row in ("`SCORE_PRESENCE=at`", "`SCORE_PRESENCE=exists` (default)", "| ratio |"):
-        assert row in out.stdout, row
+        assert row in stdout, row

@@ -147,7 +147,8 @@ def test_generation_emits_at_boxes_and_a_box(overfit, tiny_tokenizer):
     assert 0.0 < det.score <= 1.0
     assert det.mask is not None and det.mask.shape == mask.shape
     assert masks.mask_iou(det.mask, mask) > 0.7
-    assert 0.0 <= det.mask_score <= det.score
+    assert det.mask_iou is not None and 0.0 <= det.mask_iou <= 1.0
+    assert det.score == pytest.approx(det.at_score * det.mask_iou)  # one region, one score
 
 
 def test_batch_of_prompts_equals_one_by_one(overfit, tiny_tokenizer):

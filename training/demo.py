@@ -520,14 +520,18 @@ def calibration_split(out: Path, n_scenes: int) -> Path:
 
 
 def calibrate(
-    checkpoint: Path, predictor: NextChatPredictor, out: Path, n_scenes: int
-) -> dict[str, Any]:
+    checkpoint: Path, predictor: NextChatPredictor, out: Path, eval_scenes: int
+) -> dict[str, Any] | None:
     """Fit the region score's calibration (:func:`training.evaluation.fit_calibration`)
-    on :func:`calibration_split` and write it into ``checkpoint``'s config.json; the
-    predictor (of that checkpoint) scores with it from now on. Returns what
-    ``metrics.json`` records of it: the weights and the split's size, or, when a model
-    that is never right (a smoke-test run) leaves nothing to fit, why not - the
-    checkpoint then keeps the uncalibrated product."""
+    on :func:`calibration_split` (two thirds of ``eval_scenes``) and write it into
+    ``checkpoint``'s config.json; the predictor (of that checkpoint) scores with it from
+    now on. Returns what ``metrics.json`` records of it: the weights and the split's size,
+    or, when a model that is never right (a smoke-test run) leaves nothing to fit, why
+    not - the checkpoint then keeps the uncalibrated product; ``None`` when the predictor
+    does not score presence by p(yes) (nothing of this kind to calibrate)."""
+    if predictor.presence != "exists":
+        return None
+    n_scenes = max(4, eval_scenes * 2 // 3)
     split = read_refexp_jsonl(calibration_split(out, n_scenes), predictor.config)
     predictor.config.score.calibration = None  # fitted on the raw scores
     try:
@@ -553,10 +557,15 @@ def eval_sets(
 
 
 def score_splits(
-    predictor: NextChatPredictor, eval_set: SampleSet, task_set: SampleSet, robust_set: SampleSet
+    predictor: NextChatPredictor,
+    eval_set: SampleSet,
+    task_set: SampleSet,
+    robust_set: SampleSet,
+    calibration: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """The evaluation part of ``metrics.json``: every split scored by ``predictor`` as it
-    answers by default (its presence gate included), and the scoring it used."""
+    answers by default (its presence gate included), and the scoring it used
+    (``calibration``: what :func:`calibrate` returned)."""
     report = evaluate_predictor(predictor, eval_set)
     return {
         "eval_seed": EVAL_SEED,
@@ -568,6 +577,7 @@ def score_splits(
         "score": {
             "presence": predictor.presence,
             "presence_threshold": predictor.presence_threshold,
+            "calibration": calibration,
         },
     }
 
@@ -584,12 +594,11 @@ def rescore(ship: Path, eval_scenes: int = 300) -> dict[str, Any]:
     metrics = json.loads(path.read_text())
     predictor = NextChatPredictor.from_pretrained(ship)
     with tempfile.TemporaryDirectory() as tmp:
-        calibration = None
-        if predictor.presence == "exists":
-            calibration = calibrate(ship, predictor, Path(tmp), max(4, eval_scenes * 2 // 3))
+        calibration = calibrate(ship, predictor, Path(tmp), eval_scenes)
         sets = eval_sets(Path(tmp), eval_scenes, predictor.config)
-        metrics.update(score_splits(predictor, *sets), rescored=time.strftime("%Y-%m-%d"))
-        metrics["score"]["calibration"] = calibration
+        metrics.update(
+            score_splits(predictor, *sets, calibration), rescored=time.strftime("%Y-%m-%d")
+        )
     path.write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -656,13 +665,10 @@ def run(
     from nextchat_core.predictor import NextChatPredictor
 
     predictor = NextChatPredictor(ckpt.model, ckpt.tokenizer)
-    calibration = None
-    if predictor.presence == "exists":
-        with times("calibration"):
-            calibration = calibrate(Path(init), predictor, out, max(4, eval_scenes * 2 // 3))
+    with times("calibration"):
+        calibration = calibrate(Path(init), predictor, out, eval_scenes)
     with times("evaluation"):
-        scores = score_splits(predictor, eval_set, task_set, robust_set)
-    scores["score"]["calibration"] = calibration
+        scores = score_splits(predictor, eval_set, task_set, robust_set, calibration)
     curve = training_curve(out, phases, times.load())
     metrics = {
         **scores,
