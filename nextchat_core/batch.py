@@ -32,6 +32,9 @@ class Sample:
     ``source``: names the record in error messages (file and line, task id, ...).
     ``extras``: optional per-sample arrays for auxiliary objectives; collated as
     ``aux_<name>`` tensors when every sample of a batch has them.
+    ``vision_features``: optional ``NxC`` output of a FROZEN vision tower for this image,
+    computed once (training reuses it instead of running the tower every step); then
+    ``image`` is only its original ``(width, height)`` and the sample has no masks.
     """
 
     image: Any
@@ -40,6 +43,7 @@ class Sample:
     masks: list[np.ndarray | None] | None = None
     source: str = "<sample>"
     extras: dict[str, np.ndarray] | None = None
+    vision_features: torch.Tensor | None = None
 
 
 def collate(
@@ -52,7 +56,8 @@ def collate(
     with_masks: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Right-padded batch for ``NextChatModel.forward``: ``input_ids``, ``attention_mask``,
-    ``labels``, ``pixel_values``, ``boxes`` (square frame) and, when any sample has a mask
+    ``labels``, ``pixel_values`` (``vision_features`` when the samples carry them), ``boxes``
+    (square frame) and, when any sample has a mask
     and ``with_masks``, ``sam_pixel_values``, ``mask_targets`` (SAM frame),
     ``mask_box_index`` and ``image_sizes``.
 
@@ -60,15 +65,28 @@ def collate(
     count that does not match the text.
     """
     processor = processor or ImageProcessor(config)
+    cached = [s.vision_features is not None for s in samples]
+    if any(cached) and not all(cached):
+        raise ValueError(
+            "a batch mixes samples with precomputed vision_features and samples with images; "
+            "give every sample of a batch the same kind"
+        )
     ids, labels, processed_images, sizes = [], [], [], []
     boxes: list[np.ndarray] = []
     mask_targets: list[np.ndarray] = []
     mask_index: list[int] = []
     for s in samples:
-        try:
-            processed = processor(s.image)
-        except (ValueError, FileNotFoundError, TypeError) as exc:
-            raise type(exc)(f"{s.source}: {exc}") from exc
+        if s.vision_features is not None:
+            if s.masks is not None and any(m is not None for m in s.masks):
+                raise ValueError(f"{s.source}: a sample with vision_features cannot have masks")
+            w, h = (int(v) for v in s.image)  # the original (width, height)
+        else:
+            try:
+                processed = processor(s.image)
+            except (ValueError, FileNotFoundError, TypeError) as exc:
+                raise type(exc)(f"{s.source}: {exc}") from exc
+            processed_images.append(processed)
+            w, h = processed.width, processed.height
         enc = encode_conversation(s.turns, tokenizer, config, num_image_tokens=num_image_tokens)
         if enc.num_boxes != len(s.boxes):
             raise ValueError(
@@ -77,7 +95,6 @@ def collate(
             )
         if s.masks is not None and len(s.masks) != len(s.boxes):
             raise ValueError(f"{s.source}: {len(s.masks)} masks for {len(s.boxes)} boxes")
-        w, h = processed.width, processed.height
         for k, b in enumerate(s.boxes):
             box = frames.check_pixel_box(b, w, h, what=f"{s.source}: box {k}", tolerance=0.5)
             boxes.append(frames.pixel_to_square(box, w, h))
@@ -89,19 +106,24 @@ def collate(
                 mask_index.append(len(boxes) - 1)
         ids.append(enc.input_ids)
         labels.append(enc.labels)
-        processed_images.append(processed)
         sizes.append((w, h))
 
-    pixel_values, sam_pixel_values = processor.tensors(processed_images, sam=bool(mask_targets))
+    if all(cached):
+        pixel_values, sam_pixel_values = None, None
+    else:
+        pixel_values, sam_pixel_values = processor.tensors(processed_images, sam=bool(mask_targets))
     width = max(len(r) for r in ids)
     pad = config.tokens.pad_id
     batch = {
         "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in ids]),
         "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids]),
         "labels": torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in labels]),
-        "pixel_values": pixel_values,
         "boxes": torch.tensor(np.array(boxes), dtype=torch.float32).reshape(-1, 4),
     }
+    if pixel_values is None:
+        batch["vision_features"] = torch.stack([s.vision_features for s in samples]).float()  # type: ignore[misc]
+    else:
+        batch["pixel_values"] = pixel_values
     if all(s.extras for s in samples):
         for key in samples[0].extras or {}:
             batch[f"aux_{key}"] = torch.from_numpy(np.stack([s.extras[key] for s in samples]))  # type: ignore[index]

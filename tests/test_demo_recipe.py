@@ -14,14 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
+from nextchat_core.batch import collate
 from nextchat_core.build import build_model, from_pretrained, save_pretrained
 from nextchat_core.config import get_preset
+from nextchat_core.image_processing import ImageProcessor
 from nextchat_core.masks import coco_segmentation_to_mask, mask_to_box
 from nextchat_core.predictor import Answer, Detection
 from nextchat_core.tokenizer import train_bpe_tokenizer
 from training import demo, demo_pretrain, robust_render, synth
 from training.data import read_refexp_jsonl
 from training.evaluation import evaluate_predictor
+from training.trainer import TrainConfig, train
 
 # ----------------------------------------------------------------- robustness renderer
 
@@ -249,3 +252,113 @@ def test_vision_targets_put_each_object_at_its_centre_cell():
     for o, f in zip(scene.objects, flipped.objects, strict=True):
         assert list(mask_to_box(f.mask)) == [float(v) for v in f.box]
         assert o.shape == f.shape and o.color == f.color
+
+
+# ---------------------------------------------------- language stages on cached features
+
+
+def _demo_model():
+    torch.manual_seed(0)
+    return build_model("demo").eval()
+
+
+def test_cached_features_are_the_frozen_towers_and_train_as_the_rendered_scene(tmp_path):
+    model = _demo_model()
+    mcfg = model.config
+    texts = ["Where is the red circle?", "There is none.", "a small red circle", "Yes No"]
+    tokenizer = train_bpe_tokenizer(texts, config=mcfg)
+    scfg = demo.training_synth_config(task_mix=dict(demo.LANGUAGE_MIX), records_per_scene=3)
+    pool = demo.CachedSynthStream(
+        model, mcfg, seed=3, n_scenes=5, synth_config=scfg, grid=8, path=tmp_path / "pool.pt"
+    )
+    assert len(pool) > 5  # several records per scene
+    processor = ImageProcessor(mcfg)
+    picks = [0, len(pool) // 2, len(pool) - 1]
+    rendered = []
+    for i in picks:
+        scene_id, record = pool.items[i]
+        scene = synth.render_scene(synth.scene_rng(3, scene_id), scfg, scene_id=scene_id)
+        with torch.no_grad():
+            tower = model.vision_tower(processor.tensors([processor(scene.image)])[0])[0]
+        cached = pool[i]
+        # the tower's eval-mode output, kept in float16
+        assert torch.allclose(cached.vision_features.float(), tower, atol=2e-2, rtol=1e-2)
+        expected = demo.cell_targets(scene, demo.referred_objects(scene, record), 8)
+        assert set(cached.extras) == set(expected)
+        for key, value in expected.items():
+            assert np.allclose(cached.extras[key], value), key
+        sample = synth.to_samples(
+            scene, [{**record, "masks": [None] * len(record["boxes"])}], mcfg
+        )[0]
+        assert [t.text for t in sample.turns] == [t.text for t in cached.turns]
+        rendered.append(sample)
+    # the same batch from the features and from the images: the same losses
+    kwargs = {"tokenizer": tokenizer, "config": mcfg, "num_image_tokens": model.num_image_tokens}
+    from_features = collate([pool[i] for i in picks], **kwargs)
+    from_images = collate(rendered, **kwargs)
+    assert "pixel_values" not in from_features and "vision_features" in from_features
+    for key in ("input_ids", "labels", "boxes"):
+        assert torch.equal(from_features[key], from_images[key]), key
+    with torch.no_grad():
+        a = model(**{k: v for k, v in from_features.items() if not k.startswith("aux_")})
+        b = model(**{k: v for k, v in from_images.items() if not k.startswith("aux_")})
+    assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-2)
+    # a resumed phase reads the pool back; another pool's file is refused
+    again = demo.CachedSynthStream(
+        model, mcfg, seed=3, n_scenes=5, synth_config=scfg, grid=8, path=tmp_path / "pool.pt"
+    )
+    assert again.items == pool.items and torch.equal(again.features, pool.features)
+    with pytest.raises(ValueError, match="delete it"):
+        demo.CachedSynthStream(
+            model, mcfg, seed=4, n_scenes=5, synth_config=scfg, grid=8, path=tmp_path / "pool.pt"
+        )
+    # a batch cannot mix the two kinds of samples
+    with pytest.raises(ValueError, match="mixes"):
+        collate([pool[0], rendered[0]], **kwargs)
+
+
+def test_features_replace_pixels_only_for_a_frozen_tower():
+    model = _demo_model()
+    features = torch.zeros(1, model.num_image_tokens, model.config.vision.hidden_size)
+    ids = torch.tensor([[model.config.tokens.bos_id] + [model.config.tokens.im_patch_id] * 64])
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), vision_features=features)
+    model.vision_tower.requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen vision tower only"):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), vision_features=features)
+
+
+@pytest.mark.timeout(600)
+def test_a_frozen_batchnorm_tower_keeps_its_statistics_through_training_and_evaluations(
+    tmp_path,
+):
+    """The demo tower is a BatchNorm ResNet frozen after its pre-training: the language
+    stages must neither normalize with each batch's statistics nor update the stored ones,
+    also after a mid-stage evaluation (which once put the whole model back in train mode)."""
+    init = _init(tmp_path)
+    before = {
+        k: v.clone()
+        for k, v in from_pretrained(init).model.state_dict().items()
+        if k.startswith("vision_tower.") and ("running_" in k or "num_batches" in k)
+    }
+    assert before
+    scfg = demo.training_synth_config(task_mix={"rec": 1.0})
+    mcfg = get_preset("demo")
+    stream = demo.SynthStream(mcfg, seed=5, n=64, synth_config=scfg, grid=8)
+    config = TrainConfig(
+        stage=2,
+        init=init,
+        data=[],
+        steps=3,
+        batch_size=2,
+        lr=1e-3,
+        output_dir=str(tmp_path / "run"),
+        eval_every=2,  # steps 1-2, an evaluation, step 3
+        eval_max=1,
+        save_every=100,
+    )
+    rec_only = synth.SynthConfig(task_mix={"rec": 1.0}, records_per_scene=1)
+    held_out = read_refexp_jsonl(synth.write_dataset(tmp_path / "held", 3, 1, rec_only).jsonl, mcfg)
+    result = train(config, samples=stream, eval_samples=held_out)
+    after = from_pretrained(result.final_dir).model.state_dict()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), f"{key} changed while the tower was frozen"

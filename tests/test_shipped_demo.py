@@ -144,7 +144,17 @@ def test_the_recipe_runs_end_to_end_at_small_scale(tmp_path):
         ship=tmp_path / "shipped",
     )
     run = tmp_path / "run"
-    assert [p.name for p in phases] == ["vision", "sam", "stage2", "stage2b", "stage2c", "stage3"]
+    assert [p.name for p in phases] == [
+        "vision",
+        "sam",
+        "stage2",
+        "stage2b",
+        "stage2c",
+        "stage2d",
+        "stage2e",
+        "sam-more",
+        "stage3",
+    ]
     assert metrics["final"]["n_records"] == 4
     # every split of the issue is scored: held-out, absent/captions/yes-no, robustness
     assert metrics["tasks"]["n_absent"] and metrics["tasks"]["n_captions"]

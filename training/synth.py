@@ -1142,6 +1142,22 @@ def rec_turns(expression: str, nextchat_config: NextChatConfig, *, num_boxes: in
     return [*grounding_turns(expression, nextchat_config), Turn("assistant", ABSENT_ANSWER)]
 
 
+def record_turns(
+    record: dict[str, Any], nextchat_config: NextChatConfig, *, what: str = "record"
+) -> list[Any]:
+    """A record's training turns in the checkpoint's template (see the module docstring's
+    tasks)."""
+    from nextchat_core.conversation import caption_turns, chat_turns
+
+    if record["task"] == "rec":
+        return rec_turns(record["expression"], nextchat_config, num_boxes=len(record["boxes"]))
+    if record["task"] == "caption":
+        return caption_turns(nextchat_config, caption=record["answer"])
+    if record["task"] == "chat":
+        return chat_turns(record["question"], nextchat_config, answer=record["answer"])
+    raise ValueError(f"{what} has task {record['task']!r}; expected rec, caption or chat")
+
+
 def to_samples(
     scene: Scene, records: Sequence[dict[str, Any]], nextchat_config: NextChatConfig
 ) -> list[Sample]:
@@ -1149,19 +1165,11 @@ def to_samples(
     image array, the turns of the checkpoint's template, boxes in original pixels and the
     masks decoded from the records' RLE."""
     from nextchat_core.batch import Sample
-    from nextchat_core.conversation import caption_turns, chat_turns
 
     samples = []
     for k, r in enumerate(records):
         boxes: list[Sequence[float]] = [[float(v) for v in b] for b in r["boxes"]]
-        if r["task"] == "rec":
-            turns = rec_turns(r["expression"], nextchat_config, num_boxes=len(boxes))
-        elif r["task"] == "caption":
-            turns = caption_turns(nextchat_config, caption=r["answer"])
-        elif r["task"] == "chat":
-            turns = chat_turns(r["question"], nextchat_config, answer=r["answer"])
-        else:
-            raise ValueError(f"record {k} has task {r['task']!r}; expected rec, caption or chat")
+        turns = record_turns(r, nextchat_config, what=f"record {k}")
         masks = [
             None if m is None else coco_segmentation_to_mask(m, r["width"], r["height"])
             for m in r["masks"]

@@ -144,7 +144,11 @@ class NextChatModel(nn.Module):
         else:
             with torch.no_grad():  # NExT-Chat never trains CLIP: save its activations
                 feats = self.vision_tower(pixel_values)
-        return self.mm_projector(feats.to(self.mm_projector[0].weight.dtype))
+        return self.project(feats)
+
+    def project(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """``BxNxC`` vision-tower output -> ``BxNxH`` image tokens (``mm_projector``)."""
+        return self.mm_projector(vision_features.to(next(self.mm_projector.parameters()).dtype))
 
     def encode_sam_images(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
         """``Bx3xSxS`` SAM-frame inputs -> ``BxCxgxg`` SAM image embeddings."""
@@ -313,6 +317,7 @@ class NextChatModel(nn.Module):
         loss_weights: LossConfig | None = None,
         return_logits: bool = False,
         return_hidden: bool = False,
+        vision_features: torch.Tensor | None = None,
     ) -> NextChatOutput:
         """Teacher-forced forward with every NExT-Chat loss.
 
@@ -325,12 +330,20 @@ class NextChatModel(nn.Module):
         ``loss_weights`` overrides ``config.loss`` (stage 3 sets the text/box weights to 0).
         ``return_hidden`` keeps the LLM's last hidden states and the vision tower's features
         in the output (for auxiliary objectives of small-model pre-training).
+        ``vision_features``: ``BxNxC`` output of the FROZEN vision tower computed beforehand,
+        instead of ``pixel_values`` (the tower is not run; refused while it trains).
         """
         w = loss_weights or self.config.loss
         tk = self.config.tokens
-        vision_features = None
         image_features = None
-        if pixel_values is not None:
+        if vision_features is not None:
+            if pixel_values is not None or _trainable(self.vision_tower):
+                raise ValueError(
+                    "vision_features replace pixel_values for a frozen vision tower only; "
+                    "pass one of them, and pixel_values while the tower trains"
+                )
+            image_features = self.project(vision_features)
+        elif pixel_values is not None:
             if return_hidden:
                 vision_features = self.vision_tower(pixel_values)
                 image_features = self.mm_projector(vision_features)
