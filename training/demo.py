@@ -588,18 +588,6 @@ def default_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
                 ("stage2e", CACHED_MORE_STEPS, 3e-4, 4),
             )
         ),
-        # 2b. SAM again from jittered boxes, longer: measured on the 2026-12-01 model, SAM
-        #     prompted with the TRUE box reached mask mIoU 0.76 on large and 0.48 on small
-        #     held-out objects after its 600 steps, below what the boxes now allow.
-        PretrainPhase(
-            "sam",
-            n(SAM_MORE_STEPS),
-            5e-4,
-            batch_size=8,
-            seed=13,
-            warmup=min(50, n(50)),
-            tag="-more",
-        ),
         # 4. NExT-Chat's stage 3: seg_prompt_mlp + SAM's mask decoder learn the <at> prompt.
         Phase(
             "stage3",
@@ -626,7 +614,6 @@ VISION_STEPS, SAM_STEPS, LANGUAGE_STEPS, LANGUAGE_MORE_STEPS, MASK_STEPS = (
 PRESENCE_STEPS = 2000  # stage2c, added on top of the second run's weights (docs/demo-recipe.md)
 # stage2d (added on top of stage2c's weights): 20,000 scenes x 6 records, ~6 minutes to cache
 CACHED_STEPS, CACHED_MORE_STEPS, CACHED_SCENES = 22000, 20000, 20000
-SAM_MORE_STEPS = 1500
 
 
 def eval_split(out: Path, n_scenes: int) -> Path:
