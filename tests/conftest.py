@@ -71,3 +71,12 @@ def make_scene(
     mask = ((xx + 0.5 - cx) / rx) ** 2 + ((yy + 0.5 - cy) / ry) ** 2 <= 1.0
     img[mask] = (220, 30, 30)
     return img, mask
+
+
+def readme_block(name: str) -> str:
+    """The README's generated block between ``<!-- name -->`` and ``<!-- /name -->``."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = f"<!-- {name} -->\n", f"\n<!-- /{name} -->"
+    return readme[readme.index(start) + len(start) : readme.index(end)]

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import readme_block
 
 from backend.app import create_app
 from backend.model_cache import ModelCache
@@ -484,8 +485,6 @@ def test_the_readme_loop_demo_table_is_generated_from_its_report():
 
     repo = Path(__file__).resolve().parents[1]
     report = json.loads((repo / "docs" / "loop-demo.json").read_text())
-    readme = (repo / "README.md").read_text()
-    start, end = "<!-- loop-demo -->\n", "\n<!-- /loop-demo -->"
-    block = readme[readme.index(start) + len(start) : readme.index(end)]
+    block = readme_block("loop-demo")
     assert block == readme_table(report)
     assert report["before"]["version"] in block and report["after"]["version"] in block

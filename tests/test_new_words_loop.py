@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import readme_block
 from PIL import Image
 
 from labelstudio.selection import (
@@ -153,8 +154,6 @@ def test_next_tasks_lists_unannotated_tasks_lowest_score_first(tmp_path, capsys)
 def test_the_readme_new_words_table_is_generated_from_its_report():
     repo = Path(__file__).resolve().parents[1]
     report = json.loads((repo / "docs" / "loop-new-words.json").read_text())
-    readme = (repo / "README.md").read_text()
-    start, end = "<!-- loop-new-words -->\n", "\n<!-- /loop-new-words -->"
-    block = readme[readme.index(start) + len(start) : readme.index(end)]
+    block = readme_block("loop-new-words")
     assert block == new_words_demo.readme_table(report)
     assert report["domain"] == "new-words" and report["strategies"]

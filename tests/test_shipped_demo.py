@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import readme_block
 from PIL import Image
 
 from nextchat_core.build import from_pretrained
@@ -202,9 +203,7 @@ def test_the_recipe_runs_end_to_end_at_small_scale(tmp_path):
 
 def test_the_readme_states_the_shipped_metrics():
     # The README's numbers are generated from metrics.json, never copied by hand.
-    readme = (DEMO.parents[1] / "README.md").read_text()
-    start, end = "<!-- demo-metrics -->\n", "\n<!-- /demo-metrics -->"
-    table = readme[readme.index(start) + len(start) : readme.index(end)]
+    table = readme_block("demo-metrics")
     assert table == demo.readme_summary(json.loads((DEMO / "metrics.json").read_text()))
 
 
