@@ -567,7 +567,7 @@ def default_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
             task_mix={"rec": 0.35, "multi": 0.1, "caption": 0.05, "chat": 0.25, "absent": 0.25},
         ),
         # ... and a long cycle on a fixed pool of scenes whose frozen-tower features are
-        # computed once (2.4x cheaper a step, measured): the measured errors of the shipped
+        # computed once (2.3x cheaper a step, measured): the measured errors of the shipped
         # model were boxes on the RIGHT object that miss IoU 0.5, small objects mostly
         # (docs/demo-recipe.md), so GIoU (scale-free; L1 hardly sees a small object's
         # miss) gets weight 1 instead of NExT-Chat's 0.2.

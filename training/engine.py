@@ -67,20 +67,8 @@ def prepare(model: NextChatModel, spec: StageSpec, settings: EngineSettings) -> 
         model.language_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
-    train_mode(model)
+    model.train()  # frozen towers stay in eval mode (NextChatModel.train)
     return groups
-
-
-def train_mode(model: NextChatModel) -> None:
-    """``model.train()``, except the frozen towers, which keep their eval behaviour: no
-    dropout in CLIP/SAM, and a frozen BatchNorm tower (the demo's ResNet) normalizes with
-    its stored statistics instead of each batch's, and does not update them. Call it
-    wherever training resumes (after an evaluation too)."""
-    model.train()
-    for name in ("vision_tower", "sam"):
-        module: nn.Module = getattr(model, name)
-        if not any(p.requires_grad for p in module.parameters()):
-            module.eval()
 
 
 # An auxiliary objective: (model output, the ``aux_*`` batch tensors) -> weighted losses.

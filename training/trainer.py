@@ -41,7 +41,7 @@ from nextchat_core.predictor import NextChatPredictor
 from nextchat_core.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 from .data import SampleSet, corpus, read_coco, read_label_studio, read_refexp_jsonl
-from .engine import EngineSettings, make_accelerator, prepare, train_mode, training_step
+from .engine import EngineSettings, make_accelerator, prepare, training_step
 from .evaluation import evaluate_predictor
 from .lora import LoraSettings, has_lora, merge_lora
 from .stages import get_stage
@@ -385,7 +385,7 @@ def train(
             evaluate_now = config.eval_every and state["step"] % config.eval_every == 0
             if evaluate_now and eval_set is not None and state["step"] < config.steps:
                 last_metrics = _evaluate(raw_model, tokenizer, eval_set, config, log_file, state)
-                train_mode(raw_model)  # not .train(): a frozen tower stays in eval mode
+                raw_model.train()  # a frozen tower stays in eval mode (NextChatModel.train)
                 last_tick = time.perf_counter()  # evaluation time is not training time
             if (
                 accelerator.is_main_process

@@ -132,6 +132,17 @@ class NextChatModel(nn.Module):
         if v.frozen:
             self.vision_tower.requires_grad_(False)
 
+    def train(self, mode: bool = True) -> NextChatModel:
+        """``nn.Module.train``, except that a frozen tower (no trainable parameter: CLIP, a
+        frozen SAM, the demo's BatchNorm ResNet) stays in eval mode: it normalizes with its
+        stored statistics, not each batch's, and does not update them."""
+        super().train(mode)
+        if mode:
+            for module in (self.vision_tower, self.sam):
+                if not any(p.requires_grad for p in module.parameters()):
+                    module.eval()
+        return self
+
     # ------------------------------------------------------------------ encoders
     @property
     def num_image_tokens(self) -> int:
@@ -346,7 +357,7 @@ class NextChatModel(nn.Module):
         elif pixel_values is not None:
             if return_hidden:
                 vision_features = self.vision_tower(pixel_values)
-                image_features = self.mm_projector(vision_features)
+                image_features = self.project(vision_features)
             else:
                 image_features = self.encode_images(pixel_values)
         embeds = self.embed_inputs(input_ids, image_features, boxes)
