@@ -195,7 +195,9 @@ def create_app(
             version = body.pop("version", None)
             if version is not None and not isinstance(version, str):
                 raise ValueError("'version' must be a model version name (GET /versions)")
-            options = RunOptions.from_dict({**body, "started_by": "http"})
+            options = RunOptions.from_dict(
+                {"chunk_size": settings.prelabel_chunk_size, **body, "started_by": "http"}
+            )
             run = begin_prelabel(
                 settings, project, options, version=version, plan_here=False, cache=store
             )

@@ -18,7 +18,8 @@ request and gives up after 100 s (``ML_TIMEOUT_PREDICT``), losing the work. Here
 3. **Dead workers**: Celery acknowledges late and requeues a chunk whose pool process is
    lost; when a whole worker dies its chunk is found by :func:`sweep` (the backend runs it
    every few seconds, so does a watching CLI) once the lease has run out, and enqueued
-   again. The new owner looks in Label Studio for this version's prediction of every task
+   again; so is a chunk whose worker died after taking its message but before claiming
+   (none of its tasks ever claimed a lease after it was sent, and the queue is empty). The new owner looks in Label Studio for this version's prediction of every task
    it took over before writing, so nothing is written twice.
 4. A task whose image cannot be fetched (or whose prompt is unusable) fails alone, with
    its reason; the chunk goes on. The next run of the same selection retries it.
@@ -41,7 +42,13 @@ from typing import TYPE_CHECKING, Any
 from celery import shared_task
 
 from labelstudio.projects import ProjectStore
-from training.celery_app import PRELABEL_CHUNK_TASK, PRELABEL_PLAN_TASK, get_app, prelabel_queue
+from training.celery_app import (
+    PRELABEL_CHUNK_TASK,
+    PRELABEL_PLAN_TASK,
+    get_app,
+    prelabel_queue,
+    waiting_messages,
+)
 from training.prelabel_runs import ClaimedTask, PrelabelStore, Run, RunOptions
 from training.versions import ModelVersion, stored_version
 
@@ -206,11 +213,27 @@ def sweep(settings: Settings) -> int:
     live holds."""
     store = PrelabelStore(settings.model_dir)
     sent = 0
+    queue_empty: bool | None = None  # asked of the broker once, and only when it matters
     for run in store.active_runs():
         for chunk in store.stale_chunks(run.run_id, settings.prelabel_lease_s):
             log.warning(
                 "run %s: chunk %d's worker stopped renewing its lease (or its planner died "
                 "before enqueuing it): enqueued again",
+                run.run_id,
+                chunk,
+            )
+            enqueue_chunk(run.run_id, chunk, settings)
+            sent += 1
+        # A chunk nobody ever claimed, sent more than a lease ago, while no message waits
+        # in the queue: the worker that took its message died before claiming, and the
+        # broker would hand that message out again only after its visibility timeout.
+        unclaimed = store.unclaimed_chunks(run.run_id, settings.prelabel_lease_s)
+        if unclaimed and queue_empty is None:
+            queue_empty = waiting_messages(prelabel_queue()) == 0
+        for chunk in unclaimed if queue_empty else []:
+            log.warning(
+                "run %s: chunk %d was taken from the queue but never started (its worker "
+                "died first): enqueued again",
                 run.run_id,
                 chunk,
             )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -125,6 +126,24 @@ def _wait(url: str, run_id: str, until, timeout: float, logs: list[Proc]) -> dic
     raise AssertionError(f"run {run_id} stuck at {run}\n{tails}")
 
 
+def _holds_claims(db_path: Path, run_id: str, proc: Proc) -> bool:
+    """Does a process of ``proc``'s group (a worker and its pool child) hold claimed
+    tasks of ``run_id``? Owners are ``host:pid:nonce`` (backend.prelabel.run_chunk)."""
+    group = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):  # it exited meanwhile
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[2]) == proc.popen.pid:  # the process group
+            group.add(entry)
+    with sqlite3.connect(db_path, timeout=10) as db:
+        owners = db.execute(
+            "SELECT DISTINCT owner FROM tasks WHERE run_id=? AND state='claimed'", (run_id,)
+        ).fetchall()
+    return any(o.split(":")[1] in group for (o,) in owners if o)
+
+
 def _cli(stack: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "nextchat_cli", *args],
@@ -156,13 +175,26 @@ def test_two_workers_a_sigkill_and_a_dead_image(ls, stack, images):  # noqa: F81
         chunks = [w.text().count("succeeded in") for w in (first, second)]
         return run["done"] >= 24 and min(chunks) >= 1
 
-    # Kill one worker (SIGKILL: main process and pool child) once both have written.
+    # Kill one worker (SIGKILL: main process and pool child) once both have written, in
+    # the middle of a chunk: stopped (SIGSTOP) while it holds claimed tasks, killed if it
+    # still does (else let go and caught at a later chunk).
     _wait(stack["url"], run_id, both_wrote, 600, procs)
+    db_path = Path(stack["env"]["MODEL_DIR"]) / "prelabel.sqlite"
+    deadline = time.monotonic() + 120
+    while True:
+        assert time.monotonic() < deadline, "w1 never held a claimed chunk"
+        if _holds_claims(db_path, run_id, first):
+            os.killpg(first.popen.pid, signal.SIGSTOP)
+            if _holds_claims(db_path, run_id, first):
+                break
+            os.killpg(first.popen.pid, signal.SIGCONT)
+        time.sleep(0.02)
     written_by_first = first.text().count("succeeded in")
     first.kill()
     run = _wait(stack["url"], run_id, lambda r: r["state"] != "running", 600, procs)
 
     assert run["state"] == "done", run
+    assert run["options"]["chunk_size"] == 8  # the server's PRELABEL_CHUNK_SIZE
     assert (run["total"], run["done"], run["failed"]) == (N_TASKS, N_TASKS - 1, 1), run
     assert run["rate_per_s"] > 0 and run["eta_s"] is None
     # The dead image is reported with its reason and did not stop its chunk.
@@ -183,7 +215,7 @@ def test_two_workers_a_sigkill_and_a_dead_image(ls, stack, images):  # noqa: F81
     # Both workers ran chunks; the killed one's chunk was taken over by the survivor.
     assert written_by_first >= 1 and second.text().count("succeeded in") >= 1
     assert "stopped renewing its lease" in stack["server"].text()
-    with sqlite3.connect(Path(stack["env"]["MODEL_DIR"]) / "prelabel.sqlite") as db:
+    with sqlite3.connect(db_path) as db:
         taken_over = db.execute(
             "SELECT COUNT(*) FROM tasks WHERE run_id=? AND claims>1", (run_id,)
         ).fetchone()[0]
@@ -440,6 +472,47 @@ def test_chunks_a_dead_planner_never_enqueued_are_found(tmp_path):
     assert store.stale_chunks(run.run_id, lease_s=60) == []  # planning was just now
     assert store.stale_chunks(run.run_id, lease_s=0.0) == [1, 2]
     assert store.stale_chunks(run.run_id, lease_s=0.0) == []  # handed over once
+
+
+def test_a_chunk_whose_worker_died_before_claiming_is_sent_again(tmp_path, monkeypatch):
+    """Real Redis. The chunks are recorded as sent but no message is in the queue: as if
+    workers had taken them and died before claiming (with a late acknowledgement Redis
+    hands such a message out again only after its visibility timeout)."""
+    import redis
+
+    from backend.prelabel import sweep
+    from backend.settings import Settings
+    from training import celery_app
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    client.ping()  # CI starts Redis
+    queue = f"prelabel-lost-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("CELERY_BROKER_URL", REDIS_URL)
+    monkeypatch.setenv("PRELABEL_QUEUE", queue)
+    celery_app.get_app.cache_clear()
+    try:
+        store, run = _planned(tmp_path, n=6, chunk_size=2)  # chunks 0, 1, 2 "sent"
+        settings = Settings.from_env(model_dir=tmp_path, prelabel_lease_s=1.0)
+        assert sweep(settings) == 0  # sent just now: a worker may be about to claim
+        assert [c.task_id for c in store.claim(run, 0, "live", lease_s=60)] == [1, 2]
+        store.mark_written(run, "live", {1: 0.9})  # chunk 1 started, partly written
+        store.claim(run, 1, "live", lease_s=60)
+        store.mark_written(run, "live", {3: 0.9, 4: 0.8})
+        time.sleep(1.1)
+        assert store.unclaimed_chunks(run, lease_s=1.0) == [2]
+        assert sweep(settings) == 1  # chunk 2 only: 0 is claimed by a live worker, 1 done
+        assert celery_app.waiting_messages(queue) == 1
+        time.sleep(1.1)
+        assert sweep(settings) == 0  # its message waits in the queue: nothing lost
+        client.delete(queue)  # taken again by a worker that died again
+        time.sleep(1.1)
+        assert sweep(settings) == 1 and celery_app.waiting_messages(queue) == 1
+        assert [c.task_id for c in store.claim(run, 2, "next", lease_s=60)] == [5, 6]
+        time.sleep(1.1)
+        assert store.unclaimed_chunks(run, lease_s=1.0) == []  # claimed now: the lease rules
+    finally:
+        client.delete(queue)
+        celery_app.get_app.cache_clear()
 
 
 def test_a_task_whose_worker_keeps_dying_fails_after_max_claims(tmp_path):

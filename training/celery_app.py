@@ -110,3 +110,17 @@ def make_app() -> Celery:
 def get_app() -> Celery:
     """The process's Celery app, built from the environment on first use."""
     return make_app()
+
+
+def waiting_messages(queue: str) -> int:
+    """How many messages wait in ``queue`` on the broker (not those a worker has taken).
+    A passive declare, which every kombu transport answers; a queue the broker does not
+    know (Redis drops an empty list) waits for nothing."""
+    from amqp.exceptions import NotFound
+    from kombu.exceptions import ChannelError
+
+    with get_app().connection_for_read() as conn:
+        try:
+            return int(conn.default_channel.queue_declare(queue=queue, passive=True).message_count)
+        except (NotFound, ChannelError):
+            return 0

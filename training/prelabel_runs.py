@@ -456,6 +456,22 @@ class PrelabelStore:
                 )
         return chunks
 
+    def unclaimed_chunks(self, run_id: str, lease_s: float) -> list[int]:
+        """Chunks handed to the broker more than a lease ago of which no task was ever
+        claimed: their message was taken by a worker that died before claiming (with a
+        late acknowledgement the broker hands it out again only after its visibility
+        timeout, an hour or more). Not marked: :meth:`mark_enqueued` once sent again.
+        Only the caller knows whether such a chunk is merely waiting in the queue."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT c.chunk FROM chunks c JOIN tasks t ON t.run_id=c.run_id AND "
+                "t.chunk=c.chunk WHERE c.run_id=? AND c.enqueued_at<? GROUP BY c.chunk "
+                "HAVING SUM(t.state='pending')>0 AND SUM(t.state='claimed')=0 "
+                "AND SUM(t.claims)=0 ORDER BY c.chunk",
+                (run_id, time.time() - lease_s),
+            ).fetchall()
+        return [r[0] for r in rows]
+
     # -------------------------------------------------------------------- progress
     def progress(self, run_id: str, *, failures: int = 50) -> Progress:
         """Counts, rate (tasks written per second since planning finished), ETA and the
