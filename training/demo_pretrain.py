@@ -222,11 +222,12 @@ class PretrainPhase:
     warmup: int = 100
     save_every: int = 40
     log_every: int = 20
+    tag: str = ""  # tells apart two pre-trainings of one kind in a recipe ("sam", "sam-more")
 
     @property
     def name(self) -> str:
         """The phase's directory name in a recipe run."""
-        return self.kind
+        return self.kind + self.tag
 
 
 def _scene_batch(
