@@ -592,23 +592,14 @@ def default_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
         #     shipped SAM drew mask mIoU 0.60 on 60 held-out scenes, 1,500 more steps 0.78,
         #     a second cycle of 3,000 0.83; bench/sam_box_ceiling.py). It does not depend on the language phases, so where
         #     it runs in the list changes nothing but the order; stage 3 comes after it.
-        PretrainPhase(
-            "sam",
-            n(SAM_MORE_STEPS),
-            1e-3,
-            batch_size=8,
-            seed=13,
-            warmup=min(50, n(50)),
-            tag="-more",
-        ),
-        PretrainPhase(
-            "sam",
-            n(SAM_MORE2_STEPS),
-            5e-4,
-            batch_size=8,
-            seed=14,
-            warmup=min(50, n(50)),
-            tag="-more2",
+        *(
+            PretrainPhase(
+                "sam", n(steps), lr, batch_size=8, seed=seed, warmup=min(50, n(50)), tag=tag
+            )
+            for tag, steps, lr, seed in (
+                ("-more", SAM_MORE_STEPS, 1e-3, 13),
+                ("-more2", SAM_MORE2_STEPS, 5e-4, 14),
+            )
         ),
         # 4. NExT-Chat's stage 3: seg_prompt_mlp + SAM's mask decoder learn the <at> prompt.
         Phase(
