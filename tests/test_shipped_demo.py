@@ -26,7 +26,7 @@ from training.versions import resolve_checkpoint
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 # Of 20; measured for the shipped weights (stage2d + stage2e on top of stage2c) with the
 # presence gate, 2026-12-01: 20 and 19 (the stage2c weights before them: 20 and 11).
-# Re-measured 2026-12-02 after the longer SAM pre-training (sam-more, sam-more2, stage 3
+# Re-measured 2026-12-02 after the longer SAM pre-training (sam-more, -more2, -more3, stage 3
 # again): every count below the same (the boxes and the presence answer are the LLM's,
 # which it did not change).
 EASY_HITS, FULL_HITS = 20, 19
@@ -157,6 +157,7 @@ def test_the_recipe_runs_end_to_end_at_small_scale(tmp_path):
         "stage2e",
         "sam-more",
         "sam-more2",
+        "sam-more3",
         "stage3",
     ]
     assert metrics["final"]["n_records"] == 4
@@ -186,10 +187,10 @@ def test_the_recipe_runs_end_to_end_at_small_scale(tmp_path):
     for key in ("aux_ground", "aux_norm", "aux_cell_box"):
         assert any(key in r for r in train_rows), key
     # the tower is frozen after its pre-training (as CLIP), SAM's encoder after its own
-    # (continued by sam-more and sam-more2: the language phases between do not touch SAM)
+    # (continued by sam-more, -more2 and -more3: the language phases between do not touch SAM)
     after_vision = from_pretrained(run / "vision" / "final").model.state_dict()
     first_sam = from_pretrained(run / "sam" / "final").model.state_dict()
-    after_sam = from_pretrained(run / "sam-more2" / "final").model.state_dict()
+    after_sam = from_pretrained(run / "sam-more3" / "final").model.state_dict()
     stage2e = from_pretrained(run / "stage2e" / "final").model.state_dict()
     for key, value in stage2e.items():
         if key.startswith("sam."):

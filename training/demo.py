@@ -590,8 +590,9 @@ def default_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
         ),
         # 2b. SAM pre-trained longer (600 steps were too few: prompted with the TRUE box the
         #     shipped SAM drew mask mIoU 0.60 on 60 held-out scenes, 1,500 more steps 0.78,
-        #     a second cycle of 3,000 0.83; bench/sam_box_ceiling.py). It does not depend on the language phases, so where
-        #     it runs in the list changes nothing but the order; stage 3 comes after it.
+        #     a second cycle of 3,000 0.83, a third 0.84; bench/sam_box_ceiling.py). It does
+        #     not depend on the language phases, so where it runs in the list changes
+        #     nothing but the order; stage 3 comes after it.
         *(
             PretrainPhase(
                 "sam", n(steps), lr, batch_size=8, seed=seed, warmup=min(50, n(50)), tag=tag
@@ -599,6 +600,7 @@ def default_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
             for tag, steps, lr, seed in (
                 ("-more", SAM_MORE_STEPS, 1e-3, 13),
                 ("-more2", SAM_MORE2_STEPS, 5e-4, 14),
+                ("-more3", SAM_MORE3_STEPS, 3e-4, 15),
             )
         ),
         # 4. NExT-Chat's stage 3: seg_prompt_mlp + SAM's mask decoder learn the <at> prompt.
@@ -628,7 +630,7 @@ PRESENCE_STEPS = 2000  # stage2c, added on top of the second run's weights (docs
 # stage2d (added on top of stage2c's weights): 20,000 scenes x 6 records, ~6 minutes to cache
 CACHED_STEPS, CACHED_MORE_STEPS, CACHED_SCENES = 22000, 20000, 20000
 # the longer SAM pre-training (added on top of stage2e's weights)
-SAM_MORE_STEPS, SAM_MORE2_STEPS = 1500, 3000
+SAM_MORE_STEPS, SAM_MORE2_STEPS, SAM_MORE3_STEPS = 1500, 3000, 3000
 
 
 def eval_split(out: Path, n_scenes: int) -> Path:
