@@ -19,8 +19,9 @@ request and gives up after 100 s (``ML_TIMEOUT_PREDICT``), losing the work. Here
    lost; when a whole worker dies its chunk is found by :func:`sweep` (the backend runs it
    every few seconds, so does a watching CLI) once the lease has run out, and enqueued
    again; so is a chunk whose worker died after taking its message but before claiming
-   (none of its tasks ever claimed a lease after it was sent, and the queue is empty). The new owner looks in Label Studio for this version's prediction of every task
-   it took over before writing, so nothing is written twice.
+   (none of its tasks claimed a lease after it was sent, and the queue is empty). The new
+   owner looks in Label Studio for this version's prediction of every task it took over
+   before writing, so nothing is written twice.
 4. A task whose image cannot be fetched (or whose prompt is unusable) fails alone, with
    its reason; the chunk goes on. The next run of the same selection retries it.
 """

@@ -466,8 +466,7 @@ class PrelabelStore:
             rows = db.execute(
                 "SELECT c.chunk FROM chunks c JOIN tasks t ON t.run_id=c.run_id AND "
                 "t.chunk=c.chunk WHERE c.run_id=? AND c.enqueued_at<? GROUP BY c.chunk "
-                "HAVING SUM(t.state='pending')>0 AND SUM(t.state='claimed')=0 "
-                "AND SUM(t.claims)=0 ORDER BY c.chunk",
+                "HAVING MAX(t.claims)=0 ORDER BY c.chunk",  # never claimed: all still pending
                 (run_id, time.time() - lease_s),
             ).fetchall()
         return [r[0] for r in rows]
