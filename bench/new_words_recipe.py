@@ -30,15 +30,48 @@ from training.retrain import RetrainSettings, run_job  # noqa: E402
 from training.versions import resolve_checkpoint, version_dir  # noqa: E402
 
 
-def score(path: Path, tasks: list[dict]) -> dict:
+def score(path: Path, tasks: list[dict], absent: list | None = None) -> dict:
     from nextchat_core.build import load_config
     from nextchat_core.predictor import NextChatPredictor
-    from training.data import read_label_studio
+    from training.data import SampleSet, read_label_studio
     from training.evaluation import evaluate_predictor
 
-    samples = read_label_studio(tasks, load_config(path))
+    config = load_config(path)
+    samples = read_label_studio(tasks, config) + SampleSet(absent or [], config)
     report = evaluate_predictor(NextChatPredictor.from_pretrained(path), samples)
-    return {k: report[k] for k in ("rec_acc", "mask_miou", "n_records")}
+    keys = ("rec_acc", "mask_miou", "n_records", "present_with_region_rate")
+    return {
+        **{k: report[k] for k in keys},
+        **({"absent_no_box_rate": report["absent_no_box_rate"]} if absent else {}),
+    }
+
+
+def absent_records(seed: int, n: int) -> list:
+    """Prompts for a new-word near miss that is not in the scene (new_words.absent_expression)
+    on ``n`` fresh new-words scenes: a retrained model must still give them no region."""
+    from training import new_words
+    from training.data import Record
+
+    out = []
+    for scene, _ in new_words.generate(seed, n):
+        expr = new_words.absent_expression(
+            scene, new_words.scene_rng(seed, 10_000 + scene.scene_id)
+        )
+        if expr:
+            out.append(
+                Record(scene.image, "rec", expr, None, [], None, scene.width, scene.height, expr)
+            )
+    return out
+
+
+# stage 2's modules and the vision tower (training.stages)
+TOWER_AND_LANGUAGE = (
+    "vision_tower",
+    "mm_projector",
+    "language_model",
+    "loc_encoder",
+    "loc_decoder",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval", type=int, default=60, help="held-out tasks of each kind")
     p.add_argument("--replay", default="0,0.5", help="RETRAIN_REPLAY values")
     p.add_argument("--lr", default="1e-4", help="RETRAIN_LR values")
-    p.add_argument("--epochs", type=float, default=4.0)
+    p.add_argument("--epochs", default="4", help="RETRAIN_EPOCHS values")
+    p.add_argument(
+        "--tower", default="0", help="0/1 values: also train the vision tower in stage 2"
+    )
+    p.add_argument("--copy-paste", default="0", help="RETRAIN_COPY_PASTE values")
+    p.add_argument("--stages", default="2,3", help="RETRAIN_STAGES (masks need 3)")
     p.add_argument("--steps", type=int, default=2000, help="RETRAIN_MAX_STEPS")
     p.add_argument("--regression", type=int, default=48, help="RETRAIN_REGRESSION")
     p.add_argument("--loss", default="", help="RETRAIN_LOSS, e.g. cycle1=0")
@@ -66,15 +104,23 @@ def main(argv: list[str] | None = None) -> int:
             root / "images", args.eval, first_id=100_000, seed=2, config=_config()
         )
         held_old = original_tasks(root / "images", args.eval, first_id=200_000, seed=3)
+        absent = absent_records(4, args.eval)
         before = (
             None
             if args.skip_before
-            else {"new_words": score(base, held_new), "original": score(base, held_old)}
+            else {
+                "new_words": score(base, held_new, absent),
+                "original": score(base, held_old),
+            }
         )
         print(json.dumps({"before": before}), flush=True)
-        for k, (replay, lr) in enumerate(
+        for k, (replay, lr, epochs, paste, tower) in enumerate(
             itertools.product(
-                [float(x) for x in args.replay.split(",")], [float(x) for x in args.lr.split(",")]
+                [float(x) for x in args.replay.split(",")],
+                [float(x) for x in args.lr.split(",")],
+                [float(x) for x in args.epochs.split(",")],
+                [int(x) for x in args.copy_paste.split(",")],
+                [bool(int(x)) for x in args.tower.split(",")],
             )
         ):
             settings = RetrainSettings.from_env(
@@ -82,11 +128,13 @@ def main(argv: list[str] | None = None) -> int:
                 model_dir=root / f"md{k}",
                 checkpoint=str(base),
                 local_files_root=root,
-                stages=(2, 3),
-                epochs=args.epochs,
+                stages=tuple(int(x) for x in args.stages.split(",")),
+                epochs=epochs,
                 max_steps=args.steps,
                 lr=lr,
                 replay=replay,
+                copy_paste=paste,
+                trainable=TOWER_AND_LANGUAGE if tower else (),
                 regression=args.regression,
                 policy="always",
             )
@@ -100,18 +148,22 @@ def main(argv: list[str] | None = None) -> int:
             row = {
                 "replay": replay,
                 "lr": lr,
+                "epochs": epochs,
+                "copy_paste": paste,
+                "tower": tower,
                 "loss": settings.loss,
                 "job_s": round(job_s, 1),
                 "stages": result["stages"],
                 "replay_samples": result["replay_samples"],
+                "pasted_samples": result["pasted_samples"],
                 "gate_held_out": {"old": result["eval_old"], "new": result["eval_new"]},
                 "gate_regression": result["regression"],
-                "new_words": score(path, held_new),
+                "new_words": score(path, held_new, absent),
                 "original": score(path, held_old),
             }
             print(json.dumps(row), flush=True)
             rows.append(row)
-    out = {"n": args.n, "eval": args.eval, "epochs": args.epochs, "before": before, "runs": rows}
+    out = {"n": args.n, "eval": args.eval, "stages": args.stages, "before": before, "runs": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2))

@@ -57,6 +57,17 @@ def test_replay_and_regression_settings():
         RetrainSettings.from_env({"RETRAIN_LOSS": "cycle1"})
     with pytest.raises(ValueError, match="PROMOTE_FORGETTING_TOLERANCE"):
         RetrainSettings.from_env({"PROMOTE_FORGETTING_TOLERANCE": "2"})
+    tower = RetrainSettings.from_env(
+        {
+            "RETRAIN_TRAINABLE": "vision_tower, mm_projector,language_model",
+            "RETRAIN_LR_SCALE": "vision_tower=0.5",
+        }
+    )
+    assert tower.trainable == ("vision_tower", "mm_projector", "language_model")
+    assert tower.lr_scale == {"vision_tower": 0.5}
+    assert (off.trainable, off.lr_scale) == ((), {})
+    with pytest.raises(ValueError, match="RETRAIN_LR_SCALE='vision_tower'"):
+        RetrainSettings.from_env({"RETRAIN_LR_SCALE": "vision_tower"})
 
 
 def test_replay_and_regression_slices_are_fixed_valid_and_disjoint():
@@ -75,7 +86,16 @@ def test_replay_and_regression_slices_are_fixed_valid_and_disjoint():
         for a in replay.records
         for b in regression.records
     )
-    for r in replay.records + regression.records:
+    # the bundled model scores presence with "Is there ...?": its replay rehearses the
+    # domain's yes/no answers too (both of them), the regression slice stays referring
+    assert config.score.presence == "exists"
+    chats = [r for r in replay.records if r.task == "chat"]
+    assert {r.answer.split(",")[0] for r in chats} == {"Yes", "No."}
+    assert all(r.text.startswith("Is there") and not r.boxes for r in chats if r.answer == "No.")
+    assert {r.task for r in regression.records} == {"rec"}
+    for r in chats:
+        assert not set(r.text.split()) & (set(synth.NEW_SHAPES) | set(synth.NEW_COLORS))
+    for r in [r for r in replay.records if r.task == "rec"] + regression.records:
         words = set(r.text.split())
         assert not words & (set(synth.NEW_SHAPES) | set(synth.NEW_COLORS))  # the old words
         assert r.masks is not None and len(r.masks) == len(r.boxes) >= 1
@@ -85,7 +105,8 @@ def test_replay_and_regression_slices_are_fixed_valid_and_disjoint():
             assert list(mask_to_box(mask)) == b
             union |= mask
         assert union.sum() > 0
-    sample = replay[0]  # a training Sample: the image, its turns, boxes and masks
+    # a training Sample: the image, its turns, boxes and masks
+    sample = replay[[r.task for r in replay.records].index("rec")]
     assert sample.boxes and sample.masks and all(m is not None for m in sample.masks)
 
 

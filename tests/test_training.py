@@ -151,6 +151,39 @@ def test_stage3_changes_only_prompt_mlp_and_mask_decoder(tmp_path):
     assert any(k.startswith("sam.mask_decoder.") for k in changed)
 
 
+def test_a_nested_prefix_gets_its_own_group_and_learning_rate(tiny_config):
+    # RETRAIN_TRAINABLE / RETRAIN_LR_SCALE may name a module inside another trainable one:
+    # each parameter belongs to one group (AdamW refuses a parameter twice), the longest.
+    import dataclasses
+
+    from training.stages import apply_stage
+
+    model = build_model("tiny")
+    spec = dataclasses.replace(
+        get_stage(2),
+        trainable=("vision_tower", "language_model", "language_model.model.embed_tokens"),
+        lr_scale={"language_model.model.embed_tokens": 10.0, "vision_tower": 0.5},
+    )
+    groups = {g["name"]: g for g in apply_stage(model, spec, lr=1e-3)}
+    assert {k: v["lr"] for k, v in groups.items()} == {
+        "vision_tower": 5e-4,
+        "language_model": 1e-3,
+        "language_model.model.embed_tokens": 1e-2,
+    }
+    embed = model.get_submodule("language_model.model.embed_tokens").weight
+    assert [p is embed for p in groups["language_model.model.embed_tokens"]["params"]] == [True]
+    assert not any(p is embed for p in groups["language_model"]["params"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    trained = [names[id(p)] for g in groups.values() for p in g["params"]]
+    assert len(trained) == len(set(trained))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(trained)
+    assert any(n.startswith("vision_tower.") for n in trained)
+    torch.optim.AdamW(list(groups.values()))  # one group per parameter: AdamW takes it
+    typo = dataclasses.replace(spec, trainable=("language_model", "vision_towr"), lr_scale={})
+    with pytest.raises(ValueError, match=r"no parameter of the model is under \['vision_towr'\]"):
+        apply_stage(model, typo, lr=1e-3)
+
+
 def test_lora_train_merge_gives_same_outputs(tiny_tokenizer, tiny_config):
     torch.manual_seed(0)
     model = build_model(tiny_config)

@@ -183,3 +183,21 @@ def generate(
             == 1
         )
         yield scene, synth.rec_record(scene, 0, expression)
+
+
+def absent_expression(scene: synth.Scene, rng: np.random.Generator) -> str | None:
+    """A near miss for scene ``scene`` of :func:`generate`: ``the {color} {shape}`` with
+    one of the target's words kept and a new word that is not in the scene in place of the
+    other (its color on another new shape, another new color on its shape), matching no
+    object - what a retrained model must still answer with no region. ``None`` when no
+    such pair is left."""
+    present = {(o.color, o.shape) for o in scene.objects}
+    target = scene.objects[0]
+    pairs = [(target.color, s) for s in synth.NEW_SHAPES] + [
+        (c, target.shape) for c in synth.NEW_COLORS
+    ]
+    pairs = [p for p in pairs if p not in present]
+    if not pairs:
+        return None
+    color, shape = pairs[int(rng.integers(len(pairs)))]
+    return f"the {color} {shape}"

@@ -45,7 +45,7 @@ from .store import AnnotationStore, Job
 if TYPE_CHECKING:  # imported where used: torch and the trainer are heavy
     from nextchat_core.config import NextChatConfig
 
-    from .data import SampleSet
+    from .data import Record, SampleSet
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,22 @@ class RetrainSettings(ServiceSettings):
     # RETRAIN_LOSS: loss-weight overrides for every stage, e.g. "cycle1=0" (the demo
     # recipe trains its language stage without cycle1: training.demo.default_phases)
     loss: dict[str, float] = field(default_factory=dict)
+    # RETRAIN_TRAINABLE: module prefixes stages 1-2 train instead of the stage's own, e.g.
+    # "vision_tower,mm_projector,language_model,loc_encoder,loc_decoder" (training.stages)
+    trainable: tuple[str, ...] = ()
+    # RETRAIN_LR_SCALE: per-prefix learning-rate multipliers, e.g. "vision_tower=0.3"
+    lr_scale: dict[str, float] = field(default_factory=dict)
     holdout: float = 0.2  # RETRAIN_HOLDOUT: fraction of tasks held out for the gate
     min_tasks: int = 4  # RETRAIN_MIN_TASKS: fewer annotated tasks fail the job clearly
     policy: str = "not_worse"  # PROMOTE_POLICY: not_worse | always | manual
     tolerance: float = 0.0  # PROMOTE_TOLERANCE: Acc@0.5 the new version may lose
     # Against forgetting (training.forgetting; the synthetic base domain, which the bundled
     # model was trained on - off by default, as it means nothing to other checkpoints):
-    replay: float = 0.0  # RETRAIN_REPLAY: base-domain samples mixed in per correction
+    # RETRAIN_REPLAY: base-domain samples mixed in per correction (and per pasted copy)
+    replay: float = 0.0
+    # RETRAIN_COPY_PASTE: pasted copies of each correction (its masked objects moved into
+    # another correction's image: training.augment; 0: off)
+    copy_paste: int = 0
     regression: int = 0  # RETRAIN_REGRESSION: records of the fixed regression slice (0: none)
     # PROMOTE_FORGETTING_TOLERANCE: Acc@0.5 / mask mIoU the regression slice may lose
     forgetting_tolerance: float = 0.05
@@ -106,6 +115,9 @@ class RetrainSettings(ServiceSettings):
         def stages(raw: str) -> tuple[int, ...]:
             return tuple(int(x) for x in raw.replace(" ", "").split(",") if x)
 
+        def names(raw: str) -> tuple[str, ...]:
+            return tuple(x for x in raw.replace(" ", "").split(",") if x)
+
         def loss(raw: str) -> dict[str, float]:
             pairs = [p.split("=", 1) for p in raw.replace(" ", "").split(",") if p]
             if any(len(p) != 2 for p in pairs):
@@ -121,11 +133,14 @@ class RetrainSettings(ServiceSettings):
             batch_size=get("RETRAIN_BATCH_SIZE", int, 8),
             lr=get("RETRAIN_LR", float, 1e-4),
             loss=get("RETRAIN_LOSS", loss, {}),
+            trainable=get("RETRAIN_TRAINABLE", names, ()),
+            lr_scale=get("RETRAIN_LR_SCALE", loss, {}),
             holdout=get("RETRAIN_HOLDOUT", float, 0.2),
             min_tasks=get("RETRAIN_MIN_TASKS", int, 4),
             policy=get("PROMOTE_POLICY", str, "not_worse"),
             tolerance=get("PROMOTE_TOLERANCE", float, 0.0),
             replay=get("RETRAIN_REPLAY", float, 0.0),
+            copy_paste=get("RETRAIN_COPY_PASTE", int, 0),
             regression=get("RETRAIN_REGRESSION", int, 0),
             forgetting_tolerance=get("PROMOTE_FORGETTING_TOLERANCE", float, 0.05),
             keep_versions=get("KEEP_VERSIONS", int, 5),
@@ -161,10 +176,11 @@ class RetrainSettings(ServiceSettings):
                 f"RETRAIN_LOSS must set loss weights >= 0 among {sorted(known)} (like "
                 f"'cycle1=0'), got {bad_loss}"
             )
-        if not (self.replay >= 0 and self.regression >= 0):
+        if not (self.replay >= 0 and self.regression >= 0 and self.copy_paste >= 0):
             raise ValueError(
-                "RETRAIN_REPLAY (samples per correction) and RETRAIN_REGRESSION (records) "
-                f"must be >= 0, got {self.replay} and {self.regression}"
+                "RETRAIN_REPLAY (samples per correction), RETRAIN_COPY_PASTE (copies per "
+                "correction) and RETRAIN_REGRESSION (records) must be >= 0, got "
+                f"{self.replay}, {self.copy_paste} and {self.regression}"
             )
         if not 0.0 <= self.forgetting_tolerance <= 1.0:
             raise ValueError(
@@ -297,6 +313,7 @@ def _run(
         "train_samples": len(data.train),
         "held_out_samples": len(data.held_out),
         "replay_samples": data.replay,
+        "pasted_samples": data.pasted,
         "tasks": data.tasks,
         "synced_from_label_studio": synced,
         "stages": timings,
@@ -344,6 +361,7 @@ class _TrainingData:
     config: NextChatConfig  # the served checkpoint's
     has_masks: bool  # any correction with a mask (stage 3 runs only then)
     replay: int = 0  # base-domain samples in ``train`` (RETRAIN_REPLAY)
+    pasted: int = 0  # copy-paste samples in ``train`` (RETRAIN_COPY_PASTE)
 
 
 def _training_data(
@@ -388,20 +406,40 @@ def _training_data(
             f"project {job.project_id}: the annotations hold no boxes, brushes or polygons to "
             "train on"
         )
-    has_masks = any(any(m is not None for m in (r.masks or [])) for r in train_set.records)
+    has_masks = any(_has_mask(r) for r in train_set.records)
     corrections = len(train_set)
+    seed = int(hashlib.sha256(job.job_id.encode()).hexdigest()[:8], 16)  # the job's draws
+    pasted: list[Record] = []
+    if settings.copy_paste:
+        from .augment import copy_paste
+
+        pasted = copy_paste(train_set.records, settings.copy_paste, seed=seed)
+        log.info("job %s: %d copy-paste samples of the corrections", job.job_id, len(pasted))
     if config.score.presence == "exists":
         # The region score asks "Is there ...?" of every prompt: corrected boxes also teach
         # the "Yes", or a new word stays held back by the presence gate (data.presence_records).
-        train_set = train_set + SampleSet(presence_records(train_set.records, config), config)
+        # ... and the "No" asked of another correction's image (augment.absence_records),
+        # or retraining teaches "Yes" to everything (measured: bench/RESULTS.md).
+        from .augment import absence_records
+
+        train_set = train_set + SampleSet(
+            presence_records(train_set.records, config)
+            + absence_records(train_set.records, config, seed=seed),
+            config,
+        )
+    train_set = train_set + SampleSet(pasted, config)
     replay = 0
     if settings.replay:
         from .forgetting import replay_set
 
-        extra = replay_set(corrections, settings.replay, config)
+        extra = replay_set(corrections + len(pasted), settings.replay, config)
         train_set, replay = train_set + extra, len(extra)
         log.info("job %s: %d replay samples of the base domain mixed in", job.job_id, replay)
-    return _TrainingData(len(tasks), train_set, held_set, config, has_masks, replay)
+    return _TrainingData(len(tasks), train_set, held_set, config, has_masks, replay, len(pasted))
+
+
+def _has_mask(record: Record) -> bool:
+    return any(m is not None for m in (record.masks or []))
 
 
 def _train_stages(
@@ -417,6 +455,7 @@ def _train_stages(
     served version); LoRA + bf16 on CUDA for a large model. A stage a redelivered job
     finished before is not run again. Returns the last stage's final checkpoint and the
     stages' timings."""
+    from .data import SampleSet
     from .trainer import TrainConfig, train
 
     big = data.config.llm.hidden_size >= 2048
@@ -426,9 +465,12 @@ def _train_stages(
         if stage == 3 and not data.has_masks:
             log.info("job %s: no masks among the annotations: stage 3 skipped", job.job_id)
             continue
+        samples = data.train
+        if stage == 3:  # the mask stage learns only from masks: the rest has no loss there
+            samples = SampleSet([r for r in samples.records if _has_mask(r)], data.config)
         steps = min(
             settings.max_steps,
-            max(10, math.ceil(settings.epochs * len(data.train) / settings.batch_size)),
+            max(10, math.ceil(settings.epochs * len(samples) / settings.batch_size)),
         )
         cfg = TrainConfig(
             stage=stage,
@@ -441,6 +483,8 @@ def _train_stages(
             log_every=max(1, steps // 20),
             device=device,
             loss=dict(settings.loss),
+            trainable=list(settings.trainable) if settings.trainable and stage != 3 else None,
+            lr_scale=dict(settings.lr_scale),
             precision="bf16" if device != "cpu" else "fp32",
             gradient_checkpointing=big,
             lora={"r": 16, "alpha": 32, "dropout": 0.05} if use_lora and stage != 3 else None,
@@ -454,7 +498,7 @@ def _train_stages(
         def on_step(p: dict[str, Any], stage: int = stage) -> None:
             report({"phase": f"stage {stage}", **p})
 
-        result = train(cfg, progress=on_step, samples=data.train)
+        result = train(cfg, progress=on_step, samples=samples)
         seconds = time.perf_counter() - t0
         timings.append(
             {
@@ -509,6 +553,7 @@ def _gate_and_promote(
         "eval_new": new,
         "regression": regression,
         "replay_samples": meta.get("replay_samples", 0),
+        "pasted_samples": meta.get("pasted_samples", 0),
         "stages": meta.get("stages", []),
         "synced_from_label_studio": meta.get("synced_from_label_studio"),
         "pruned": removed,

@@ -92,17 +92,34 @@ def apply_stage(
     model: nn.Module, spec: StageSpec, *, lr: float, weight_decay: float = 0.0, lora: bool = False
 ) -> list[dict]:
     """Freeze ``model`` to the stage and return AdamW parameter groups (one per trainable
-    prefix, each with its own learning rate).
+    prefix, each with its own learning rate; a parameter under two prefixes, e.g.
+    ``language_model`` and ``language_model.model.embed_tokens``, belongs to the longer).
 
     With ``lora=True`` the language model's base weights stay frozen and only its LoRA
     adapters train (:mod:`training.lora` must have been applied first).
     """
     model.requires_grad_(False)
+
+    def owner(name: str) -> str | None:  # the longest trainable prefix of ``name``
+        hits = [p for p in spec.trainable if name == p or name.startswith(p + ".")]
+        return max(hits, key=len) if hits else None
+
+    names = [n for n, _ in model.named_parameters()]
+    unknown = [
+        p for p in (*spec.trainable, *spec.lr_scale) if not any(owner(n) == p for n in names)
+    ]
+    if unknown:  # a typo would otherwise train nothing there, silently
+        top = sorted({n.split(".")[0] for n in names})
+        raise ValueError(
+            f"stage {spec.stage}: no parameter of the model is under {unknown} (trainable "
+            f"{list(spec.trainable)}, lr scales {sorted(spec.lr_scale)}); module names start "
+            f"with one of {top}"
+        )
     groups = []
     for prefix in spec.trainable:
         params = []
         for name, p in model.named_parameters():
-            if not (name == prefix or name.startswith(prefix + ".")):
+            if owner(name) != prefix:
                 continue
             if lora and name.startswith("language_model.") and "lora_" not in name:
                 continue
