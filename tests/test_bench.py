@@ -96,3 +96,27 @@ def test_interactive_latency_runs_two_real_backends():
     stdout = run_bench("interactive_latency.py", "--requests", "2", "--warmup", "1")
     for row in ("`SCORE_PRESENCE=at`", "`SCORE_PRESENCE=exists` (default)", "| ratio |"):
         assert row in stdout, row
+
+
+def test_new_words_recipe_bench_smoke(tmp_path):
+    # one real retraining job per row at a tiny size: copy-paste copies and replay reach
+    # the job, both held-out sets and the absent new-word prompts are scored
+    out = tmp_path / "r.json"
+    run_bench(
+        "new_words_recipe.py",
+        *("--n", "10", "--eval", "4", "--steps", "2", "--replay", "0.5"),
+        *("--copy-paste", "1", "--stages", "2,3", "--regression", "4", "-o", str(out)),
+    )
+    report = json.loads(out.read_text())
+    (row,) = report["runs"]
+    assert row["copy_paste"] == 1 and row["pasted_samples"] == 8  # 8 training corrections
+    assert row["replay_samples"] == 8  # 0.5 x (8 corrections + 8 copies)
+    assert [s["stage"] for s in row["stages"]] == [2, 3]
+    assert row["new_words"]["n_records"] == 4 and row["new_words"]["absent_no_box_rate"] is not None
+    assert report["before"]["original"]["n_records"] == 4
+
+
+def test_new_words_probe_smoke():
+    stdout = run_bench("new_words_probe.py", "--train", "30", "--test", "10")
+    rows = [line.split("|")[1].strip() for line in stdout.splitlines()[3:] if line.startswith("|")]
+    assert {"cross", "heart", "pink", "cyan", "brown", "circle", "red"} <= set(rows), stdout

@@ -34,6 +34,25 @@ def test_gate_refuses_a_version_that_forgets_the_regression_slice():
     masks = ({"rec_acc": 0.6, "mask_miou": 0.5}, {"rec_acc": 0.6, "mask_miou": 0.3})
     assert not gate(old, new, "not_worse", 0.0, regression=masks)[0]
     assert "held-out" in gate(new, old, "not_worse", 0.0, regression=kept)[1]
+    # Round after round: each version within 0.05 of the one served before it, and the
+    # losses add up - the base checkpoint's score holds the lineage to the tolerance.
+    base = {"rec_acc": 0.62, "n_records": 40}
+    ok, why = gate(
+        old, new, "not_worse", 0.0, regression=kept, regression_base=base, forgetting_tolerance=0.05
+    )
+    assert ok and "0.600 -> 0.570 (base checkpoint 0.620), within 0.05" in why
+    crept = ({"rec_acc": 0.58, "n_records": 40}, {"rec_acc": 0.55, "n_records": 40})
+    assert gate(old, new, "not_worse", 0.0, regression=crept, forgetting_tolerance=0.05)[0]
+    ok, why = gate(
+        old,
+        new,
+        "not_worse",
+        0.0,
+        regression=crept,
+        regression_base=base,
+        forgetting_tolerance=0.05,
+    )
+    assert not ok and "rec_acc 0.620 -> 0.550 since the base checkpoint" in why
 
 
 def test_replay_and_regression_settings():
@@ -172,3 +191,23 @@ def test_a_retraining_job_that_forgets_is_not_promoted(tmp_path):
     assert "forgets the original vocabulary" in result["reason"]
     assert versions.read_current_version(settings.model_dir) is None  # the base is served
     assert [v["name"] for v in versions.list_versions(settings.model_dir)] == [result["version"]]
+
+
+def test_the_base_checkpoints_regression_score_is_computed_once(tmp_path, monkeypatch):
+    from training import retrain
+
+    settings = RetrainSettings.from_env({}, model_dir=tmp_path / "md", checkpoint=str(DEMO))
+    settings.model_dir.mkdir()
+    base = versions.base_version(settings.checkpoint)
+    slice_ = forgetting.regression_set(4, load_config(DEMO))
+    first = retrain._regression_reference(settings, base, slice_, "cpu")  # the real model
+    assert first["n_records"] == 4 and 0.0 <= first["rec_acc"] <= 1.0
+
+    def no_second_evaluation(*args, **kwargs):
+        raise AssertionError("the base checkpoint was evaluated again")
+
+    monkeypatch.setattr(retrain, "_evaluate", no_second_evaluation)
+    assert retrain._regression_reference(settings, base, slice_, "cpu") == first
+    other = forgetting.regression_set(2, load_config(DEMO))  # another slice: another key
+    with pytest.raises(AssertionError, match="evaluated again"):
+        retrain._regression_reference(settings, base, other, "cpu")

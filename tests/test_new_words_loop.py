@@ -93,6 +93,9 @@ def test_new_words_loop_with_one_new_word_on_the_tiny_preset(tmp_path, base):
             assert r["selected_new_words"] == ["heart"]
             assert [s["stage"] for s in r["stages"]] == [2, 3]  # boxes, then masks
             assert r["replay_samples"] >= 1  # RETRAIN_REPLAY=0.5 of the training slice
+            # RETRAIN_COPY_PASTE=3 reached the job, but every correction names "heart": a
+            # heart pasted beside another annotated heart would be ambiguous, so none is
+            assert report["recipe"]["RETRAIN_COPY_PASTE"] == "3" and r["pasted_samples"] == 0
             regression = r["gate_regression"]
             assert regression["old"]["n_records"] == regression["new"]["n_records"] == 4
             assert r["promoted"] and r["served"] == r["version"]

@@ -238,15 +238,9 @@ def _paste(obj: Record, bg: Record, rng: np.random.Generator, source: str) -> Re
         union |= sm
     region = canvas[py : py + th, px : px + tw]
     region[union] = patch[union]
-    new_boxes = [
-        [
-            float(np.clip((b[0] - x0) * sx + px, 0, bw)),
-            float(np.clip((b[1] - y0) * sy + py, 0, bh)),
-            float(np.clip((b[2] - x0) * sx + px, 0, bw)),
-            float(np.clip((b[3] - y0) * sy + py, 0, bh)),
-        ]
-        for b in boxes
-    ]
+    # the boxes move and scale with the block, clipped to the background
+    moved = (boxes - [x0, y0, x0, y0]) * [sx, sy, sx, sy] + [px, py, px, py]
+    new_boxes = np.clip(moved, 0, [bw, bh, bw, bh]).tolist()
     return dataclasses.replace(
         obj,
         image=canvas,

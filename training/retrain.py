@@ -305,6 +305,12 @@ def _run(
             "old": _evaluate(parent.path, slice_, device),
             "new": _evaluate(final, slice_, device),
         }
+        base = versions.base_version(settings.checkpoint)
+        if base.path.resolve() != parent.path.resolve():
+            # the lineage's origin too: small losses that each pass against the served
+            # version must not add up (each round compared with the last only would let
+            # the original vocabulary drift away, a tolerance at a time)
+            regression["base"] = _regression_reference(settings, base, slice_, device)
     meta = {
         "job_id": job.job_id,
         "project": job.project_id,
@@ -525,6 +531,7 @@ def _gate_and_promote(
         settings.policy,
         settings.tolerance,
         regression=(regression["old"], regression["new"]) if regression else None,
+        regression_base=regression.get("base") if regression else None,
         forgetting_tolerance=settings.forgetting_tolerance,
     )
     served = versions.read_current_version(settings.model_dir)
@@ -587,13 +594,17 @@ def gate(
     tolerance: float,
     *,
     regression: tuple[dict[str, Any], dict[str, Any]] | None = None,
+    regression_base: dict[str, Any] | None = None,
     forgetting_tolerance: float = 0.05,
 ) -> tuple[bool, str]:
     """Whether to serve the new version, and why. ``not_worse``: held-out Acc@0.5 and (when
     both have masks) mask mIoU may drop by at most ``tolerance``; and with a
     ``regression`` slice (the served and the new version's scores on the original
     vocabulary), neither may drop there by more than ``forgetting_tolerance``: a version
-    that learns the project's data but forgets what the model knew is not served."""
+    that learns the project's data but forgets what the model knew is not served.
+    ``regression_base`` (the base checkpoint's score there, when another version is
+    served) holds the new version to the same tolerance from the origin, so losses do not
+    add up over rounds."""
     if policy == "always":
         return True, "policy 'always'"
     if policy == "manual":
@@ -608,6 +619,11 @@ def gate(
     if regression is not None:
         r_old, r_new = regression
         forgot = _drops(r_old, r_new, forgetting_tolerance)
+        if regression_base is not None:
+            forgot += [
+                f"{d} since the base checkpoint"
+                for d in _drops(regression_base, r_new, forgetting_tolerance)
+            ]
         n = r_new.get("n_records", "?")
         if forgot:
             return False, (
@@ -615,11 +631,33 @@ def gate(
                 f"({n} records) {', '.join(forgot)}, more than PROMOTE_FORGETTING_TOLERANCE="
                 f"{forgetting_tolerance}"
             )
+        since = (
+            f" (base checkpoint {regression_base.get('rec_acc', 0):.3f})"
+            if regression_base is not None
+            else ""
+        )
         why += (
             f"; regression slice ({n} records) Acc@0.5 {r_old.get('rec_acc', 0):.3f} -> "
-            f"{r_new.get('rec_acc', 0):.3f}, within {forgetting_tolerance}"
+            f"{r_new.get('rec_acc', 0):.3f}{since}, within {forgetting_tolerance}"
         )
     return True, why
+
+
+def _regression_reference(
+    settings: RetrainSettings, base: versions.ModelVersion, slice_: SampleSet, device: str
+) -> dict[str, Any]:
+    """The base checkpoint's score on the regression slice, computed once per MODEL_DIR and
+    kept in ``MODEL_DIR/regression-base.json`` (keyed by the checkpoint's fingerprint and
+    the slice's size: the slice is fixed by its seed)."""
+    path = settings.model_dir / "regression-base.json"
+    key = f"{versions.checkpoint_fingerprint(base.path)}:{len(slice_)}"
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in cached:
+        cached[key] = _evaluate(base.path, slice_, device)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cached, indent=2))
+        os.replace(tmp, path)
+    return dict(cached[key])
 
 
 def _drops(old: dict[str, Any], new: dict[str, Any], tolerance: float) -> list[str]:
