@@ -4,12 +4,17 @@ as it was elsewhere, and records it would make false are not pasted."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from training.augment import copy_paste, eligible
-from training.data import Record
+from nextchat_core.build import load_config
+from training.augment import absence_records, copy_paste, eligible
+from training.data import Record, _decode_mask, record_to_sample
 from training.retrain import RetrainSettings
+
+DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 
 
 def _record(text: str, color: tuple[int, int, int], box: list[int], *, size=(64, 48), bg=0):
@@ -31,13 +36,16 @@ def test_the_pasted_object_is_the_corrected_one_with_its_box_and_mask():
     pasted = [r for r in out if r.text == "the pink heart"]
     assert len(out) == 6 and len(pasted) == 3
     for r in pasted:
-        assert r.image.shape == other.image.shape and (r.width, r.height) == (64, 48)
-        (x0, y0, x1, y1), m = r.boxes[0], r.masks[0]
+        # built when the sample is made: until then the copy holds its block, not an image
+        assert r.image.background is other.image and r.image.patch.shape == (15, 20, 3)
+        image, m = r.image.load(), _decode_mask(r.masks[0], 64, 48, r.source)
+        assert image.shape == other.image.shape and (r.width, r.height) == (64, 48)
+        (x0, y0, x1, y1) = r.boxes[0]
         assert (x1 - x0, y1 - y0) == (20, 15)  # same short side: same size
         ys, xs = np.nonzero(m)
         assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x0, y0, x1, y1)
-        assert (r.image[m] == (255, 105, 180)).all()  # the object's own pixels ...
-        rest = r.image[~m]
+        assert (image[m] == (255, 105, 180)).all()  # the object's own pixels ...
+        rest = image[~m]
         # ... and the background as it was wherever nothing was pasted (its own object
         # may be covered, never moved)
         original = other.image[~m]
@@ -57,7 +65,9 @@ def test_scaled_to_the_background_and_kept_inside_it():
     x0, y0, x1, y1 = r.boxes[0]
     assert (x1 - x0, y1 - y0) == (20, 20)  # 40 px of a 100-px short side -> 20 of 50
     assert x0 >= 0 and x1 <= 80 and y0 >= 0 and y1 <= 50
-    assert r.masks[0].sum() == 400
+    assert _decode_mask(r.masks[0], 80, 50, r.source).sum() == 400
+    sample = record_to_sample(r, load_config(DEMO))  # what the trainer gets: the built image
+    assert sample.image.shape == (50, 80, 3) and sample.masks[0].sum() == 400
 
 
 def test_what_would_become_false_is_not_pasted():
@@ -86,13 +96,7 @@ def test_copy_paste_setting():
 
 
 def test_absence_questions_are_asked_of_images_without_the_words():
-    from pathlib import Path
-
-    from nextchat_core.build import load_config
-    from training.augment import absence_records
-    from training.data import record_to_sample
-
-    config = load_config(Path(__file__).resolve().parents[1] / "models" / "demo")
+    config = load_config(DEMO)
     a = _record("the pink heart", (255, 105, 180), [1, 1, 9, 9])
     b = _record("the pink square", (255, 100, 170), [20, 20, 30, 30])
     c = _record("the red circle", (200, 0, 0), [20, 20, 30, 30])

@@ -32,12 +32,13 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from nextchat_core.conversation import exists_turns
 from nextchat_core.image_processing import load_image
+from nextchat_core.masks import mask_to_coco_rle
 
 from .data import Record, _decode_mask, _size
 
@@ -120,6 +121,31 @@ def eligible(record: Record) -> bool:
         and all(m is not None for m in record.masks)
         and not (_words(record.text) & POSITION_WORDS)
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class PastedImage:
+    """A background with an object block pasted at ``(x, y)`` (original pixels of the
+    background), built by :meth:`load` when a training sample is made - a job's copies
+    keep only their blocks (``patch``: ``hxwx3`` uint8, ``alpha``: ``hxw`` bool, the
+    pasted pixels) and a reference to the background, never whole images."""
+
+    background: Any  # what training.data.Record.image holds: a path or an HxWx3 array
+    patch: np.ndarray
+    alpha: np.ndarray
+    x: int
+    y: int
+
+    def load(self) -> np.ndarray:
+        """The pasted image, ``HxWx3`` uint8 RGB."""
+        canvas = np.array(load_image(self.background))  # a writable copy
+        h, w = self.alpha.shape
+        region = canvas[self.y : self.y + h, self.x : self.x + w]
+        region[self.alpha] = self.patch[self.alpha]
+        return canvas
+
+    def __str__(self) -> str:
+        return f"{self.background} (pasted at {self.x},{self.y})"
 
 
 def _image_key(record: Record) -> object:
@@ -205,8 +231,7 @@ def _paste(obj: Record, bg: Record, rng: np.random.Generator, source: str) -> Re
 
     w, h = _size(obj)
     bw, bh = _size(bg)
-    src = np.asarray(load_image(obj.image))
-    canvas = np.array(load_image(bg.image))  # a writable copy
+    src = np.asarray(load_image(obj.image.load() if hasattr(obj.image, "load") else obj.image))
     masks = [_decode_mask(m, w, h, obj.source) for m in obj.masks or []]
     boxes = np.asarray(obj.boxes, dtype=np.float64)  # N x 4, xyxy original pixels of obj
     # the block: every referred object's box and mask pixels
@@ -227,23 +252,21 @@ def _paste(obj: Record, bg: Record, rng: np.random.Generator, source: str) -> Re
     patch = np.asarray(
         Image.fromarray(src[y0:y1, x0:x1]).resize((tw, th), Image.Resampling.BILINEAR)
     )
-    pasted: list[np.ndarray] = []
+    pasted: list[dict[str, Any]] = []
     union = np.zeros((th, tw), dtype=bool)
     for m in masks:
         small = Image.fromarray(m[y0:y1, x0:x1].astype(np.uint8) * 255)
         sm = np.asarray(small.resize((tw, th), Image.Resampling.NEAREST)) > 127
         full = np.zeros((bh, bw), dtype=bool)
         full[py : py + th, px : px + tw] = sm
-        pasted.append(full)
+        pasted.append(mask_to_coco_rle(full))  # compact until the sample is made
         union |= sm
-    region = canvas[py : py + th, px : px + tw]
-    region[union] = patch[union]
     # the boxes move and scale with the block, clipped to the background
     moved = (boxes - [x0, y0, x0, y0]) * [sx, sy, sx, sy] + [px, py, px, py]
     new_boxes = np.clip(moved, 0, [bw, bh, bw, bh]).tolist()
     return dataclasses.replace(
         obj,
-        image=canvas,
+        image=PastedImage(bg.image, np.ascontiguousarray(patch), union, px, py),
         boxes=new_boxes,
         masks=pasted,
         width=bw,

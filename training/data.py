@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 class Record:
     """A parsed record before its image is opened. Boxes in original pixels."""
 
-    image: str | Path | np.ndarray
+    image: Any  # a path, an HxWx3 uint8 array, or an object whose load() returns one
     task: str
     text: str  # rec: expression; chat: question; caption: "" (the region is the input)
     answer: str | None
@@ -114,7 +114,10 @@ def record_to_sample(rec: Record, config: NextChatConfig) -> Sample:
     if rec.masks is not None and any(m is not None for m in rec.masks):
         w, h = _size(rec)
         masks = [None if m is None else _decode_mask(m, w, h, rec.source) for m in rec.masks]
-    return Sample(rec.image, turns, [list(b) for b in rec.boxes], masks, rec.source)
+    # an image built when used (training.augment.PastedImage: a pasted copy keeps only its
+    # object's pixels until then, so a job's copies do not hold whole images in memory)
+    image = rec.image.load() if hasattr(rec.image, "load") else rec.image
+    return Sample(image, turns, [list(b) for b in rec.boxes], masks, rec.source)
 
 
 def presence_records(records: Sequence[Record], config: NextChatConfig) -> list[Record]:
