@@ -268,16 +268,27 @@ def readme_table(report: dict[str, Any]) -> str:
             f"{o['acc50']:.2f} | {o.get('mask_miou', float('nan')):.2f}"
         )
 
+    def trained(r: dict[str, Any]) -> str:
+        """The version the round trained, as the gate saw it: Acc@0.5 on the job's held-out
+        corrections (served -> new) and on the regression slice (base -> new)."""
+        held, reg = r["gate_held_out"], r.get("gate_regression")
+        out = f"{held['old']['rec_acc']:.2f} -> {held['new']['rec_acc']:.2f}"
+        if reg:
+            ref = reg.get("base", reg["old"])
+            out += f" / {ref['rec_acc']:.3f} -> {reg['new']['rec_acc']:.3f}"
+        return out
+
     lines = [
         "| selection | corrections | new words Acc@0.5 | new words mask mIoU | original "
-        "Acc@0.5 | original mask mIoU | promoted | retraining job |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| (bundled model) | 0 | {cells(b)} | | |",
+        "Acc@0.5 | original mask mIoU | trained version: held-out corrections / regression "
+        "slice | promoted | retraining job |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| (bundled model) | 0 | {cells(b)} | | | |",
     ]
     for run in report["strategies"]:
         for r in run["rounds"]:
             lines.append(
-                f"| {run['strategy']} | {r['corrections']} | {cells(r)} | "
+                f"| {run['strategy']} | {r['corrections']} | {cells(r)} | {trained(r)} | "
                 f"{'yes' if r['promoted'] else 'no'} | {r['retrain_job_s']} s |"
             )
     held = report["held_out"]
@@ -286,7 +297,12 @@ def readme_table(report: dict[str, Any]) -> str:
         "",
         f"Corrections chosen from a pool of {report['pool']} tasks; held out: "
         f"{held['new_words']} new-word tasks and {held['original']} tasks of the original "
-        f"vocabulary; new words: {', '.join(report['new_words'])}; recipe: {recipe}.",
+        f"vocabulary; new words: {', '.join(report['new_words'])}; recipe: {recipe}. "
+        "Acc@0.5 and mask mIoU are the served version's after each round (a version the "
+        "gate refused leaves the one before it served); the trained version's own scores "
+        "are the gate's: its job's held-out corrections (the version served then -> the "
+        "new one) and the regression slice of the original vocabulary (the base "
+        "checkpoint -> the new one).",
     ]
     return "\n".join(lines)
 
