@@ -1,16 +1,18 @@
-"""Sizing the retraining recipe for new words (issue #21): replay and learning rate.
+"""Sizing the retraining recipe for new words (issue #21): replay, learning rate, epochs,
+copy-paste, whether the vision tower trains.
 
-    python bench/new_words_recipe.py --n 200 --replay 0,0.5 --lr 1e-4 -o runs/recipe.json
+    python bench/new_words_recipe.py --n 200 --replay 0.5 --copy-paste 0,3 -o runs/recipe.json
     python bench/new_words_recipe.py --n 8 --eval 4 --steps 2     # smoke run
 
-For each (replay, lr) one real retraining job (training.retrain.run_job, the worker's
-code without the broker) runs from the bundled model on the same ``n`` new-words
-corrections (boxes + masks, stages 2 then 3, policy 'always' so every candidate is
-scored), then the new version is scored in-process on held-out new-word tasks and on
-held-out tasks of the original vocabulary (training.evaluation.evaluate_predictor: Acc@0.5
-and mask mIoU). The job's own gate numbers (held-out corrections, regression slice) and
-its wall time are in the output too.
-"""
+For each combination of the comma-separated values one real retraining job
+(training.retrain.run_job, the worker's code without the broker) runs from the bundled
+model on the same ``n`` new-words corrections (boxes + masks, ``--stages``, policy 'always'
+so every candidate is scored), then the new version is scored in-process on held-out
+new-word tasks, on absent new-word prompts (a near miss not in the scene: it should get no
+region) and on held-out tasks of the original vocabulary
+(training.evaluation.evaluate_predictor: Acc@0.5, mask mIoU, the share of present prompts
+that kept a region, the share of absent ones that got none). The job's own gate numbers
+(held-out corrections, regression slice) and its wall time are in the output too."""
 
 from __future__ import annotations
 

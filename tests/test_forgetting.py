@@ -211,3 +211,41 @@ def test_the_base_checkpoints_regression_score_is_computed_once(tmp_path, monkey
     other = forgetting.regression_set(2, load_config(DEMO))  # another slice: another key
     with pytest.raises(AssertionError, match="evaluated again"):
         retrain._regression_reference(settings, base, other, "cpu")
+
+
+def test_a_job_can_train_the_tower_at_its_own_rate(tmp_path):
+    # RETRAIN_TRAINABLE / RETRAIN_LR_SCALE reach stage 2 (the tower's weights change) and
+    # leave stage 3 its own modules; copy-paste copies are made from the masked corrections
+    from safetensors.torch import load_file
+
+    from nextchat_cli.new_words_demo import new_word_tasks
+    from training.new_words import NewWordsConfig
+
+    settings = RetrainSettings.from_env(
+        {
+            "RETRAIN_TRAINABLE": "vision_tower,mm_projector,language_model,loc_encoder,loc_decoder",
+            "RETRAIN_LR_SCALE": "vision_tower=0.5",
+            "RETRAIN_COPY_PASTE": "1",
+        },
+        model_dir=tmp_path / "md",
+        checkpoint=str(DEMO),
+        local_files_root=tmp_path,
+        stages=(2, 3),
+        max_steps=2,
+        policy="always",
+        heartbeat_s=1.0,
+    )
+    for task in new_word_tasks(
+        tmp_path / "images", 10, first_id=1, seed=1, config=NewWordsConfig()
+    ):
+        settings.store.upsert_annotation("5", task, task["annotations"][0])
+    job, _ = settings.store.request_job("5", "START_TRAINING")
+    result = run_job(job.job_id, settings)
+    assert [s["stage"] for s in result["stages"]] == [2, 3]
+    assert result["pasted_samples"] == 8  # one copy of each of the 8 training corrections
+    before = load_file(str(DEMO / "model.safetensors"))
+    after = load_file(
+        str(versions.version_dir(settings.model_dir, result["version"]) / "model.safetensors")
+    )
+    tower = [k for k in after if k.startswith("vision_tower.") and k.endswith("convolution.weight")]
+    assert tower and any(not (after[k] == before[k]).all() for k in tower)

@@ -76,7 +76,8 @@ class RetrainSettings(ServiceSettings):
     # RETRAIN_TRAINABLE: module prefixes stages 1-2 train instead of the stage's own, e.g.
     # "vision_tower,mm_projector,language_model,loc_encoder,loc_decoder" (training.stages)
     trainable: tuple[str, ...] = ()
-    # RETRAIN_LR_SCALE: per-prefix learning-rate multipliers, e.g. "vision_tower=0.3"
+    # RETRAIN_LR_SCALE: per-prefix learning-rate multipliers in stages 1-2, e.g.
+    # "vision_tower=0.3" (a prefix they train)
     lr_scale: dict[str, float] = field(default_factory=dict)
     holdout: float = 0.2  # RETRAIN_HOLDOUT: fraction of tasks held out for the gate
     min_tasks: int = 4  # RETRAIN_MIN_TASKS: fewer annotated tasks fail the job clearly
@@ -489,8 +490,9 @@ def _train_stages(
             log_every=max(1, steps // 20),
             device=device,
             loss=dict(settings.loss),
+            # RETRAIN_TRAINABLE / RETRAIN_LR_SCALE are the language stages'; stage 3 keeps its own
             trainable=list(settings.trainable) if settings.trainable and stage != 3 else None,
-            lr_scale=dict(settings.lr_scale),
+            lr_scale=dict(settings.lr_scale) if stage != 3 else {},
             precision="bf16" if device != "cpu" else "fp32",
             gradient_checkpointing=big,
             lora={"r": 16, "alpha": 32, "dropout": 0.05} if use_lora and stage != 3 else None,
