@@ -79,7 +79,7 @@ def test_new_words_loop_with_one_new_word_on_the_tiny_preset(tmp_path, base):
     )
     saved = json.loads((tmp_path / "run" / "loop-new-words.json").read_text())
     assert saved == json.loads(json.dumps(report))
-    assert report["new_words"] == ["heart"] and report["recipe"]["RETRAIN_REPLAY"] == "0.5"
+    assert report["new_words"] == ["heart"] and report["recipe"]["RETRAIN_REPLAY"] == "1"
     for key in ("new_words", "original"):
         before = report["before"][key]
         assert before["n"] == 4 and 0 <= before["acc50"] <= 1 and 0 <= before["mask_miou"] <= 1
@@ -92,7 +92,7 @@ def test_new_words_loop_with_one_new_word_on_the_tiny_preset(tmp_path, base):
         for r in rounds:
             assert r["selected_new_words"] == ["heart"]
             assert [s["stage"] for s in r["stages"]] == [2, 3]  # boxes, then masks
-            assert r["replay_samples"] >= 1  # RETRAIN_REPLAY=0.5 of the training slice
+            assert r["replay_samples"] >= 1  # RETRAIN_REPLAY=1: as many as the training slice
             # RETRAIN_COPY_PASTE=3 reached the job, but every correction names "heart": a
             # heart pasted beside another annotated heart would be ambiguous, so none is
             assert report["recipe"]["RETRAIN_COPY_PASTE"] == "3" and r["pasted_samples"] == 0
