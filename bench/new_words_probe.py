@@ -10,8 +10,9 @@ LLM to find it. This fits one linear classifier for the shape and one for the co
 (known and new words together) on the tower's feature map at each object's centre cell
 (``vision_tower.feature_map``, the map the image tokens are merged from) of new-words
 scenes (:mod:`training.new_words`: targets with new words among known distractors), and
-prints held-out accuracy per word against chance. A ceiling for what the frozen tower
-can show the LLM, not a measure of the LLM.
+prints held-out accuracy per word against chance: how clearly the frozen tower shows each
+word at the object's own cell (not a strict ceiling - the projector and the LLM are not
+linear and see every cell), not a measure of the LLM.
 """
 
 from __future__ import annotations

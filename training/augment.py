@@ -1,4 +1,5 @@
-"""Copy-paste augmentation of a retraining job's corrections (``RETRAIN_COPY_PASTE``).
+"""What a retraining job adds to its corrections: pasted copies (``RETRAIN_COPY_PASTE``,
+:func:`copy_paste`) and presence questions answered "No." (:func:`absence_records`).
 
 A team teaching the model a word it never saw corrects a few hundred tasks; the model
 then has to learn the word from those few scenes, and with a few hundred of them it learns
