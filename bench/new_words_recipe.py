@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from nextchat_cli.new_words_demo import new_word_tasks, original_tasks  # noqa: E402
 from training.retrain import RetrainSettings, run_job  # noqa: E402
+from training.stages import get_stage  # noqa: E402
 from training.versions import resolve_checkpoint, version_dir  # noqa: E402
 
 
@@ -64,16 +65,6 @@ def absent_records(seed: int, n: int) -> list:
                 Record(scene.image, "rec", expr, None, [], None, scene.width, scene.height, expr)
             )
     return out
-
-
-# stage 2's modules and the vision tower (training.stages)
-TOWER_AND_LANGUAGE = (
-    "vision_tower",
-    "mm_projector",
-    "language_model",
-    "loc_encoder",
-    "loc_decoder",
-)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                 lr=lr,
                 replay=replay,
                 copy_paste=paste,
-                trainable=TOWER_AND_LANGUAGE if tower else (),
+                # stage 2's own modules and the vision tower
+                trainable=("vision_tower", *get_stage(2).trainable) if tower else (),
                 regression=args.regression,
                 policy="always",
             )

@@ -81,10 +81,13 @@ def test_what_would_become_false_is_not_pasted():
     b = _record("the pink square", (255, 100, 170), [20, 20, 30, 30])
     c = _record("the red circle", (200, 0, 0), [20, 20, 30, 30])
     out = copy_paste([a, b, c], 4, seed=2)
+    assert len(out) == 12  # each has a background left: a and b only c's, c a's or b's
     for r in out:
         assert r.text in ("the pink shape", "the pink square", "the red circle")
         if r.text.startswith("the pink"):
             assert "pasted into the red circle" in r.source
+        else:
+            assert "pasted into the pink" in r.source
     assert copy_paste([a, b], 2) == []  # no background is allowed
 
 

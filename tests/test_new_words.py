@@ -33,6 +33,10 @@ def test_the_bundled_tokenizer_encodes_every_new_word_without_unk():
     vocab = tokenizer.get_vocab()
     assert all(f"Ġ{w}" in vocab or w in vocab for w in ("circle", "red", "hexagon"))
     assert not any(f"Ġ{w}" in vocab for w in ("heart", "crescent", "cyan"))
+    # (README, new words) after a space every known word is one piece, every new word
+    # several (letters and pairs: " pink" -> "Ġ p i n k")
+    assert all(f"Ġ{w}" in vocab for w in (*synth.SHAPES, *synth.COLORS))
+    assert not any(f"Ġ{w}" in vocab for w in sorted(NEW))
 
 
 def test_new_words_never_in_the_original_vocabulary_and_colors_far_apart():

@@ -85,7 +85,6 @@ POSITION_WORDS = frozenset(
         "second",
         "third",
         "last",
-        "middle",
     ]
 )
 # Words two expressions may share without naming the same thing.
@@ -176,8 +175,9 @@ class _Backgrounds:
 
 def copy_paste(records: Sequence[Record], k: int, *, seed: int = 0) -> list[Record]:
     """``k`` pasted copies of each eligible record of ``records`` (module docstring), each
-    into another image of ``records``. Returns the new records (images as ``HxWx3`` uint8
-    arrays, masks as ``HxW`` bool arrays, boxes in the background's original pixels)."""
+    into another image of ``records``. Returns the new records: images as
+    :class:`PastedImage` (built when the sample is made), masks as COCO RLE, boxes in the
+    background's original pixels."""
     if k < 0:
         raise ValueError(f"copy-paste copies per correction must be >= 0, got {k}")
     if k == 0:
@@ -187,9 +187,13 @@ def copy_paste(records: Sequence[Record], k: int, *, seed: int = 0) -> list[Reco
     out: list[Record] = []
     for r in records:
         options = backgrounds.allowed(r) if eligible(r) else []
-        for j in range(k if options else 0):
+        if not options:
+            continue
+        block = _cut(r)  # once per correction, whatever k
+        for j in range(k):
             bg = options[int(rng.integers(len(options)))]
-            out.append(_paste(r, bg, rng, f"{r.source} pasted into {bg.source} (copy {j + 1})"))
+            source = f"{r.source} pasted into {bg.source} (copy {j + 1})"
+            out.append(_paste(block, r, bg, rng, source))
     return out
 
 
@@ -226,16 +230,22 @@ def absence_records(
     return out
 
 
-def _paste(obj: Record, bg: Record, rng: np.random.Generator, source: str) -> Record:
-    """``obj``'s referred objects pasted into ``bg``'s image at a random place."""
-    from PIL import Image
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    """A record's referred objects cut out of its image: the crop around all of them (its
+    boxes and mask pixels), each object's mask in the crop, the boxes relative to the
+    crop's top-left corner (``Nx4`` xyxy) and the source image's short side."""
 
+    pixels: np.ndarray  # h x w x 3 uint8
+    masks: list[np.ndarray]  # h x w bool each
+    boxes: np.ndarray  # N x 4
+    short_side: int
+
+
+def _cut(obj: Record) -> _Block:
     w, h = _size(obj)
-    bw, bh = _size(bg)
-    src = np.asarray(load_image(obj.image.load() if hasattr(obj.image, "load") else obj.image))
     masks = [_decode_mask(m, w, h, obj.source) for m in obj.masks or []]
     boxes = np.asarray(obj.boxes, dtype=np.float64)  # N x 4, xyxy original pixels of obj
-    # the block: every referred object's box and mask pixels
     x0, y0 = np.floor(boxes[:, :2].min(0)).astype(int)
     x1, y1 = np.ceil(boxes[:, 2:].max(0)).astype(int)
     for m in masks:
@@ -244,31 +254,38 @@ def _paste(obj: Record, bg: Record, rng: np.random.Generator, source: str) -> Re
             x0, y0 = min(x0, xs.min()), min(y0, ys.min())
             x1, y1 = max(x1, xs.max() + 1), max(y1, ys.max() + 1)
     x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
-    scale = min(bw, bh) / min(w, h)
-    tw = max(1, min(bw, round((x1 - x0) * scale)))
-    th = max(1, min(bh, round((y1 - y0) * scale)))
-    sx, sy = tw / (x1 - x0), th / (y1 - y0)
+    pixels = np.asarray(load_image(obj.image))[y0:y1, x0:x1]
+    return _Block(pixels, [m[y0:y1, x0:x1] for m in masks], boxes - [x0, y0, x0, y0], min(w, h))
+
+
+def _paste(block: _Block, obj: Record, bg: Record, rng: np.random.Generator, source: str) -> Record:
+    """``block`` (cut out of ``obj``) pasted into ``bg``'s image at a random place, scaled
+    by the ratio of the two images' short sides."""
+    from PIL import Image
+
+    bw, bh = _size(bg)
+    h, w = block.pixels.shape[:2]
+    scale = min(bw, bh) / block.short_side
+    tw, th = max(1, min(bw, round(w * scale))), max(1, min(bh, round(h * scale)))
+    sx, sy = tw / w, th / h
     px = int(rng.integers(0, bw - tw + 1))
     py = int(rng.integers(0, bh - th + 1))
-    patch = np.asarray(
-        Image.fromarray(src[y0:y1, x0:x1]).resize((tw, th), Image.Resampling.BILINEAR)
-    )
+    patch = np.asarray(Image.fromarray(block.pixels).resize((tw, th), Image.Resampling.BILINEAR))
     pasted: list[dict[str, Any]] = []
     union = np.zeros((th, tw), dtype=bool)
-    for m in masks:
-        small = Image.fromarray(m[y0:y1, x0:x1].astype(np.uint8) * 255)
+    for m in block.masks:
+        small = Image.fromarray(m.astype(np.uint8) * 255)
         sm = np.asarray(small.resize((tw, th), Image.Resampling.NEAREST)) > 127
         full = np.zeros((bh, bw), dtype=bool)
         full[py : py + th, px : px + tw] = sm
         pasted.append(mask_to_coco_rle(full))  # compact until the sample is made
         union |= sm
     # the boxes move and scale with the block, clipped to the background
-    moved = (boxes - [x0, y0, x0, y0]) * [sx, sy, sx, sy] + [px, py, px, py]
-    new_boxes = np.clip(moved, 0, [bw, bh, bw, bh]).tolist()
+    moved = block.boxes * [sx, sy, sx, sy] + [px, py, px, py]
     return dataclasses.replace(
         obj,
         image=PastedImage(bg.image, np.ascontiguousarray(patch), union, px, py),
-        boxes=new_boxes,
+        boxes=np.clip(moved, 0, [bw, bh, bw, bh]).tolist(),
         masks=pasted,
         width=bw,
         height=bh,
