@@ -362,3 +362,56 @@ def test_a_frozen_batchnorm_tower_keeps_its_statistics_through_training_and_eval
     after = from_pretrained(result.final_dir).model.state_dict()
     for key, value in before.items():
         assert torch.equal(after[key], value), f"{key} changed while the tower was frozen"
+
+
+# ------------------------------------------------------------------ region captions
+
+
+def test_a_caption_refers_to_the_object_of_its_input_region():
+    scfg = synth.SynthConfig(task_mix={"caption": 1.0}, records_per_scene=3)
+    seen = 0
+    for scene, records in synth.generate(5, 6, scfg):
+        for record in records:
+            [box] = record["boxes"]
+            [i] = demo.referred_objects(scene, record)
+            assert [int(v) for v in scene.objects[i].box] == [int(v) for v in box]
+            assert record["answer"] == synth.caption_of(scene.objects[i])
+            cells = demo.cell_targets(scene, [i], 8)
+            # the cells the answer must read describe that object, and they are flagged
+            assert cells["point"].any() and (cells["ref"][cells["point"] > 0] == 1).all()
+            seen += 1
+    assert seen >= 6
+
+
+def test_the_caption_pointing_loss_reads_the_regions_cells_from_the_answer_only():
+    mcfg = get_preset("demo")
+    aux = demo.DemoAux(mcfg)
+    tok = mcfg.tokens
+    q, a = 7, 9  # any text ids
+    # a caption (region in the question, a text answer) and a referring expression
+    # (its answer's <at> is after the image: the pointing loss's, not this one's)
+    caption = [tok.bos_id, q, tok.at_id, tok.boxes_id, q] + [tok.im_patch_id] * 4 + [q, a, a, a]
+    rec = [tok.bos_id, q, q, q, q] + [tok.im_patch_id] * 4 + [q, tok.at_id, tok.boxes_id, a]
+    ids = torch.tensor([caption, rec])
+    labels = torch.full_like(ids, -100)
+    labels[:, -3:] = ids[:, -3:]
+    patches = ids == tok.im_patch_id
+    point = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    t = ids.shape[1]
+
+    def loss(cells: list[int]) -> float:
+        attention = torch.full((2, mcfg.llm.num_heads, t, t), 1e-3)
+        attention[:, :, :, 5 + torch.tensor(cells)] = 1.0 / len(cells)
+        out = aux._caption_point_loss(attention, ids, labels, patches, point)
+        assert out is not None
+        return float(out)
+
+    assert loss([1, 2]) < 0.05  # all of the answer's attention on the region's cells
+    assert loss([0, 3]) > 3.0  # on the other cells
+    # the rec row is left to the <at> pointing loss; without a caption there is no term
+    assert (
+        aux._caption_point_loss(
+            torch.ones(1, mcfg.llm.num_heads, t, t), ids[1:], labels[1:], patches[1:], point[1:]
+        )
+        is None
+    )

@@ -135,6 +135,31 @@ def test_shipped_metrics_are_what_the_weights_score(tmp_path):
     assert report["confidence"]["auroc"] == pytest.approx(final["confidence"]["auroc"], abs=0.01)
 
 
+@pytest.mark.timeout(600)
+def test_a_run_continues_a_shipped_model_at_a_later_phase(tmp_path):
+    phases = demo.default_phases(scale=0.002)
+    with pytest.raises(ValueError, match="no phase 'stage9'"):
+        demo.continue_from(tmp_path / "run", DEMO, phases, "stage9")
+    demo.continue_from(tmp_path / "run", DEMO, phases, "stage3")
+    metrics = demo.run(tmp_path / "run", phases=phases, batch_size=2, eval_scenes=4)
+    shipped = json.loads((DEMO / "metrics.json").read_text())
+    earlier = [p.name for p in phases][:-1]
+    assert earlier[-1] == "stage2g" and metrics["continued_from"]["phases"] == earlier
+    # the shipped model's minutes and curve stand for the phases it was not trained again
+    for name in earlier:
+        assert metrics["phase_wall_s"].get(name) == shipped["phase_wall_s"].get(name), name
+    kept = [c for c in shipped["curve"] if c["phase"] in earlier]
+    assert kept and metrics["curve"][: len(kept)] == kept
+    assert metrics["curve"][-1]["phase"] == "stage3"
+    assert metrics["curve"][-1]["minutes"] >= kept[-1]["minutes"]
+    assert metrics["vision_readout"] == shipped["vision_readout"]
+    # only stage 3's modules moved from the shipped weights
+    before = from_pretrained(DEMO).model.state_dict()
+    after = from_pretrained(tmp_path / "run" / "stage3" / "final").model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("seg_prompt_mlp", "sam.mask_decoder")) for k in moved)
+
+
 @pytest.mark.timeout(900)
 def test_the_recipe_runs_end_to_end_at_small_scale(tmp_path):
     phases = demo.default_phases(scale=0.002)  # 2 steps per phase
@@ -158,6 +183,7 @@ def test_the_recipe_runs_end_to_end_at_small_scale(tmp_path):
         "sam-more",
         "sam-more2",
         "sam-more3",
+        "stage2g",
         "stage3",
     ]
     assert metrics["final"]["n_records"] == 4
@@ -186,6 +212,9 @@ def test_the_recipe_runs_end_to_end_at_small_scale(tmp_path):
     assert not any(k == "cycle1_loss" for r in train_rows for k in r)
     for key in ("aux_ground", "aux_norm", "aux_cell_box"):
         assert any(key in r for r in train_rows), key
+    # the caption cycle points its answers at the region's cells
+    stage2g = [json.loads(x) for x in (run / "stage2g" / "metrics.jsonl").read_text().splitlines()]
+    assert any("aux_caption_point" in r for r in stage2g)
     # the tower is frozen after its pre-training (as CLIP), SAM's encoder after its own
     # (continued by sam-more, -more2 and -more3: the language phases between do not touch SAM)
     after_vision = from_pretrained(run / "vision" / "final").model.state_dict()
