@@ -415,3 +415,33 @@ def test_the_caption_pointing_loss_reads_the_regions_cells_from_the_answer_only(
         )
         is None
     )
+
+
+def test_the_caption_read_loss_names_the_regions_colour_and_shape_from_the_head():
+    mcfg = get_preset("demo")
+    aux = demo.DemoAux(mcfg)
+    tok = mcfg.tokens
+    q, a = 7, 9
+    caption = [tok.bos_id, q, tok.at_id, tok.boxes_id, q] + [tok.im_patch_id] * 4 + [q, a, a, a]
+    ids = torch.tensor([caption])
+    labels = torch.full_like(ids, -100)
+    labels[:, -3:] = ids[:, -3:]
+    patches = ids == tok.im_patch_id
+    n_colors, n_shapes = len(synth.COLORS), len(synth.SHAPES)
+    batch = {
+        "aux_point": torch.tensor([[0.0, 1.0, 1.0, 0.0]]),
+        "aux_color": torch.tensor([[n_colors, 3, 3, n_colors]]),
+        "aux_shape": torch.tensor([[n_shapes, 2, 2, n_shapes]]),
+    }
+    heads = torch.randn(1, ids.shape[1], mcfg.llm.hidden_size)
+    with torch.no_grad():
+        got = aux._caption_read_loss(heads, ids, labels, patches, batch)
+        logits = aux.read_class(heads[0, -4:-1, : aux.head_dim])
+    # the three positions that predict the answer's tokens (the last three's predecessors)
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :n_colors], torch.tensor([3, 3, 3])
+    ) + torch.nn.functional.cross_entropy(logits[:, n_colors:], torch.tensor([2, 2, 2]))
+    assert got is not None and got.item() == pytest.approx(expected.item(), rel=1e-5)
+    # a row that refers to nothing (an absent prompt, a "No.") is no caption
+    batch["aux_point"] = torch.zeros(1, 4)
+    assert aux._caption_read_loss(heads, ids, labels, patches, batch) is None

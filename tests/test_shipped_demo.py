@@ -144,7 +144,7 @@ def test_a_run_continues_a_shipped_model_at_a_later_phase(tmp_path):
     metrics = demo.run(tmp_path / "run", phases=phases, batch_size=2, eval_scenes=4)
     shipped = json.loads((DEMO / "metrics.json").read_text())
     earlier = [p.name for p in phases][:-1]
-    assert earlier[-1] == "stage2g" and metrics["continued_from"]["phases"] == earlier
+    assert earlier[-1] == "stage2i" and metrics["continued_from"]["phases"] == earlier
     # the shipped model's minutes and curve stand for the phases it was not trained again
     for name in earlier:
         assert metrics["phase_wall_s"].get(name) == shipped["phase_wall_s"].get(name), name
@@ -184,6 +184,8 @@ def test_the_recipe_runs_end_to_end_at_small_scale(tmp_path):
         "sam-more2",
         "sam-more3",
         "stage2g",
+        "stage2h",
+        "stage2i",
         "stage3",
     ]
     assert metrics["final"]["n_records"] == 4
