@@ -159,6 +159,8 @@ def test_a_run_continues_a_shipped_model_at_a_later_phase(tmp_path):
     assert metrics["curve"][-1]["phase"] == "stage3"
     assert metrics["curve"][-1]["minutes"] >= kept[-1]["minutes"]
     assert metrics["vision_readout"] == shipped["vision_readout"]
+    run_tokenizer = tmp_path / "run" / "stage3" / "final" / "tokenizer.json"
+    assert run_tokenizer.read_bytes() == (DEMO / "tokenizer.json").read_bytes()
     # only stage 3's modules moved from the shipped weights
     before = from_pretrained(DEMO).model.state_dict()
     after = from_pretrained(tmp_path / "run" / "stage3" / "final").model.state_dict()

@@ -733,7 +733,7 @@ VISION_STEPS, SAM_STEPS, LANGUAGE_STEPS, LANGUAGE_MORE_STEPS, MASK_STEPS = (
 PRESENCE_STEPS = 2000  # stage2c, added on top of the second run's weights (docs/demo-recipe.md)
 # stage2d (added on top of stage2c's weights): 20,000 scenes x 6 records, ~6 minutes to cache
 CACHED_STEPS, CACHED_MORE_STEPS, CACHED_SCENES = 22000, 20000, 20000
-# stage2g, the caption cycle (added on top of the shipped sam-more3 model)
+# stage2g, -h, -i, the caption cycles (added on top of the model shipped after sam-more3)
 CAPTION_STEPS, CAPTION_SCENES = 6000, 6000
 CAPTION_MIX = {"rec": 0.3, "multi": 0.1, "caption": 0.3, "chat": 0.15, "absent": 0.15}
 # the longer SAM pre-training (added on top of stage2e's weights)
@@ -939,9 +939,9 @@ def run(
     with times("evaluation"):
         scores = score_splits(predictor, eval_set, task_set, robust_set, calibration)
     curve = training_curve(out, phases, times.load())
-    continued = out / "continued.json"
-    if continued.exists():  # see continue_from
-        earlier = json.loads(continued.read_text())
+    continued = out / "continued.json"  # see continue_from
+    earlier = json.loads(continued.read_text()) if continued.exists() else None
+    if earlier is not None:
         curve = earlier.pop("curve") + curve
     metrics = {
         **scores,
@@ -953,7 +953,7 @@ def run(
         "weights_bytes": (Path(init) / "model.safetensors").stat().st_size,
         "date": time.strftime("%Y-%m-%d"),
     }
-    if continued.exists():
+    if earlier is not None:
         metrics["continued_from"] = earlier
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if ship is not None:
@@ -983,21 +983,15 @@ def continue_from(
     base = out / "continued"
     if not base.exists():
         shutil.copytree(checkpoint, base)
-    for name in earlier:
-        final = out / name / "final"
-        if not final.exists():
-            final.parent.mkdir(parents=True, exist_ok=True)
-            final.symlink_to(base.resolve(), target_is_directory=True)
-    tokenizer = out / "tokenizer"
-    if not tokenizer.exists():
-        tokenizer.mkdir(parents=True)
-        for f in checkpoint.glob("tokenizer*"):
-            shutil.copy2(f, tokenizer / f.name)
+    # the copy stands for every earlier phase's final checkpoint and for the tokenizer
+    for link in [out / name / "final" for name in earlier] + [out / "tokenizer"]:
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(base.resolve(), target_is_directory=True)
     if metrics.get("vision_readout") and "vision" in earlier:
         (out / "vision" / "readout.json").write_text(json.dumps(metrics["vision_readout"]))
     times = _Times(out / "times.json")
     walls = {k: v for k, v in (metrics.get("phase_wall_s") or {}).items() if k in earlier}
-    times.path.parent.mkdir(parents=True, exist_ok=True)
     times.path.write_text(json.dumps({**walls, **times.load()}, indent=2))
     (out / "continued.json").write_text(
         json.dumps(
