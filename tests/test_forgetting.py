@@ -160,9 +160,11 @@ def _conflicting_tasks(root: Path, n: int) -> list[dict]:
 
 
 def test_a_retraining_job_that_forgets_is_not_promoted(tmp_path):
-    # The bundled model knows the original vocabulary (about half of the regression slice
-    # right); 60 steps at lr 1e-3 without replay on the contradicting corrections win the
-    # held-out corrections and lose the words. The gate must see the second and refuse.
+    # The bundled model knows the original vocabulary (most of the regression slice right);
+    # 60 steps at lr 5e-4 without replay on the contradicting corrections win the held-out
+    # corrections and lose the words. The gate must see the second and refuse. (At 1e-3 the
+    # model shipped 2026-12-06 lost everything, the corrections too, in one of three runs:
+    # held-out 0.0 -> 0.0 or 0.125; at 5e-4, 0.0 -> 0.875 and the slice 0.83 -> 0.0.)
     settings = RetrainSettings.from_env(
         {},
         model_dir=tmp_path / "md",
@@ -171,7 +173,7 @@ def test_a_retraining_job_that_forgets_is_not_promoted(tmp_path):
         stages=(2,),
         epochs=15.0,
         max_steps=60,
-        lr=1e-3,
+        lr=5e-4,
         batch_size=8,
         regression=24,
         replay=0.0,
