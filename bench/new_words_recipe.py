@@ -1,5 +1,5 @@
 """Sizing the retraining recipe for new words (issue #21): replay, learning rate, epochs,
-copy-paste, whether the vision tower trains.
+copy-paste, whether the vision tower trains, the pointing loss.
 
     python bench/new_words_recipe.py --n 200 --replay 0.5 --copy-paste 0,3 -o runs/recipe.json
     python bench/new_words_recipe.py --n 8 --eval 4 --steps 2     # smoke run
@@ -43,10 +43,19 @@ def score(path: Path, tasks: list[dict], absent: list | None = None) -> dict:
     samples = read_label_studio(tasks, config) + SampleSet(absent or [], config)
     report = evaluate_predictor(NextChatPredictor.from_pretrained(path), samples)
     keys = ("rec_acc", "mask_miou", "n_records", "present_with_region_rate")
-    return {
+    out = {
         **{k: report[k] for k in keys},
         **({"absent_no_box_rate": report["absent_no_box_rate"]} if absent else {}),
     }
+    words = sorted({w for t in tasks for w in t["data"].get("new_words", [])})
+    if words:  # Acc@0.5 of the tasks whose prompt carries each new word (n in brackets)
+        predictor = NextChatPredictor.from_pretrained(path)
+        out["by_word"] = {}
+        for word in words:
+            some = [t for t in tasks if word in t["data"]["new_words"]]
+            got = evaluate_predictor(predictor, read_label_studio(some, config))
+            out["by_word"][word] = [round(got["rec_acc"], 3), len(some)]
+    return out
 
 
 def absent_records(seed: int, n: int) -> list:
@@ -83,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2000, help="RETRAIN_MAX_STEPS")
     p.add_argument("--regression", type=int, default=48, help="RETRAIN_REGRESSION")
     p.add_argument("--loss", default="", help="RETRAIN_LOSS, e.g. cycle1=0")
+    p.add_argument("--point", default="0", help="RETRAIN_POINT values (pointing loss weight)")
     p.add_argument("-o", "--out", type=Path, default=None, help="write the JSON here")
     p.add_argument(
         "--skip-before", action="store_true", help="do not score the base (known from a run)"
@@ -107,13 +117,14 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         print(json.dumps({"before": before}), flush=True)
-        for k, (replay, lr, epochs, paste, tower) in enumerate(
+        for k, (replay, lr, epochs, paste, tower, point) in enumerate(
             itertools.product(
                 [float(x) for x in args.replay.split(",")],
                 [float(x) for x in args.lr.split(",")],
                 [float(x) for x in args.epochs.split(",")],
                 [int(x) for x in args.copy_paste.split(",")],
                 [bool(int(x)) for x in args.tower.split(",")],
+                [float(x) for x in args.point.split(",")],
             )
         ):
             settings = RetrainSettings.from_env(
@@ -130,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 # stage 2's own modules and the vision tower
                 trainable=("vision_tower", *get_stage(2).trainable) if tower else (),
                 regression=args.regression,
+                point=point,
                 policy="always",
             )
             for task in train:
@@ -145,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 "epochs": epochs,
                 "copy_paste": paste,
                 "tower": tower,
+                "point": point,
                 "loss": settings.loss,
                 "job_s": round(job_s, 1),
                 "stages": result["stages"],

@@ -58,6 +58,7 @@ from . import robust_render, synth
 from .data import SampleSet, read_refexp_jsonl
 from .demo_pretrain import PretrainPhase, pretrain_sam, pretrain_vision, zero_prompt_mlp
 from .evaluation import evaluate_predictor, fit_calibration
+from .pointing import at_positions, pointing_loss
 from .trainer import TrainConfig, train
 
 if TYPE_CHECKING:
@@ -363,11 +364,11 @@ class DemoAux(nn.Module):
         """Pointing: the last layer's first head, at each answer ``<at>``, puts its
         attention on the cells that describe the referred objects (-log of that mass). It
         teaches the routing the box needs - ``<at>`` reading those cells' boxes - directly."""
-        terms = []
-        for _, b, p in self._at_positions(ids, patches):
-            if point[b].max() > 0:
-                mass = (attention[b, 0, p, patches[b]].float() * point[b]).sum()
-                terms.append(-torch.log(mass + 1e-6))
+        terms = [
+            pointing_loss(attention[b, 0, p, patches[b]], point[b])
+            for _, b, p in self._at_positions(ids, patches)
+            if point[b].max() > 0
+        ]
         return torch.stack(terms).mean() if terms else None
 
     def _caption_point_loss(
@@ -426,15 +427,7 @@ class DemoAux(nn.Module):
         ]
 
     def _at_positions(self, ids: torch.Tensor, patches: torch.Tensor) -> list[tuple[int, int, int]]:
-        """``(k, row, position)`` of every ``<at>`` after the image (the answer's; a region
-        caption's ``<at>`` is in the question), ``k`` its index among all ``<at>`` in
-        row-major order (the order of the model's boxes)."""
-        last_patch = [int(r.nonzero()[-1, 0]) for r in patches]
-        return [
-            (k, b, p)
-            for k, (b, p) in enumerate((ids == self.at_id).nonzero().tolist())
-            if p > last_patch[b]
-        ]
+        return at_positions(ids, patches, self.at_id)
 
 
 # ------------------------------------------------------------------------ recipe

@@ -91,6 +91,11 @@ class RetrainSettings(ServiceSettings):
     # another correction's image: training.augment; 0: off)
     copy_paste: int = 0
     regression: int = 0  # RETRAIN_REGRESSION: records of the fixed regression slice (0: none)
+    # RETRAIN_POINT: weight of the pointing loss in the language stages (training.pointing:
+    # the last layer's first head attends from each answer <at> to its corrected box's
+    # cells, as the bundled model was trained; 0: off - it means nothing to a checkpoint
+    # without such a head)
+    point: float = 0.0
     # PROMOTE_FORGETTING_TOLERANCE: Acc@0.5 / mask mIoU the regression slice may lose
     forgetting_tolerance: float = 0.05
     keep_versions: int = 5  # KEEP_VERSIONS: retention (current and rollback target kept)
@@ -143,6 +148,7 @@ class RetrainSettings(ServiceSettings):
             replay=get("RETRAIN_REPLAY", float, 0.0),
             copy_paste=get("RETRAIN_COPY_PASTE", int, 0),
             regression=get("RETRAIN_REGRESSION", int, 0),
+            point=get("RETRAIN_POINT", float, 0.0),
             forgetting_tolerance=get("PROMOTE_FORGETTING_TOLERANCE", float, 0.05),
             keep_versions=get("KEEP_VERSIONS", int, 5),
             lora=get("RETRAIN_LORA", str, "auto"),
@@ -177,11 +183,14 @@ class RetrainSettings(ServiceSettings):
                 f"RETRAIN_LOSS must set loss weights >= 0 among {sorted(known)} (like "
                 f"'cycle1=0'), got {bad_loss}"
             )
-        if not (self.replay >= 0 and self.regression >= 0 and self.copy_paste >= 0):
+        if not (
+            self.replay >= 0 and self.regression >= 0 and self.copy_paste >= 0 and self.point >= 0
+        ):
             raise ValueError(
                 "RETRAIN_REPLAY (samples per correction), RETRAIN_COPY_PASTE (copies per "
-                "correction) and RETRAIN_REGRESSION (records) must be >= 0, got "
-                f"{self.replay}, {self.copy_paste} and {self.regression}"
+                "correction), RETRAIN_REGRESSION (records) and RETRAIN_POINT (a loss weight) "
+                f"must be >= 0, got {self.replay}, {self.copy_paste}, {self.regression} and "
+                f"{self.point}"
             )
         if not 0.0 <= self.forgetting_tolerance <= 1.0:
             raise ValueError(
@@ -463,6 +472,7 @@ def _train_stages(
     finished before is not run again. Returns the last stage's final checkpoint and the
     stages' timings."""
     from .data import SampleSet
+    from .pointing import PointingObjective
     from .trainer import TrainConfig, train
 
     big = data.config.llm.hidden_size >= 2048
@@ -506,7 +516,13 @@ def _train_stages(
         def on_step(p: dict[str, Any], stage: int = stage) -> None:
             report({"phase": f"stage {stage}", **p})
 
-        result = train(cfg, progress=on_step, samples=samples)
+        # The pointing loss supervises the LLM's attention: the language stages only.
+        aux = (
+            PointingObjective(data.config, settings.point)
+            if settings.point and stage != 3
+            else None
+        )
+        result = train(cfg, progress=on_step, samples=samples, aux=aux)
         seconds = time.perf_counter() - t0
         timings.append(
             {

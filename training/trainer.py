@@ -271,14 +271,15 @@ def train(
         attach = getattr(aux, "attach", None)
         if callable(attach):  # e.g. forward hooks on the layers it supervises
             attach(model)
-        groups.append(
-            {
-                "name": "aux",
-                "params": list(aux.parameters()),
-                "lr": config.lr,
-                "weight_decay": config.weight_decay,
-            }
-        )
+        if any(True for _ in aux.parameters()):  # a loss alone (training.pointing) has none
+            groups.append(
+                {
+                    "name": "aux",
+                    "params": list(aux.parameters()),
+                    "lr": config.lr,
+                    "weight_decay": config.weight_decay,
+                }
+            )
     accelerator = make_accelerator(settings, cpu=device.type == "cpu")
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(
@@ -535,7 +536,7 @@ def _load_checkpoint(
             params[n].copy_(t)
     if aux is not None:
         aux.load_state_dict(
-            load_file(str(path / "aux.safetensors"), device=str(next(aux.parameters()).device))
+            load_file(str(path / "aux.safetensors"))  # load_state_dict copies to its device
         )
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
