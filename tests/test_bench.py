@@ -105,10 +105,15 @@ def test_new_words_recipe_bench_smoke(tmp_path):
     run_bench(
         "new_words_recipe.py",
         *("--n", "10", "--eval", "4", "--steps", "2", "--replay", "0.5"),
-        *("--copy-paste", "1", "--stages", "2,3", "--regression", "4", "-o", str(out)),
+        *("--copy-paste", "1", "--stages", "2,3", "--regression", "4", "--point", "1"),
+        *("-o", str(out)),
     )
     report = json.loads(out.read_text())
     (row,) = report["runs"]
+    assert row["point"] == 1.0  # RETRAIN_POINT reached the job (it trained with the loss)
+    # per new word: Acc@0.5 and how many held-out tasks carry it, 4 tasks in all
+    by_word = row["new_words"]["by_word"]
+    assert by_word and all(0 <= acc <= 1 and 1 <= n <= 4 for acc, n in by_word.values())
     assert row["copy_paste"] == 1 and row["pasted_samples"] == 8  # 8 training corrections
     assert row["replay_samples"] == 8  # 0.5 x (8 corrections + 8 copies)
     assert [s["stage"] for s in row["stages"]] == [2, 3]
@@ -120,3 +125,29 @@ def test_new_words_probe_smoke():
     stdout = run_bench("new_words_probe.py", "--train", "30", "--test", "10")
     rows = [line.split("|")[1].strip() for line in stdout.splitlines()[3:] if line.startswith("|")]
     assert {"cross", "heart", "pink", "cyan", "brown", "circle", "red"} <= set(rows), stdout
+
+
+def test_new_words_errors_sorts_each_box_by_the_object_it_lands_on(tmp_path):
+    import importlib.util
+
+    from training import new_words
+
+    spec = importlib.util.spec_from_file_location("errors", REPO / "bench/new_words_errors.py")
+    assert spec is not None and spec.loader is not None
+    errors = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(errors)
+    scene, _ = next(new_words.generate(2, 1))
+    target = scene.objects[0].box
+    assert errors.outcome(scene, target) == "target"
+    x1, y1, x2, y2 = target
+    loose = (x1 - (x2 - x1) * 0.4, y1 - (y2 - y1) * 0.4, x2 + (x2 - x1) * 0.4, y2 + (y2 - y1) * 0.4)
+    assert errors.outcome(scene, loose) == "near the target"  # IoU 1 / 1.8^2 = 0.31
+    other = scene.objects[1]
+    shares = other.color == scene.objects[0].color or other.shape == scene.objects[0].shape
+    kind = "same-word distractor" if shares else "other distractor"
+    assert errors.outcome(scene, other.box) == kind
+    # the real model on 6 held-out scenes: every prompt is counted once in "all"
+    out = tmp_path / "e.json"
+    stdout = run_bench("new_words_errors.py", "models/demo", "--n", "6", "-o", str(out))
+    report = json.loads(out.read_text())
+    assert sum(report["models/demo"]["all"].values()) == 6, stdout
