@@ -7,7 +7,8 @@ version. The Celery task (:mod:`training.tasks`) is a thin wrapper around :func:
       -> split: a held-out slice of tasks (by a hash of the task id: stable across jobs)
       -> + replay of the base domain (RETRAIN_REPLAY, training.forgetting), if any
       -> the configured stages (default 2 then 3), continuing from the served version;
-         LoRA + bf16 on CUDA for a large model
+         LoRA + bf16 on CUDA for a large model; the pointing loss in the language stages
+         (RETRAIN_POINT, training.pointing), if any
       -> evaluate the served and the new version on the held-out slice (and on the fixed
          regression slice of the original vocabulary, RETRAIN_REGRESSION, if any)
       -> publish the new version (atomic rename into MODEL_DIR/versions)
