@@ -78,3 +78,13 @@ def test_the_pointing_weight_is_read_and_checked():
     assert RetrainSettings.from_env({}).point == 0.0
     with pytest.raises(ValueError, match="RETRAIN_POINT"):
         RetrainSettings.from_env({"RETRAIN_POINT": "-1"})
+
+
+def test_a_model_without_a_square_grid_of_image_tokens_is_refused_clearly():
+    mcfg = get_preset("tiny")
+    tok = mcfg.tokens
+    ids = torch.tensor([[tok.bos_id] + [tok.im_patch_id] * 6 + [tok.at_id]])
+    objective = PointingObjective(mcfg, weight=1.0)
+    objective._attention = torch.full((1, mcfg.llm.num_heads, 8, 8), 1 / 8)
+    with pytest.raises(ValueError, match=r"square grid of image tokens.*RETRAIN_POINT"):
+        objective(None, {"input_ids": ids, "boxes": torch.tensor([[0.0, 0.0, 1.0, 1.0]])}, {})  # type: ignore[arg-type]
