@@ -4,11 +4,11 @@ regions it returns and for those its presence gate holds back - per new word.
 
     python bench/new_words_errors.py CHECKPOINT [CHECKPOINT ...] --n 100 -o runs/errors.json
 
-The scenes are the new-words loop's held-out ones (``training.new_words.generate``, the
-seed the loop demo's held-out tasks use by default); each prompt's best region (the
-returned one with the highest score, else the held-back one with the highest score) is
-compared with every object's box by IoU (>= 0.5 is a hit on that object; under 0.5 for
-every object, a box at >= 0.25 with the target is "near the target")."""
+The scenes are the new-words loop's held-out ones (``training.new_words.generate`` at the
+loop demo's default ``held_out_seed``); each prompt's best region (the returned one with
+the highest score, else the held-back one with the highest score) is compared with every
+object's box by IoU (>= 0.5 is a hit on that object; under 0.5 for every object, a box at
+>= 0.25 with the target is "near the target")."""
 
 from __future__ import annotations
 
@@ -21,10 +21,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from nextchat_cli.new_words_demo import held_out_seed  # noqa: E402
 from nextchat_core.frames import box_iou  # noqa: E402
 from training import new_words  # noqa: E402
-
-HELD_OUT_SEED = 2  # nextchat_cli.new_words_demo.run_new_words: seed + 2, seed 0
 
 
 def outcome(scene, box) -> str:
@@ -48,7 +47,7 @@ def errors(checkpoint: Path, n: int) -> dict:
 
     predictor = NextChatPredictor.from_pretrained(checkpoint)
     counts: dict[str, Counter] = defaultdict(Counter)
-    for scene, record in new_words.generate(HELD_OUT_SEED, n, new_words.NewWordsConfig()):
+    for scene, record in new_words.generate(held_out_seed(), n, new_words.NewWordsConfig()):
         predictor.set_image(scene.image, with_masks=False)
         (answer,) = predictor.predict(record["expression"], with_masks=False)
         kept = max(answer.detections, key=lambda d: d.score, default=None)

@@ -41,7 +41,8 @@ def score(path: Path, tasks: list[dict], absent: list | None = None) -> dict:
 
     config = load_config(path)
     samples = read_label_studio(tasks, config) + SampleSet(absent or [], config)
-    report = evaluate_predictor(NextChatPredictor.from_pretrained(path), samples)
+    predictor = NextChatPredictor.from_pretrained(path)
+    report = evaluate_predictor(predictor, samples)
     keys = ("rec_acc", "mask_miou", "n_records", "present_with_region_rate")
     out = {
         **{k: report[k] for k in keys},
@@ -49,7 +50,6 @@ def score(path: Path, tasks: list[dict], absent: list | None = None) -> dict:
     }
     words = sorted({w for t in tasks for w in t["data"].get("new_words", [])})
     if words:  # Acc@0.5 of the tasks whose prompt carries each new word (n in brackets)
-        predictor = NextChatPredictor.from_pretrained(path)
         out["by_word"] = {}
         for word in words:
             some = [t for t in tasks if word in t["data"]["new_words"]]

@@ -196,6 +196,12 @@ def run_strategy(
     return {"strategy": strategy, "base_version": base_version, "before": before, "rounds": rounds}
 
 
+def held_out_seed(seed: int = 0) -> int:
+    """The scene seed of the held-out new-word tasks of a run of ``seed``
+    (``bench/new_words_errors.py`` scores the same scenes)."""
+    return seed + 2
+
+
 def run_new_words(
     out: Path,
     base: Path,
@@ -222,7 +228,9 @@ def run_new_words(
     out.mkdir(parents=True, exist_ok=True)
     images = out / "images"
     pool = new_word_tasks(images, pool_size, first_id=1, seed=seed + 1, config=config)
-    held_new = new_word_tasks(images, n_eval, first_id=100_000, seed=seed + 2, config=config)
+    held_new = new_word_tasks(
+        images, n_eval, first_id=100_000, seed=held_out_seed(seed), config=config
+    )
     held_old = original_tasks(images, n_eval, first_id=200_000, seed=seed + 3)
     env = {**RECIPE, **(env or {})}
     runs = []

@@ -63,8 +63,9 @@ def test_the_pointing_loss_is_minus_log_of_the_heads_mass_on_each_answer_box():
 def test_training_with_the_pointing_loss_moves_the_heads_attention_onto_the_boxes(tmp_path):
     data = write_refexp(tmp_path)
     cfg = config_for(tmp_path, data, steps=30, batch_size=3, log_every=1, lr=3e-3)
-    objective = PointingObjective(get_preset("tiny"), weight=1.0)
-    result = train(cfg, aux=objective)
+    # interrupted half way and resumed: the parameter-free objective saves and loads
+    train(cfg, aux=PointingObjective(get_preset("tiny"), weight=1.0), stop_after=15)
+    result = train(cfg, aux=PointingObjective(get_preset("tiny"), weight=1.0))
     rows = [json.loads(x) for x in result.log_path.read_text().splitlines()]
     point = [r["aux_point"] for r in rows if "aux_point" in r]
     assert len(point) == 30, rows[0]

@@ -345,7 +345,7 @@ class DemoAux(nn.Module):
     ) -> torch.Tensor | None:
         """The box from the pointing head's output at a single-object answer's ``<at>``
         (for several objects the head reads the union of their cells)."""
-        ats = self._at_positions(ids, patches)
+        ats = at_positions(ids, patches, self.at_id)
         rows = [b for _, b, _ in ats]
         picked = [(k, b, p) for k, b, p in ats if rows.count(b) == 1 and point[b].max() > 0]
         if not picked:
@@ -366,7 +366,7 @@ class DemoAux(nn.Module):
         teaches the routing the box needs - ``<at>`` reading those cells' boxes - directly."""
         terms = [
             pointing_loss(attention[b, 0, p, patches[b]], point[b])
-            for _, b, p in self._at_positions(ids, patches)
+            for _, b, p in at_positions(ids, patches, self.at_id)
             if point[b].max() > 0
         ]
         return torch.stack(terms).mean() if terms else None
@@ -419,15 +419,12 @@ class DemoAux(nn.Module):
         """``(row, positions)`` of each region caption of the batch: the positions that
         predict an answer token. A caption is the row whose answer has no ``<at>`` but whose
         record refers to an object (absent prompts and "No." answers refer to none)."""
-        with_at = {b for _, b, _ in self._at_positions(ids, patches)}
+        with_at = {b for _, b, _ in at_positions(ids, patches, self.at_id)}
         predicts = torch.zeros_like(patches)
         predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
         return [
             (b, predicts[b]) for b in range(ids.shape[0]) if b not in with_at and point[b].max() > 0
         ]
-
-    def _at_positions(self, ids: torch.Tensor, patches: torch.Tensor) -> list[tuple[int, int, int]]:
-        return at_positions(ids, patches, self.at_id)
 
 
 # ------------------------------------------------------------------------ recipe

@@ -271,11 +271,12 @@ def train(
         attach = getattr(aux, "attach", None)
         if callable(attach):  # e.g. forward hooks on the layers it supervises
             attach(model)
-        if any(True for _ in aux.parameters()):  # a loss alone (training.pointing) has none
+        aux_params = list(aux.parameters())
+        if aux_params:  # a loss alone (training.pointing) has none
             groups.append(
                 {
                     "name": "aux",
-                    "params": list(aux.parameters()),
+                    "params": aux_params,
                     "lr": config.lr,
                     "weight_decay": config.weight_decay,
                 }
