@@ -93,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--regression", type=int, default=48, help="RETRAIN_REGRESSION")
     p.add_argument("--loss", default="", help="RETRAIN_LOSS, e.g. cycle1=0")
     p.add_argument("--point", default="0", help="RETRAIN_POINT values (pointing loss weight)")
+    p.add_argument(
+        "--feature-cache-mb",
+        default="2048",
+        help="RETRAIN_FEATURE_CACHE_MB values (0: every step runs the frozen encoders)",
+    )
     p.add_argument("-o", "--out", type=Path, default=None, help="write the JSON here")
     p.add_argument(
         "--skip-before", action="store_true", help="do not score the base (known from a run)"
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         print(json.dumps({"before": before}), flush=True)
-        for k, (replay, lr, epochs, paste, tower, point) in enumerate(
+        for k, (replay, lr, epochs, paste, tower, point, cache_mb) in enumerate(
             itertools.product(
                 [float(x) for x in args.replay.split(",")],
                 [float(x) for x in args.lr.split(",")],
@@ -125,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 [int(x) for x in args.copy_paste.split(",")],
                 [bool(int(x)) for x in args.tower.split(",")],
                 [float(x) for x in args.point.split(",")],
+                [float(x) for x in args.feature_cache_mb.split(",")],
             )
         ):
             settings = RetrainSettings.from_env(
@@ -142,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 trainable=("vision_tower", *get_stage(2).trainable) if tower else (),
                 regression=args.regression,
                 point=point,
+                feature_cache_mb=cache_mb,
                 policy="always",
             )
             for task in train:
@@ -158,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 "copy_paste": paste,
                 "tower": tower,
                 "point": point,
+                "feature_cache_mb": cache_mb,
                 "loss": settings.loss,
                 "job_s": round(job_s, 1),
                 "stages": result["stages"],

@@ -55,6 +55,8 @@ def bench_one(n: int, base: Path, root: Path, args: argparse.Namespace) -> dict:
         overrides["max_steps"] = args.steps
     if args.lr:
         overrides["lr"] = args.lr
+    if args.feature_cache_mb is not None:
+        overrides["feature_cache_mb"] = args.feature_cache_mb
     if os.environ.get("TORCH_THREADS"):
         overrides["torch_threads"] = int(os.environ["TORCH_THREADS"])
     settings = RetrainSettings.from_env({}, **overrides)
@@ -77,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=None, help="RETRAIN_LR (default: the setting's)")
     ap.add_argument("--steps", type=int, default=0, help="cap steps per stage (0: by epochs)")
+    ap.add_argument(
+        "--feature-cache-mb",
+        type=float,
+        default=None,
+        help="RETRAIN_FEATURE_CACHE_MB (default: the setting's; 0: every step runs the encoders)",
+    )
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
     base = resolve_checkpoint(args.checkpoint).resolve()

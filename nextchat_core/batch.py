@@ -34,7 +34,8 @@ class Sample:
     ``aux_<name>`` tensors when every sample of a batch has them.
     ``vision_features``: optional ``NxC`` output of a FROZEN vision tower for this image,
     computed once (training reuses it instead of running the tower every step); then
-    ``image`` is only its original ``(width, height)`` and the sample has no masks.
+    ``image`` is only its original ``(width, height)``. Such a sample has masks only with
+    ``sam_embedding``: the ``CxHxW`` output of SAM's frozen image encoder for the image.
     """
 
     image: Any
@@ -44,6 +45,7 @@ class Sample:
     source: str = "<sample>"
     extras: dict[str, np.ndarray] | None = None
     vision_features: torch.Tensor | None = None
+    sam_embedding: torch.Tensor | None = None
 
 
 def collate(
@@ -58,7 +60,8 @@ def collate(
     """Right-padded batch for ``NextChatModel.forward``: ``input_ids``, ``attention_mask``,
     ``labels``, ``pixel_values`` (``vision_features`` when the samples carry them), ``boxes``
     (square frame) and, when any sample has a mask
-    and ``with_masks``, ``sam_pixel_values``, ``mask_targets`` (SAM frame),
+    and ``with_masks``, ``sam_pixel_values`` (``sam_image_embeddings`` for samples with
+    precomputed features), ``mask_targets`` (SAM frame),
     ``mask_box_index`` and ``image_sizes``.
 
     Raises ``ValueError`` naming ``sample.source`` for a box outside its image or a box
@@ -77,8 +80,12 @@ def collate(
     mask_index: list[int] = []
     for s in samples:
         if s.vision_features is not None:
-            if s.masks is not None and any(m is not None for m in s.masks):
-                raise ValueError(f"{s.source}: a sample with vision_features cannot have masks")
+            has_masks = s.masks is not None and any(m is not None for m in s.masks)
+            if with_masks and has_masks and s.sam_embedding is None:
+                raise ValueError(
+                    f"{s.source}: a sample with vision_features has masks only with its "
+                    "sam_embedding (SAM's image embedding); give it one or drop the masks"
+                )
             w, h = (int(v) for v in s.image)  # the original (width, height)
         else:
             try:
@@ -128,8 +135,17 @@ def collate(
         for key in samples[0].extras or {}:
             batch[f"aux_{key}"] = torch.from_numpy(np.stack([s.extras[key] for s in samples]))  # type: ignore[index]
     if mask_targets:
-        assert sam_pixel_values is not None  # tensors(sam=True) when there are mask targets
-        batch["sam_pixel_values"] = sam_pixel_values
+        if all(cached):
+            missing = [s.source for s in samples if s.sam_embedding is None]
+            if missing:
+                raise ValueError(
+                    f"{missing[0]}: a batch with masks and precomputed features needs every "
+                    "sample's sam_embedding"
+                )
+            batch["sam_image_embeddings"] = torch.stack([s.sam_embedding for s in samples])  # type: ignore[misc]
+        else:
+            assert sam_pixel_values is not None  # tensors(sam=True) when there are mask targets
+            batch["sam_pixel_values"] = sam_pixel_values
         batch["mask_targets"] = torch.from_numpy(np.stack(mask_targets))
         batch["mask_box_index"] = torch.tensor(mask_index)
         batch["image_sizes"] = torch.tensor(sizes)

@@ -94,8 +94,10 @@ class SampleSet:
         return SampleSet(self.records + other.records, self.config)
 
 
-def record_to_sample(rec: Record, config: NextChatConfig) -> Sample:
-    """The conversation for a record (template from ``config``) with its boxes and masks."""
+def record_to_sample(rec: Record, config: NextChatConfig, *, image: Any = None) -> Sample:
+    """The conversation for a record (template from ``config``) with its boxes and masks.
+    ``image``: what the sample holds instead of the record's image (a feature cache gives
+    the original ``(width, height)``: training.feature_cache)."""
     n = len(rec.boxes)
     turns: list[Turn]
     if rec.task == "rec":
@@ -116,7 +118,8 @@ def record_to_sample(rec: Record, config: NextChatConfig) -> Sample:
         masks = [None if m is None else _decode_mask(m, w, h, rec.source) for m in rec.masks]
     # an image built when used (training.augment.PastedImage: a pasted copy keeps only its
     # object's pixels until then, so a job's copies do not hold whole images in memory)
-    image = rec.image.load() if hasattr(rec.image, "load") else rec.image
+    if image is None:
+        image = rec.image.load() if hasattr(rec.image, "load") else rec.image
     return Sample(image, turns, [list(b) for b in rec.boxes], masks, rec.source)
 
 

@@ -43,6 +43,7 @@ from nextchat_core.tokenizer import load_tokenizer, train_bpe_tokenizer
 from .data import SampleSet, corpus, read_coco, read_label_studio, read_refexp_jsonl
 from .engine import EngineSettings, make_accelerator, prepare, training_step
 from .evaluation import evaluate_predictor
+from .feature_cache import FeatureCache
 from .lora import LoraSettings, has_lora, merge_lora
 from .stages import get_stage
 
@@ -92,6 +93,9 @@ class TrainConfig:
     log_every: int = 10
     keep_checkpoints: int = 2
     seed: int = 0
+    # > 0: the frozen encoders' outputs of a record set are computed once and reused
+    # (training.feature_cache), within this many MB; 0: every step runs them.
+    feature_cache_mb: float = 0.0
 
     def validate(self) -> None:
         get_stage(self.stage)
@@ -211,13 +215,16 @@ def train(
     samples: SampleSet | None = None,
     eval_samples: SampleSet | None = None,
     aux: torch.nn.Module | None = None,
+    feature_cache: FeatureCache | None = None,
 ) -> TrainResult:
     """Run (or resume) one stage. ``progress`` gets ``{"stage", "step", "steps", "loss",
     "eta_s", ...}`` after each optimizer step; ``stop_after`` ends this call after that many
     total steps with a resumable checkpoint (what an interruption leaves). ``samples`` /
     ``eval_samples`` replace the config's sources (in-memory data). ``aux`` is an auxiliary
     objective module (see :data:`training.engine.AuxObjective`); it trains with the model
-    and is saved in the resumable checkpoints (not in the final model)."""
+    and is saved in the resumable checkpoints (not in the final model). ``feature_cache``:
+    a :class:`training.feature_cache.FeatureCache` shared with earlier stages of the same
+    records (default: a new one when ``config.feature_cache_mb`` > 0)."""
     if samples is None:
         config.validate()
     out = Path(config.output_dir)
@@ -297,6 +304,11 @@ def train(
     if resumed is not None:
         state = _load_checkpoint(resumed, raw_model, optimizer, scheduler, aux)
         log.info("resumed from %s at step %d", resumed, state["step"])
+    if feature_cache is None and config.feature_cache_mb > 0:
+        feature_cache = FeatureCache(config.feature_cache_mb)
+    if feature_cache is not None:
+        masks = spec.masks if config.masks is None else config.masks
+        train_set = feature_cache.samples(train_set, raw_model, masks=masks) or train_set
 
     processor = ImageProcessor(mcfg)
     num_image_tokens = raw_model.num_image_tokens

@@ -329,6 +329,7 @@ class NextChatModel(nn.Module):
         return_logits: bool = False,
         return_hidden: bool = False,
         vision_features: torch.Tensor | None = None,
+        sam_image_embeddings: torch.Tensor | None = None,
     ) -> NextChatOutput:
         """Teacher-forced forward with every NExT-Chat loss.
 
@@ -342,7 +343,9 @@ class NextChatModel(nn.Module):
         ``return_hidden`` keeps the LLM's last hidden states and the vision tower's features
         in the output (for auxiliary objectives of small-model pre-training).
         ``vision_features``: ``BxNxC`` output of the FROZEN vision tower computed beforehand,
-        instead of ``pixel_values`` (the tower is not run; refused while it trains).
+        instead of ``pixel_values`` (the tower is not run; refused while it trains);
+        ``sam_image_embeddings``: ``BxCxHxW`` output of SAM's FROZEN image encoder computed
+        beforehand, instead of ``sam_pixel_values`` (likewise).
         """
         w = loss_weights or self.config.loss
         tk = self.config.tokens
@@ -394,12 +397,25 @@ class NextChatModel(nn.Module):
                 total = total + w.cycle2 * out.cycle2_loss
 
             if mask_targets is not None and mask_targets.shape[0]:
-                if sam_pixel_values is None or image_sizes is None or mask_box_index is None:
+                if (sam_pixel_values is None) == (sam_image_embeddings is None):
                     raise ValueError(
-                        "mask_targets need sam_pixel_values, image_sizes and mask_box_index"
+                        "mask_targets need one of sam_pixel_values and sam_image_embeddings"
                     )
+                if image_sizes is None or mask_box_index is None:
+                    raise ValueError("mask_targets need image_sizes and mask_box_index")
                 image_of_box = at_mask.nonzero()[:, 0]  # M: which row each box belongs to
-                sam_embeds = self.encode_sam_images(sam_pixel_values)
+                if sam_image_embeddings is not None:
+                    if _trainable(self.sam.image_encoder):
+                        raise ValueError(
+                            "sam_image_embeddings replace sam_pixel_values for a frozen SAM "
+                            "image encoder only; pass sam_pixel_values while it trains"
+                        )
+                    sam_embeds = sam_image_embeddings.to(
+                        next(self.sam.mask_decoder.parameters()).dtype
+                    )
+                else:
+                    assert sam_pixel_values is not None  # one of the two, checked above
+                    sam_embeds = self.encode_sam_images(sam_pixel_values)
                 all_logits, all_iou, order = [], [], []
                 for b in image_of_box[mask_box_index].unique().tolist():
                     idx = mask_box_index[image_of_box[mask_box_index] == b]
