@@ -78,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "pre-label again; prints Acc@0.5 before and after (see nextchat_cli/loop_demo.py). "
             "--domain new-words: new shape and color words among known distractors, 50/100/"
             "200 corrections chosen uncertainty-first and at random, forgetting measured on "
-            "the original vocabulary (nextchat_cli/new_words_demo.py; ~20 min on 2 cores: README)."
+            "the original vocabulary (nextchat_cli/new_words_demo.py; its run time on 2 cores: README)."
         ),
     )
     # "the-part" stays the default: the quick (~1 min) smoke run whose report the README's

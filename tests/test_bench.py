@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,15 +61,22 @@ def test_retrain_bench_runs_real_jobs_at_tiny(tmp_path, tiny_config, tiny_tokeni
     stdout = run_bench(
         "retrain.py",
         *("--checkpoint", str(base), "--sizes", "5", "6", "--steps", "2", "--batch", "2"),
-        *("--json", str(tmp_path / "rows.json")),
+        *("--feature-cache-mb", "0", "64", "--json", str(tmp_path / "rows.json")),
         TORCH_THREADS="1",
     )
     rows = json.loads((tmp_path / "rows.json").read_text())
-    assert [r["n"] for r in rows] == [5, 6]
+    # each N without and with the feature cache (the setting reached the job)
+    assert [(r["n"], r["cache_mb"]) for r in rows] == [(5, 0), (5, 64), (6, 0), (6, 64)]
     for r in rows:  # both stages ran (brush masks), each 2 steps, and the job promoted
         assert [(s["stage"], s["steps"]) for s in r["stages"]] == [(2, 2), (3, 2)]
         assert r["promoted"] and r["total_s"] >= sum(s["seconds"] for s in r["stages"])
-    assert "samples/s" in stdout and "fixed cost" in stdout
+        # the cached jobs computed the encoders' outputs once, in stage 2 (stage 3 added
+        # SAM's embeddings); the others never
+        filled = [s["feature_cache_s"] > 0 for s in r["stages"]]
+        assert filled == ([True, True] if r["cache_mb"] else [False, False])
+    assert "samples/s" in stdout and "fixed cost" in stdout and "job / baseline" in stdout
+    # the baseline's own ratio is 1
+    assert re.search(r"^\s+5\s+0\s+job\s+[\d.]+\s+1\.00\b", stdout, re.M), stdout
 
 
 def test_click_latency_runs_on_the_bundled_model():

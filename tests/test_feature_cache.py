@@ -83,10 +83,14 @@ def test_a_training_run_with_the_cache_logs_the_losses_of_one_without(tmp_path, 
     data = write_refexp(tmp_path)
     runs = {}
     for mb in (0, 64):
-        cfg = config_for(
-            tmp_path, data, steps=8, batch_size=3, output_dir=str(tmp_path / f"run{mb}")
+        cfg = config_for(  # as a train.yaml sets it
+            tmp_path,
+            data,
+            steps=8,
+            batch_size=3,
+            output_dir=str(tmp_path / f"run{mb}"),
+            feature_cache_mb=mb,
         )
-        cfg.feature_cache_mb = mb
         with caplog.at_level(logging.INFO, logger="training.feature_cache"):
             caplog.clear()
             result = train(cfg)

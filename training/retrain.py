@@ -8,7 +8,9 @@ version. The Celery task (:mod:`training.tasks`) is a thin wrapper around :func:
       -> + replay of the base domain (RETRAIN_REPLAY, training.forgetting), if any
       -> the configured stages (default 2 then 3), continuing from the served version;
          LoRA + bf16 on CUDA for a large model; the pointing loss in the language stages
-         (RETRAIN_POINT, training.pointing), if any
+         (RETRAIN_POINT, training.pointing), if any; the frozen encoders' outputs of the
+         job's images computed once and shared by the stages (RETRAIN_FEATURE_CACHE_MB,
+         training.feature_cache)
       -> evaluate the served and the new version on the held-out slice (and on the fixed
          regression slice of the original vocabulary, RETRAIN_REGRESSION, if any)
       -> publish the new version (atomic rename into MODEL_DIR/versions)
@@ -99,7 +101,7 @@ class RetrainSettings(ServiceSettings):
     point: float = 0.0
     # RETRAIN_FEATURE_CACHE_MB: the frozen encoders' outputs of the job's images are
     # computed once and reused by every step and stage (training.feature_cache), within
-    # this much memory (float32: 0.5 MB an image for the bundled model; 0: off)
+    # this much memory (float32, per image: README; 0: off)
     feature_cache_mb: float = 2048.0
     # PROMOTE_FORGETTING_TOLERANCE: Acc@0.5 / mask mIoU the regression slice may lose
     forgetting_tolerance: float = 0.05
@@ -536,6 +538,7 @@ def _train_stages(
             if settings.point and stage != 3
             else None
         )
+        cached_before = cache.computed_s
         result = train(cfg, progress=on_step, samples=samples, aux=aux, feature_cache=cache)
         seconds = time.perf_counter() - t0
         timings.append(
@@ -543,6 +546,8 @@ def _train_stages(
                 "stage": stage,
                 "steps": steps,
                 "seconds": round(seconds, 2),
+                # of which computing the frozen encoders' outputs (training.feature_cache)
+                "feature_cache_s": round(cache.computed_s - cached_before, 2),
                 "samples_per_s": round(steps * settings.batch_size / max(seconds, 1e-9), 2),
             }
         )
