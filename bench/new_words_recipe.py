@@ -12,7 +12,10 @@ new-word tasks, on absent new-word prompts (a near miss not in the scene: it sho
 region) and on held-out tasks of the original vocabulary
 (training.evaluation.evaluate_predictor: Acc@0.5, mask mIoU, the share of present prompts
 that kept a region, the share of absent ones that got none). The job's own gate numbers
-(held-out corrections, regression slice) and its wall time are in the output too."""
+(held-out corrections, regression slice) and its wall time are in the output too; with
+``--box-bias N`` also the new version's box sizes on the first N scenes of the loop's pool,
+which the job trained on (bench/new_words_errors.py: a new shape whose boxes stay too wide
+or too small there is underfit, not unseen)."""
 
 from __future__ import annotations
 
@@ -27,7 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from nextchat_cli.new_words_demo import new_word_tasks, original_tasks  # noqa: E402
+from new_words_errors import errors  # noqa: E402  (bench/, beside this script)
+
+from nextchat_cli.new_words_demo import new_word_tasks, original_tasks, pool_seed  # noqa: E402
 from training.retrain import RetrainSettings, run_job  # noqa: E402
 from training.stages import get_stage  # noqa: E402
 from training.versions import resolve_checkpoint, version_dir  # noqa: E402
@@ -97,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         "--feature-cache-mb",
         default="2048",
         help="RETRAIN_FEATURE_CACHE_MB values (0: every step runs the frozen encoders)",
+    )
+    p.add_argument(
+        "--box-bias",
+        type=int,
+        default=0,
+        help="also measure each version's box size on this many scenes of the loop's pool "
+        "(bench/new_words_errors.py: log width/height ratio to the target's, per word)",
     )
     p.add_argument("-o", "--out", type=Path, default=None, help="write the JSON here")
     p.add_argument(
@@ -176,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                 "new_words": score(path, held_new, absent),
                 "original": score(path, held_old),
             }
+            if args.box_bias:
+                _, bias = errors(path, args.box_bias, pool_seed())
+                row["box_bias_pool"] = bias
             print(json.dumps(row), flush=True)
             rows.append(row)
     out = {"n": args.n, "eval": args.eval, "stages": args.stages, "before": before, "runs": rows}

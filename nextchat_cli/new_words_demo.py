@@ -196,6 +196,12 @@ def run_strategy(
     return {"strategy": strategy, "base_version": base_version, "before": before, "rounds": rounds}
 
 
+def pool_seed(seed: int = 0) -> int:
+    """The scene seed of the pool a run of ``seed`` picks its corrections from
+    (``bench/new_words_errors.py --scenes pool`` scores the same scenes)."""
+    return seed + 1
+
+
 def held_out_seed(seed: int = 0) -> int:
     """The scene seed of the held-out new-word tasks of a run of ``seed``
     (``bench/new_words_errors.py`` scores the same scenes)."""
@@ -227,7 +233,7 @@ def run_new_words(
     config = config or new_words.NewWordsConfig()
     out.mkdir(parents=True, exist_ok=True)
     images = out / "images"
-    pool = new_word_tasks(images, pool_size, first_id=1, seed=seed + 1, config=config)
+    pool = new_word_tasks(images, pool_size, first_id=1, seed=pool_seed(seed), config=config)
     held_new = new_word_tasks(
         images, n_eval, first_id=100_000, seed=held_out_seed(seed), config=config
     )

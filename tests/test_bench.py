@@ -114,10 +114,13 @@ def test_new_words_recipe_bench_smoke(tmp_path):
         "new_words_recipe.py",
         *("--n", "10", "--eval", "4", "--steps", "2", "--replay", "0.5"),
         *("--copy-paste", "1", "--stages", "2,3", "--regression", "4", "--point", "1"),
-        *("-o", str(out)),
+        *("--box-bias", "3", "-o", str(out)),
     )
     report = json.loads(out.read_text())
     (row,) = report["runs"]
+    # the new version's box sizes on 3 of the scenes it trained on (per target shape too)
+    bias = row["box_bias_pool"]
+    assert sum(v["n"] for k, v in bias.items() if k.startswith("shape ")) <= 3
     assert row["point"] == 1.0  # RETRAIN_POINT reached the job (it trained with the loss)
     # per new word: Acc@0.5 and how many held-out tasks carry it, 4 tasks in all
     by_word = row["new_words"]["by_word"]
@@ -158,4 +161,12 @@ def test_new_words_errors_sorts_each_box_by_the_object_it_lands_on(tmp_path):
     out = tmp_path / "e.json"
     stdout = run_bench("new_words_errors.py", "models/demo", "--n", "6", "-o", str(out))
     report = json.loads(out.read_text())
-    assert sum(report["models/demo"]["all"].values()) == 6, stdout
+    assert report["scenes"] == "held-out"
+    assert sum(report["outcomes"]["models/demo"]["all"].values()) == 6, stdout
+    # the size of the boxes on or near their target: each such prompt counted once in
+    # "all" and once under its target's shape
+    bias = report["box_bias"]["models/demo"]
+    n_all = bias.get("all", {"n": 0})["n"]
+    assert n_all <= 6
+    assert sum(v["n"] for k, v in bias.items() if k.startswith("shape ")) == n_all
+    assert "log width ratio" in stdout
