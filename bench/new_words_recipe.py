@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--tower", default="0", help="0/1 values: also train the vision tower in stage 2"
     )
+    p.add_argument(
+        "--stage-epochs", default="", help="RETRAIN_STAGE_EPOCHS, e.g. 2=6,3=1 (one value)"
+    )
     p.add_argument("--copy-paste", default="0", help="RETRAIN_COPY_PASTE values")
     p.add_argument("--stages", default="2,3", help="RETRAIN_STAGES (masks need 3)")
     p.add_argument("--steps", type=int, default=2000, help="RETRAIN_MAX_STEPS")
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         ):
             settings = RetrainSettings.from_env(
-                {"RETRAIN_LOSS": args.loss},
+                {"RETRAIN_LOSS": args.loss, "RETRAIN_STAGE_EPOCHS": args.stage_epochs},
                 model_dir=root / f"md{k}",
                 checkpoint=str(base),
                 local_files_root=root,
@@ -174,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 "replay": replay,
                 "lr": lr,
                 "epochs": epochs,
+                "stage_epochs": settings.stage_epochs,
                 "copy_paste": paste,
                 "tower": tower,
                 "point": point,

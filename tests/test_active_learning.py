@@ -376,6 +376,13 @@ def test_gate_policies_and_stable_holdout():
 
 
 def test_retrain_settings_reject_bad_values():
+    assert RetrainSettings.from_env({"RETRAIN_STAGE_EPOCHS": "2=6, 3=1"}).stage_epochs == {
+        2: 6.0,
+        3: 1.0,
+    }
+    for bad in ("5=1", "3=0", "3"):
+        with pytest.raises(ValueError, match="RETRAIN_STAGE_EPOCHS"):
+            RetrainSettings.from_env({"RETRAIN_STAGE_EPOCHS": bad})
     with pytest.raises(ValueError, match="PROMOTE_POLICY"):
         RetrainSettings.from_env({"PROMOTE_POLICY": "sometimes"})
     with pytest.raises(ValueError, match="RETRAIN_STAGES"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -112,8 +113,9 @@ def test_new_words_recipe_bench_smoke(tmp_path):
     out = tmp_path / "r.json"
     run_bench(
         "new_words_recipe.py",
-        *("--n", "10", "--eval", "4", "--steps", "2", "--replay", "0.5"),
+        *("--n", "10", "--eval", "4", "--replay", "0.5", "--epochs", "4"),
         *("--copy-paste", "1", "--stages", "2,3", "--regression", "4", "--point", "1"),
+        *("--stage-epochs", "3=0.5"),
         *("--box-bias", "3", "-o", str(out)),
     )
     report = json.loads(out.read_text())
@@ -128,6 +130,10 @@ def test_new_words_recipe_bench_smoke(tmp_path):
     assert row["copy_paste"] == 1 and row["pasted_samples"] == 8  # 8 training corrections
     assert row["replay_samples"] == 8  # 0.5 x (8 corrections + 8 copies)
     assert [s["stage"] for s in row["stages"]] == [2, 3]
+    # RETRAIN_EPOCHS for stage 2, RETRAIN_STAGE_EPOCHS's 0.5 for stage 3 (10 steps at least)
+    for s, epochs in zip(row["stages"], (4, 0.5), strict=True):
+        assert s["steps"] == max(10, math.ceil(epochs * s["samples"] / 8)), s
+    assert row["stages"][0]["steps"] > 10
     assert row["new_words"]["n_records"] == 4 and row["new_words"]["absent_no_box_rate"] is not None
     assert report["before"]["original"]["n_records"] == 4
 

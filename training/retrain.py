@@ -70,6 +70,8 @@ class RetrainSettings(ServiceSettings):
     retrain_every: int = 50  # RETRAIN_EVERY: changed annotations that trigger a job (0: off)
     stages: tuple[int, ...] = (2, 3)  # RETRAIN_STAGES: e.g. "2,3"; 3 runs only with masks
     epochs: float = 4.0  # RETRAIN_EPOCHS: passes over the training slice per stage
+    # RETRAIN_STAGE_EPOCHS: RETRAIN_EPOCHS for some stages only, e.g. "2=6,3=1"
+    stage_epochs: dict[int, float] = field(default_factory=dict)
     max_steps: int = 2000  # RETRAIN_MAX_STEPS: cap per stage
     batch_size: int = 8  # RETRAIN_BATCH_SIZE
     lr: float = 1e-4  # RETRAIN_LR
@@ -137,11 +139,15 @@ class RetrainSettings(ServiceSettings):
                 raise ValueError(raw)
             return {k: float(v) for k, v in pairs}
 
+        def per_stage(raw: str) -> dict[int, float]:
+            return {int(k): v for k, v in loss(raw).items()}
+
         s = cls(
             **ServiceSettings.values_from_env(env),
             retrain_every=get("RETRAIN_EVERY", int, 50),
             stages=get("RETRAIN_STAGES", stages, (2, 3)),
             epochs=get("RETRAIN_EPOCHS", float, 4.0),
+            stage_epochs=get("RETRAIN_STAGE_EPOCHS", per_stage, {}),
             max_steps=get("RETRAIN_MAX_STEPS", int, 2000),
             batch_size=get("RETRAIN_BATCH_SIZE", int, 8),
             lr=get("RETRAIN_LR", float, 1e-4),
@@ -207,6 +213,14 @@ class RetrainSettings(ServiceSettings):
         if self.retrain_every < 0 or self.epochs <= 0 or self.lr <= 0 or self.heartbeat_s <= 0:
             raise ValueError(
                 "RETRAIN_EVERY must be >= 0 and RETRAIN_EPOCHS, RETRAIN_LR, JOB_HEARTBEAT_S > 0"
+            )
+        bad_epochs = {
+            k: v for k, v in self.stage_epochs.items() if k not in (0, 1, 2, 3) or not v > 0
+        }
+        if bad_epochs:
+            raise ValueError(
+                "RETRAIN_STAGE_EPOCHS must give stages among 0-3 epochs > 0 (like '2=6,3=1'), "
+                f"got {bad_epochs}"
             )
         if not self.feature_cache_mb >= 0:
             raise ValueError(
@@ -500,9 +514,10 @@ def _train_stages(
         samples = data.train
         if stage == 3:  # the mask stage learns only from masks: the rest has no loss there
             samples = SampleSet([r for r in samples.records if _has_mask(r)], data.config)
+        epochs = settings.stage_epochs.get(stage, settings.epochs)
         steps = min(
             settings.max_steps,
-            max(10, math.ceil(settings.epochs * len(samples) / settings.batch_size)),
+            max(10, math.ceil(epochs * len(samples) / settings.batch_size)),
         )
         cfg = TrainConfig(
             stage=stage,
@@ -544,6 +559,7 @@ def _train_stages(
         timings.append(
             {
                 "stage": stage,
+                "samples": len(samples),
                 "steps": steps,
                 "seconds": round(seconds, 2),
                 # of which computing the frozen encoders' outputs (training.feature_cache)
