@@ -138,9 +138,10 @@ def test_what_cannot_be_cached_is_trained_from_the_images(tmp_path, tiny_config,
         model = _frozen_for(model, 2)
         # over the budget: the job still trains, uncached
         assert FeatureCache(0.01).samples(records, model, masks=False) is None
-        assert "RETRAIN_FEATURE_CACHE_MB" in caplog.text
+        assert "would need" in caplog.text and "over the cache's 0.01 MB" in caplog.text
         # off
         assert FeatureCache(0).samples(records, model, masks=False) is None
+        assert "its budget is 0 MB" in caplog.text
 
         class Stream(SampleSet):  # makes its samples as it goes
             def __getitem__(self, i):

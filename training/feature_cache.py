@@ -107,7 +107,8 @@ class FeatureCache:
         if estimate > self.budget_mb * 2**20:
             log.info(
                 "training without cached image features: %d images would need %.0f MB, "
-                "over RETRAIN_FEATURE_CACHE_MB=%g",
+                "over the cache's %g MB (RETRAIN_FEATURE_CACHE_MB, or feature_cache_mb of "
+                "a training config: raise it, or 0 to turn the cache off)",
                 len(set(need_vision) | set(need_sam)) + len(self),
                 estimate / 2**20,
                 self.budget_mb,
@@ -139,7 +140,7 @@ class FeatureCache:
     # ------------------------------------------------------------------ internals
     def _refusal(self, train_set: SampleSet, model: Any, masks: bool) -> str:
         if self.budget_mb <= 0:
-            return "RETRAIN_FEATURE_CACHE_MB is 0"
+            return "its budget is 0 MB (RETRAIN_FEATURE_CACHE_MB / feature_cache_mb)"
         if type(train_set) not in (SampleSet, CachedSampleSet):
             return f"{type(train_set).__name__} makes its samples as it goes"
         if not _frozen(model.vision_tower):
