@@ -49,6 +49,9 @@ LABEL_CONFIG = """<View>
 # (bench/RESULTS.md: at 200 corrections copy-paste took new words 0.24 -> 0.39-0.41;
 # replay 1 against 0.5 lost 4 points of the regression slice instead of 6.5, held back
 # 0.71 of the absent new words instead of 0.55; 2.5 epochs keep the job within 3 minutes).
+# 5.5 epochs of stage 2 and 1 of stage 3 (RETRAIN_STAGE_EPOCHS) did better in single jobs
+# but not in the loop: versions at 50 and 100 corrections forgot and were refused, 200
+# ended where 2.5 does, in 184-185 s (docs/loop-new-words-epochs-5.5-1.json, README).
 RECIPE = {
     "RETRAIN_STAGES": "2,3",
     "RETRAIN_COPY_PASTE": "3",
