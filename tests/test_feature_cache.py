@@ -166,7 +166,10 @@ def test_the_model_refuses_cached_sam_embeddings_while_sams_encoder_trains(
         _loss(model, [cached[0]], tiny_tokenizer, tiny_config, True)
 
 
-def test_the_cache_budget_is_read_and_checked():
+def test_the_cache_budget_is_read_and_checked(tmp_path):
+    data = write_refexp(tmp_path)
+    with pytest.raises(ValueError, match="feature_cache_mb must be >= 0"):
+        config_for(tmp_path, data, feature_cache_mb=-1).validate()
     assert RetrainSettings.from_env({}).feature_cache_mb == 2048.0
     assert RetrainSettings.from_env({"RETRAIN_FEATURE_CACHE_MB": "0"}).feature_cache_mb == 0.0
     with pytest.raises(ValueError, match="RETRAIN_FEATURE_CACHE_MB"):

@@ -116,6 +116,11 @@ class TrainConfig:
             raise ValueError(
                 f"train config: precision must be 'fp32' or 'bf16', got {self.precision!r}"
             )
+        if not self.feature_cache_mb >= 0:
+            raise ValueError(
+                "train config: feature_cache_mb must be >= 0 (megabytes for the frozen "
+                f"encoders' outputs; 0: off), got {self.feature_cache_mb}"
+            )
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(
                 f"train config: warmup_ratio must be in [0, 1), got {self.warmup_ratio}"
