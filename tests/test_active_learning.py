@@ -380,9 +380,11 @@ def test_retrain_settings_reject_bad_values():
         2: 6.0,
         3: 1.0,
     }
-    for bad in ("5=1", "3=0", "3"):
-        with pytest.raises(ValueError, match="RETRAIN_STAGE_EPOCHS"):
+    for bad in ("5=1", "3=0"):
+        with pytest.raises(ValueError, match="RETRAIN_STAGE_EPOCHS must give stages"):
             RetrainSettings.from_env({"RETRAIN_STAGE_EPOCHS": bad})
+    with pytest.raises(ValueError, match=r"RETRAIN_STAGE_EPOCHS='3' is not valid.*'2=6,3=1'"):
+        RetrainSettings.from_env({"RETRAIN_STAGE_EPOCHS": "3"})
     with pytest.raises(ValueError, match="PROMOTE_POLICY"):
         RetrainSettings.from_env({"PROMOTE_POLICY": "sometimes"})
     with pytest.raises(ValueError, match="RETRAIN_STAGES"):

@@ -116,7 +116,7 @@ class RetrainSettings(ServiceSettings):
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> RetrainSettings:
         env = os.environ if env is None else env
 
-        def get(key: str, cast: Callable[[str], Any], default: Any) -> Any:
+        def get(key: str, cast: Callable[[str], Any], default: Any, like: str = "") -> Any:
             raw = env.get(key, "").strip()
             if not raw:
                 return default
@@ -124,7 +124,8 @@ class RetrainSettings(ServiceSettings):
                 return cast(raw)
             except ValueError:
                 raise ValueError(
-                    f"{key}={raw!r} is not valid: expected {cast.__name__} like {default!r}"
+                    f"{key}={raw!r} is not valid: expected {cast.__name__} like "
+                    f"{like or repr(default)}"
                 ) from None
 
         def stages(raw: str) -> tuple[int, ...]:
@@ -139,7 +140,7 @@ class RetrainSettings(ServiceSettings):
                 raise ValueError(raw)
             return {k: float(v) for k, v in pairs}
 
-        def per_stage(raw: str) -> dict[int, float]:
+        def stage_pairs(raw: str) -> dict[int, float]:
             return {int(k): v for k, v in loss(raw).items()}
 
         s = cls(
@@ -147,13 +148,13 @@ class RetrainSettings(ServiceSettings):
             retrain_every=get("RETRAIN_EVERY", int, 50),
             stages=get("RETRAIN_STAGES", stages, (2, 3)),
             epochs=get("RETRAIN_EPOCHS", float, 4.0),
-            stage_epochs=get("RETRAIN_STAGE_EPOCHS", per_stage, {}),
+            stage_epochs=get("RETRAIN_STAGE_EPOCHS", stage_pairs, {}, "'2=6,3=1'"),
             max_steps=get("RETRAIN_MAX_STEPS", int, 2000),
             batch_size=get("RETRAIN_BATCH_SIZE", int, 8),
             lr=get("RETRAIN_LR", float, 1e-4),
-            loss=get("RETRAIN_LOSS", loss, {}),
+            loss=get("RETRAIN_LOSS", loss, {}, "'cycle1=0'"),
             trainable=get("RETRAIN_TRAINABLE", names, ()),
-            lr_scale=get("RETRAIN_LR_SCALE", loss, {}),
+            lr_scale=get("RETRAIN_LR_SCALE", loss, {}, "'vision_tower=0.3'"),
             holdout=get("RETRAIN_HOLDOUT", float, 0.2),
             min_tasks=get("RETRAIN_MIN_TASKS", int, 4),
             policy=get("PROMOTE_POLICY", str, "not_worse"),
