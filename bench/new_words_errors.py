@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 
 from nextchat_cli.new_words_demo import held_out_seed, pool_seed  # noqa: E402
 from nextchat_core.frames import box_iou  # noqa: E402
+from nextchat_core.predictor import NextChatPredictor  # noqa: E402
 from training import new_words  # noqa: E402
 
 
@@ -49,14 +50,11 @@ def outcome(scene, box) -> str:
     return "same-word distractor" if shares else "other distractor"
 
 
-def errors(checkpoint: Path, n: int, seed: int) -> tuple[dict, dict]:
+def errors(predictor, n: int, seed: int) -> tuple[dict, dict]:
     """Per word (and ``all``): how many prompts' best regions had each outcome; and per
     word and per target shape, over the prompts whose best box overlaps the target at IoU
     >= 0.25, ``n``, ``log_w`` and ``log_h`` (mean log of the box's width and height over
     the target's: 0 is the right size, +0.3 about 35 % too large)."""
-    from nextchat_core.predictor import NextChatPredictor
-
-    predictor = NextChatPredictor.from_pretrained(checkpoint)
     counts: dict[str, Counter] = defaultdict(Counter)
     ratios: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for scene, record in new_words.generate(seed, n, new_words.NewWordsConfig()):
@@ -106,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     seed = held_out_seed() if args.scenes == "held-out" else pool_seed()
     outcomes, box_bias = {}, {}
     for c in args.checkpoints:
-        outcomes[str(c)], box_bias[str(c)] = errors(c, args.n, seed)
+        outcomes[str(c)], box_bias[str(c)] = errors(
+            NextChatPredictor.from_pretrained(c), args.n, seed
+        )
     for checkpoint, by_word in outcomes.items():
         print(f"\n{checkpoint} ({args.scenes} scenes)")
         kinds = sorted({k for c in by_word.values() for k in c})

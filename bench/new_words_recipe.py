@@ -32,21 +32,23 @@ sys.path.insert(0, str(REPO))
 
 from new_words_errors import errors  # noqa: E402  (bench/, beside this script)
 
-from nextchat_cli.new_words_demo import new_word_tasks, original_tasks, pool_seed  # noqa: E402
+from nextchat_cli.new_words_demo import (  # noqa: E402
+    held_out_seed,
+    new_word_tasks,
+    original_tasks,
+    pool_seed,
+)
 from training.retrain import RetrainSettings, run_job  # noqa: E402
 from training.stages import get_stage  # noqa: E402
 from training.versions import resolve_checkpoint, version_dir  # noqa: E402
 
 
-def score(path: Path, tasks: list[dict], absent: list | None = None) -> dict:
-    from nextchat_core.build import load_config
-    from nextchat_core.predictor import NextChatPredictor
+def score(predictor, tasks: list[dict], absent: list | None = None) -> dict:
     from training.data import SampleSet, read_label_studio
     from training.evaluation import evaluate_predictor
 
-    config = load_config(path)
+    config = predictor.config
     samples = read_label_studio(tasks, config) + SampleSet(absent or [], config)
-    predictor = NextChatPredictor.from_pretrained(path)
     report = evaluate_predictor(predictor, samples)
     keys = ("rec_acc", "mask_miou", "n_records", "present_with_region_rate")
     out = {
@@ -61,6 +63,12 @@ def score(path: Path, tasks: list[dict], absent: list | None = None) -> dict:
             got = evaluate_predictor(predictor, read_label_studio(some, config))
             out["by_word"][word] = [round(got["rec_acc"], 3), len(some)]
     return out
+
+
+def load(path: Path):
+    from nextchat_core.predictor import NextChatPredictor
+
+    return NextChatPredictor.from_pretrained(path)
 
 
 def absent_records(seed: int, n: int) -> list:
@@ -122,9 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="nw-recipe-") as tmp:
         root = Path(tmp)
-        train = new_word_tasks(root / "images", args.n, first_id=1, seed=1, config=_config())
+        # the new-words loop's pool and held-out scenes (nextchat_cli/new_words_demo.py)
+        train = new_word_tasks(
+            root / "images", args.n, first_id=1, seed=pool_seed(), config=_config()
+        )
         held_new = new_word_tasks(
-            root / "images", args.eval, first_id=100_000, seed=2, config=_config()
+            root / "images", args.eval, first_id=100_000, seed=held_out_seed(), config=_config()
         )
         held_old = original_tasks(root / "images", args.eval, first_id=200_000, seed=3)
         absent = absent_records(4, args.eval)
@@ -132,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             None
             if args.skip_before
             else {
-                "new_words": score(base, held_new, absent),
-                "original": score(base, held_old),
+                "new_words": score(predictor := load(base), held_new, absent),
+                "original": score(predictor, held_old),
             }
         )
         print(json.dumps({"before": before}), flush=True)
@@ -189,11 +200,11 @@ def main(argv: list[str] | None = None) -> int:
                 "pasted_samples": result["pasted_samples"],
                 "gate_held_out": {"old": result["eval_old"], "new": result["eval_new"]},
                 "gate_regression": result["regression"],
-                "new_words": score(path, held_new, absent),
-                "original": score(path, held_old),
+                "new_words": score(predictor := load(path), held_new, absent),
+                "original": score(predictor, held_old),
             }
             if args.box_bias:
-                _, bias = errors(path, args.box_bias, pool_seed())
+                _, bias = errors(predictor, args.box_bias, pool_seed())
                 row["box_bias_pool"] = bias
             print(json.dumps(row), flush=True)
             rows.append(row)

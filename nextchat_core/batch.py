@@ -80,18 +80,9 @@ def collate(
     mask_index: list[int] = []
     for s in samples:
         if s.vision_features is not None:
-            has_masks = s.masks is not None and any(m is not None for m in s.masks)
-            if with_masks and has_masks and s.sam_embedding is None:
-                raise ValueError(
-                    f"{s.source}: a sample with vision_features has masks only with its "
-                    "sam_embedding (SAM's image embedding); give it one or drop the masks"
-                )
             w, h = (int(v) for v in s.image)  # the original (width, height)
         else:
-            try:
-                processed = processor(s.image)
-            except (ValueError, FileNotFoundError, TypeError) as exc:
-                raise type(exc)(f"{s.source}: {exc}") from exc
+            processed = process_image(processor, s.image, s.source)
             processed_images.append(processed)
             w, h = processed.width, processed.height
         enc = encode_conversation(s.turns, tokenizer, config, num_image_tokens=num_image_tokens)
@@ -139,8 +130,9 @@ def collate(
             missing = [s.source for s in samples if s.sam_embedding is None]
             if missing:
                 raise ValueError(
-                    f"{missing[0]}: a batch with masks and precomputed features needs every "
-                    "sample's sam_embedding"
+                    f"{missing[0]}: a batch with masks and precomputed vision_features needs "
+                    "every sample's sam_embedding (SAM's image embedding); give them one or "
+                    "drop the masks"
                 )
             batch["sam_image_embeddings"] = torch.stack([s.sam_embedding for s in samples])  # type: ignore[misc]
         else:
@@ -150,6 +142,15 @@ def collate(
         batch["mask_box_index"] = torch.tensor(mask_index)
         batch["image_sizes"] = torch.tensor(sizes)
     return batch
+
+
+def process_image(processor: ImageProcessor, image: Any, source: str) -> Any:
+    """``processor(image)``; an image that cannot be read or processed raises naming
+    ``source`` (the record it belongs to)."""
+    try:
+        return processor(image)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        raise type(exc)(f"{source}: {exc}") from exc
 
 
 def grounding_sample(

@@ -166,6 +166,24 @@ def test_the_model_refuses_cached_sam_embeddings_while_sams_encoder_trains(
         _loss(model, [cached[0]], tiny_tokenizer, tiny_config, True)
 
 
+def test_a_cached_sample_with_masks_but_no_sam_embedding_is_refused(
+    tmp_path, tiny_config, tiny_tokenizer
+):
+    torch.manual_seed(0)
+    model = _frozen_for(build_model(tiny_config), 2)
+    records = _records(tmp_path, tiny_config)
+    cached = FeatureCache(64).samples(records, model, masks=False)
+    assert cached is not None
+    sample = cached[0]
+    sample.masks = records[0].masks  # the record's decoded mask, no SAM embedding
+    assert sample.masks is not None and sample.sam_embedding is None
+    with pytest.raises(ValueError, match="needs every sample's sam_embedding"):
+        _loss(model, [sample], tiny_tokenizer, tiny_config, True)
+    # without mask targets (stage 2) the same sample collates
+    out, _ = _loss(model, [sample], tiny_tokenizer, tiny_config, False)
+    assert torch.isfinite(out.loss)
+
+
 def test_the_cache_budget_is_read_and_checked(tmp_path):
     data = write_refexp(tmp_path)
     with pytest.raises(ValueError, match="feature_cache_mb must be >= 0"):

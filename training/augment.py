@@ -41,7 +41,7 @@ from nextchat_core.conversation import exists_turns
 from nextchat_core.image_processing import load_image
 from nextchat_core.masks import mask_to_coco_rle
 
-from .data import Record, _decode_mask, _size
+from .data import Record, _decode_mask, _size, image_key
 
 if TYPE_CHECKING:
     from nextchat_core.config import NextChatConfig
@@ -148,10 +148,6 @@ class PastedImage:
         return f"{self.background} (pasted at {self.x},{self.y})"
 
 
-def _image_key(record: Record) -> object:
-    return id(record.image) if isinstance(record.image, np.ndarray) else str(record.image)
-
-
 class _Backgrounds:
     """The images of ``records`` and the words their corrections use: which other image
     an expression may be pasted into, or asked about, without becoming ambiguous."""
@@ -160,12 +156,12 @@ class _Backgrounds:
         self.images: dict[object, Record] = {}
         self.words: dict[object, set[str]] = {}
         for r in records:
-            key = _image_key(r)
+            key = image_key(r)
             self.images.setdefault(key, r)
             self.words.setdefault(key, set()).update(_words(r.text) - GENERIC_WORDS)
 
     def allowed(self, record: Record) -> list[Record]:
-        mine, own = _words(record.text) - GENERIC_WORDS, _image_key(record)
+        mine, own = _words(record.text) - GENERIC_WORDS, image_key(record)
         return [
             self.images[key]
             for key, words in self.words.items()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,9 +119,26 @@ def record_to_sample(rec: Record, config: NextChatConfig, *, image: Any = None) 
         masks = [None if m is None else _decode_mask(m, w, h, rec.source) for m in rec.masks]
     # an image built when used (training.augment.PastedImage: a pasted copy keeps only its
     # object's pixels until then, so a job's copies do not hold whole images in memory)
-    if image is None:
-        image = rec.image.load() if hasattr(rec.image, "load") else rec.image
-    return Sample(image, turns, [list(b) for b in rec.boxes], masks, rec.source)
+    return Sample(
+        load_record_image(rec) if image is None else image,
+        turns,
+        [list(b) for b in rec.boxes],
+        masks,
+        rec.source,
+    )
+
+
+def load_record_image(rec: Record) -> Any:
+    """The record's image as a sample takes it: built now if it is built when used
+    (training.augment.PastedImage), else as stored (a path, an array, ...)."""
+    return rec.image.load() if hasattr(rec.image, "load") else rec.image
+
+
+def image_key(rec: Record) -> Any:
+    """What identifies a record's image: a path by its value, anything else (an array, an
+    image built when used) by identity - records of one image share the key."""
+    image = rec.image
+    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else id(image)
 
 
 def presence_records(records: Sequence[Record], config: NextChatConfig) -> list[Record]:

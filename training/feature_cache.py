@@ -25,17 +25,16 @@ model's stages.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from nextchat_core.batch import Sample
+from nextchat_core.batch import Sample, process_image
 from nextchat_core.image_processing import ImageProcessor
 
-from .data import Record, SampleSet, record_to_sample
+from .data import Record, SampleSet, image_key, load_record_image, record_to_sample
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +65,6 @@ class FeatureCache:
         self._keep: dict[Any, Any] = {}  # an image kept by identity stays alive (ids unique)
         self._prints: dict[str, tuple[float, ...]] = {}
         self.computed_s = 0.0
-
-    @staticmethod
-    def key(record: Record) -> Any:
-        image = record.image
-        return os.fspath(image) if isinstance(image, (str, os.PathLike)) else id(image)
 
     def __len__(self) -> int:
         return len(self._vision)
@@ -128,7 +122,7 @@ class FeatureCache:
         return CachedSampleSet(records, train_set.config, self, masks=masks)
 
     def sample(self, record: Record, config: Any, *, masks: bool) -> Sample:
-        k = self.key(record)
+        k = image_key(record)
         sample = record_to_sample(record, config, image=self._size[k])
         sample.vision_features = self._vision[k]
         if masks:
@@ -161,7 +155,7 @@ class FeatureCache:
     ) -> dict[Any, Record]:
         out: dict[Any, Record] = {}
         for r in records:
-            k = self.key(r)
+            k = image_key(r)
             if k not in have and k not in out:
                 out[k] = r
         return out
@@ -188,11 +182,7 @@ class FeatureCache:
                 images = []
                 for k in chunk:
                     r = records[k]
-                    image = r.image.load() if hasattr(r.image, "load") else r.image
-                    try:
-                        images.append(processor(image))
-                    except (ValueError, FileNotFoundError, TypeError) as exc:
-                        raise type(exc)(f"{r.source}: {exc}") from exc
+                    images.append(process_image(processor, load_record_image(r), r.source))
                 with_sam = any(k in sam for k in chunk)
                 pixel_values, sam_pixel_values = processor.tensors(images, sam=with_sam)
                 with torch.no_grad():

@@ -311,9 +311,9 @@ def train(
         log.info("resumed from %s at step %d", resumed, state["step"])
     if feature_cache is None and config.feature_cache_mb > 0:
         feature_cache = FeatureCache(config.feature_cache_mb)
+    with_masks = spec.masks if config.masks is None else config.masks
     if feature_cache is not None:
-        masks = spec.masks if config.masks is None else config.masks
-        train_set = feature_cache.samples(train_set, raw_model, masks=masks) or train_set
+        train_set = feature_cache.samples(train_set, raw_model, masks=with_masks) or train_set
 
     processor = ImageProcessor(mcfg)
     num_image_tokens = raw_model.num_image_tokens
@@ -332,7 +332,7 @@ def train(
             config=mcfg,
             num_image_tokens=num_image_tokens,
             processor=processor,
-            with_masks=spec.masks if config.masks is None else config.masks,
+            with_masks=with_masks,
         )
         return {k: v.to(accelerator.device) for k, v in batch.items()}
 
