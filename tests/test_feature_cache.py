@@ -35,6 +35,16 @@ def _frozen_for(model, stage: int):
     return model
 
 
+def _cached(tmp_path, tiny_config, stage: int, masks: bool):
+    """A tiny model frozen as ``stage`` freezes it, the records, and their cached set."""
+    torch.manual_seed(0)
+    model = _frozen_for(build_model(tiny_config), stage)
+    records = _records(tmp_path, tiny_config)
+    cached = FeatureCache(64).samples(records, model, masks=masks)
+    assert cached is not None
+    return model, records, cached
+
+
 def _loss(model, samples, tokenizer, config, masks):
     batch = collate(
         samples,
@@ -155,11 +165,7 @@ def test_what_cannot_be_cached_is_trained_from_the_images(tmp_path, tiny_config,
 def test_the_model_refuses_cached_sam_embeddings_while_sams_encoder_trains(
     tmp_path, tiny_config, tiny_tokenizer
 ):
-    torch.manual_seed(0)
-    model = _frozen_for(build_model(tiny_config), 3)
-    records = _records(tmp_path, tiny_config)
-    cached = FeatureCache(64).samples(records, model, masks=True)
-    assert cached is not None
+    model, _, cached = _cached(tmp_path, tiny_config, 3, masks=True)
     for p in model.sam.image_encoder.parameters():
         p.requires_grad_(True)
     with pytest.raises(ValueError, match="frozen SAM image encoder only"):
@@ -169,11 +175,7 @@ def test_the_model_refuses_cached_sam_embeddings_while_sams_encoder_trains(
 def test_a_cached_sample_with_masks_but_no_sam_embedding_is_refused(
     tmp_path, tiny_config, tiny_tokenizer
 ):
-    torch.manual_seed(0)
-    model = _frozen_for(build_model(tiny_config), 2)
-    records = _records(tmp_path, tiny_config)
-    cached = FeatureCache(64).samples(records, model, masks=False)
-    assert cached is not None
+    model, records, cached = _cached(tmp_path, tiny_config, 2, masks=False)
     sample = cached[0]
     sample.masks = records[0].masks  # the record's decoded mask, no SAM embedding
     assert sample.masks is not None and sample.sam_embedding is None
