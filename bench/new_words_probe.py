@@ -13,6 +13,12 @@ scenes (:mod:`training.new_words`: targets with new words among known distractor
 prints held-out accuracy per word against chance: how clearly the frozen tower shows each
 word at the object's own cell (not a strict ceiling - the projector and the LLM are not
 linear and see every cell), not a measure of the LLM.
+
+It then fits a ridge regression from the same cell to the object's box size (log width and
+height in the padded square) on the KNOWN shapes' objects only, as the language stage only
+ever boxes those, and prints per shape the mean log ratio of the read size to the true one
+on held-out objects: does the tower's cell carry the extent of a shape it was not
+pre-trained on (a crescent read as the disc it is cut from: width ratio > 0)?
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ sys.path.insert(0, str(REPO))
 
 
 def features(model, processor, seed: int, n: int):
-    """Centre-cell feature, shape index and color index of every object of ``n`` scenes."""
+    """Centre-cell feature, shape index, color index and log box size (width, height in the
+    padded square) of every object of ``n`` scenes."""
     import numpy as np
     import torch
 
@@ -34,7 +41,7 @@ def features(model, processor, seed: int, n: int):
     from training import new_words, synth
 
     shapes, colors = list(synth.SHAPES + synth.NEW_SHAPES), list(synth.ALL_COLORS)
-    x, s, c = [], [], []
+    x, s, c, size = [], [], [], []
     scenes = [scene for scene, _ in new_words.generate(seed, n)]
     for start in range(0, n, 16):
         chunk = scenes[start : start + 16]
@@ -52,7 +59,13 @@ def features(model, processor, seed: int, n: int):
                 x.append(fmap[b, :, row, col].numpy())
                 s.append(shapes.index(o.shape))
                 c.append(colors.index(o.color))
-    return torch.tensor(np.array(x)), torch.tensor(s), torch.tensor(c)
+                size.append(np.log([box[2] - box[0], box[3] - box[1]]))
+    return (
+        torch.tensor(np.array(x)),
+        torch.tensor(s),
+        torch.tensor(c),
+        torch.tensor(np.array(size), dtype=torch.float32),
+    )
 
 
 def probe(x_train, y_train, x_test, y_test, k: int):
@@ -74,6 +87,18 @@ def probe(x_train, y_train, x_test, y_test, k: int):
         return lin(x_test).argmax(1)
 
 
+def ridge(x_train, y_train, x_test, alpha: float = 10.0):
+    """Held-out predictions of a ridge regression with an intercept (closed form)."""
+    import torch
+
+    xa = torch.cat([x_train, torch.ones(len(x_train), 1)], 1).double()
+    xb = torch.cat([x_test, torch.ones(len(x_test), 1)], 1).double()
+    reg = alpha * torch.eye(xa.shape[1], dtype=torch.float64)
+    reg[-1, -1] = 0.0
+    w = torch.linalg.solve(xa.T @ xa + reg, xa.T @ y_train.double())
+    return (xb @ w).float()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None, help="default: the bundled demo")
@@ -91,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = from_pretrained(resolve_checkpoint(args.checkpoint)).model.eval()
     processor = ImageProcessor(model.config)
-    xa, sa, ca = features(model, processor, 5, args.train)
-    xb, sb, cb = features(model, processor, 6, args.test)
+    xa, sa, ca, za = features(model, processor, 5, args.train)
+    xb, sb, cb, zb = features(model, processor, 6, args.test)
     mu, sd = xa.mean(0), xa.std(0) + 1e-5
     xa, xb = (xa - mu) / sd, (xb - mu) / sd
     new = set(synth.NEW_SHAPES) | set(synth.NEW_COLORS)
@@ -112,6 +137,22 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {name} | {'yes' if name in new else ''} | {int(m.sum())} | {acc:.2f} "
                     f"| {1 / len(names):.2f} |"
                 )
+    shapes = list(synth.SHAPES + synth.NEW_SHAPES)
+    known = sa < len(synth.SHAPES)
+    read = ridge(xa[known], za[known], xb)
+    err = read - zb  # log ratios: read / true
+    print()
+    print(f"Box size read from the cell (ridge fitted on {int(known.sum())} known-shape objects):")
+    print("| shape | new | held-out objects | log width ratio | log height ratio | mean abs |")
+    print("|---|---|---|---|---|---|")
+    for i, name in enumerate(shapes):
+        m = sb == i
+        if m.any():
+            w, h = err[m].mean(0).tolist()
+            print(
+                f"| {name} | {'yes' if name in new else ''} | {int(m.sum())} | {w:+.3f} "
+                f"| {h:+.3f} | {float(err[m].abs().mean()):.3f} |"
+            )
     return 0
 
 

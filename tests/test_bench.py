@@ -142,9 +142,19 @@ def test_new_words_recipe_bench_smoke(tmp_path):
 
 
 def test_new_words_probe_smoke():
+    from training import synth
+
     stdout = run_bench("new_words_probe.py", "--train", "30", "--test", "10")
     rows = [line.split("|")[1].strip() for line in stdout.splitlines()[3:] if line.startswith("|")]
     assert {"cross", "heart", "pink", "cyan", "brown", "circle", "red"} <= set(rows), stdout
+    # the box size read from the cell by a ridge fitted on the known shapes only
+    sizes = stdout.split("Box size read from the cell")[1]
+    table = [line.split("|") for line in sizes.splitlines() if line.startswith("| ")][1:]
+    names = {r[1].strip() for r in table}
+    assert "circle" in names and names & set(synth.NEW_SHAPES), stdout
+    for r in table:
+        width, height, mean_abs = float(r[4]), float(r[5]), float(r[6])
+        assert mean_abs >= max(abs(width), abs(height)) / 2 - 1e-3, r
 
 
 def test_new_words_errors_sorts_each_box_by_the_object_it_lands_on(tmp_path):

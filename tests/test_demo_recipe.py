@@ -7,6 +7,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -252,6 +255,63 @@ def test_vision_targets_put_each_object_at_its_centre_cell():
     for o, f in zip(scene.objects, flipped.objects, strict=True):
         assert list(mask_to_box(f.mask)) == [float(v) for v in f.box]
         assert o.shape == f.shape and o.color == f.color
+
+
+def test_a_killed_run_keeps_the_wall_time_of_the_phase_it_was_in(tmp_path):
+    # `kill` of a recipe run: the phase's minutes so far go into times.json, so that the
+    # resumed run's phase_wall_s is the whole time (the default SIGTERM would lose them)
+    previous = signal.getsignal(signal.SIGTERM)
+    times = demo._Times(tmp_path / "times.json")
+    try:
+        demo.stop_cleanly_on_sigterm()
+        with pytest.raises(SystemExit) as stopped, times("vision"):
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the handler raises long before this ends
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert 0.2 <= times.load()["vision"] < 20
+
+
+def test_blobs_are_unnamed_shapes_whose_pixels_train_the_tower_but_no_class():
+    cfg = synth.SynthConfig(blob_prob=1.0, min_objects=3, max_objects=5)
+    scenes = [synth.render_scene(synth.scene_rng(3, i), cfg, scene_id=i) for i in range(6)]
+    outlines = set()
+    for scene in scenes:
+        for o in scene.objects:
+            assert o.shape == synth.BLOB and o.mask.any()
+            assert list(mask_to_box(o.mask)) == [float(v) for v in o.box]
+            outlines.add(int(o.mask.sum()))
+    assert len(outlines) > 10  # random outlines, not one polygon
+    t = demo_pretrain.vision_targets(scenes[0], 16)
+    centres = t.objectness > 0
+    assert centres.any() and (t.center_shape[centres] == synth.IGNORE_CLASS).all()
+    boxes = t.center_box[centres]  # distances from the cell centre: width and height > 0
+    assert (t.center_color[centres] >= 0).all() and (boxes[:, [0, 1]] + boxes[:, [2, 3]] > 0).all()
+    covered = t.cell_has > 0
+    assert (t.cell_shape[covered] == synth.IGNORE_CLASS).all()
+    assert (t.cell_shape[~covered] == demo_pretrain.N_SHAPES).all()
+    # the loss learns colour, objectness and box from blobs, no shape class, and stays finite
+    readout = demo_pretrain.VisionReadout(8)
+    out = readout(torch.randn(len(scenes), 8, 16, 16))
+    targets = demo_pretrain._stack([demo_pretrain.vision_targets(s, 16) for s in scenes])
+    parts = demo_pretrain.vision_loss(out, targets)
+    assert "center_shape" not in parts and {"center_color", "center_box", "cell_shape"} <= set(
+        parts
+    )
+    assert all(torch.isfinite(v) for v in parts.values())
+    # a mix names the shapes it knows; the default stream draws no blob (no extra draw)
+    mixed = synth.SynthConfig(blob_prob=0.5, min_objects=4, max_objects=6)
+    shapes = {
+        o.shape for i in range(10) for o in synth.render_scene(synth.scene_rng(4, i), mixed).objects
+    }
+    assert synth.BLOB in shapes and shapes - {synth.BLOB}
+    # records cannot name a blob
+    with pytest.raises(ValueError, match=r"blob_prob=0\.5: blobs have no name"):
+        next(synth.generate(0, 1, mixed))
+    with pytest.raises(ValueError, match="blob_prob must lie in"):
+        synth.SynthConfig(blob_prob=1.5)
 
 
 # ---------------------------------------------------- language stages on cached features

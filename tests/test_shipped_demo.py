@@ -256,10 +256,52 @@ def test_the_recipe_runs_end_to_end_at_small_scale(tmp_path):
     assert config["vision"]["token_merge"] == 2 and config["vision"]["frozen"]
 
 
+@pytest.mark.timeout(600)
+def test_the_ninety_minute_recipe_runs_from_scratch_at_small_scale(tmp_path, capsys):
+    # the CLI's --recipe 90min: one SAM cycle, one language cycle on cached features
+    out = tmp_path / "run"
+    args = ["--recipe", "90min", "--scale", "0.0002", "--out", str(out)]
+    assert (
+        demo.main([*args, "--batch-size", "2", "--eval-scenes", "4", "--eval-every", "1000"]) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["n_records"] == 4
+    metrics = json.loads((out / "metrics.json").read_text())
+    names = ["vision", "sam", "stage2", "stage3"]
+    assert [p["name"] if "name" in p else p["kind"] for p in metrics["phases"]] == names
+    assert set(metrics["phase_wall_s"]) >= {"splits", *names, "calibration", "evaluation"}
+    # the language cycle trained on the frozen tower's cached features, with every stand-in
+    assert (out / "stage2" / "feature-pool.pt").is_file()
+    rows = [json.loads(x) for x in (out / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if not r.get("eval")]
+    for key in ("aux_ground", "aux_point", "aux_caption_point", "aux_caption_read", "giou_loss"):
+        assert any(key in r for r in rows), key
+    after_vision = from_pretrained(out / "vision" / "final").model.state_dict()
+    final = from_pretrained(out / "stage3" / "final").model.state_dict()
+    for key, value in final.items():
+        if key.startswith("vision_tower."):
+            assert torch.equal(value, after_vision[key]), key
+    with pytest.raises(SystemExit):
+        demo.main(["--recipe", "120min", "--out", str(out)])
+    assert "invalid choice: '120min'" in capsys.readouterr().err
+
+
 def test_the_readme_states_the_shipped_metrics():
     # The README's numbers are generated from metrics.json, never copied by hand.
     table = readme_block("demo-metrics")
     assert table == demo.readme_summary(json.loads((DEMO / "metrics.json").read_text()))
+
+
+def test_the_readme_states_the_ninety_minute_run_from_its_metrics():
+    run = Path(__file__).resolve().parents[1] / "docs" / "demo-run-2026-12-07-90min.json"
+    metrics = json.loads(run.read_text())
+    assert readme_block("demo-90min") == demo.readme_summary(metrics)
+    # it is the 90-minute recipe's run, from scratch (nothing continued), within 90 minutes
+    recipe = demo.ninety_minute_phases()
+    assert [p["name"] if "name" in p else p["kind"] for p in metrics["phases"]] == [
+        p.name for p in recipe
+    ]
+    assert [p["steps"] for p in metrics["phases"]] == [p.steps for p in recipe]
+    assert "continued_from" not in metrics and sum(metrics["phase_wall_s"].values()) <= 90 * 60
 
 
 def test_the_bundled_demo_leaves_absent_objects_without_a_region():

@@ -1,30 +1,30 @@
 """The demo checkpoint's recipe: the ``demo`` preset trained on the synthetic shapes domain.
 
-    make demo-model            # = python -m training.demo --out runs/demo --ship models/demo
+    make demo-model                # = python -m training.demo --recipe shipped
+                                   #     --out runs/demo-shipped --ship models/demo
+    make demo-model RECIPE=90min   # the recipe sized to 90 minutes, from scratch
 
-Three phases through the ordinary stages of :mod:`training.trainer` (each resumable: a
-rerun continues where an interrupted one stopped):
+Perception first, then language, as NExT-Chat keeps CLIP frozen and SAM pre-trained
+(docs/demo-recipe.md has the phases, the measured runs and the reasons):
 
-1. **stage 0** (everything but SAM trains; no masks yet, which doubles the steps per
-   second): the paper's box and text losses plus two auxiliary signals a small
-   model without pretrained encoders needs (measured in the issue: without them a model
-   from scratch stays near "predict the average box"):
-   * *vision cells* - on the vision tower's 8x8 feature map, each cell predicts the color,
-     shape and size of the object covering it and that object's box edges relative to
-     the cell center (a stand-in for what CLIP knows before NExT-Chat training);
-   * *grounding cells* - on the LLM's last hidden states at the image tokens (which see the
-     question, since the template puts it before the image), which cells overlap the
-     referred objects: an explicit grounding signal the `<at>` state can then read.
-   The first ``easy_steps`` steps use easy scenes (1-2 large objects).
-2. **stage 2** (all but the vision tower and SAM): the task mix with chats and captions,
-   grounding cells kept on.
-3. **stage 3** (``seg_prompt_mlp`` + all of SAM: there is no pretrained SAM to start
-   from): masks, SAM prompted by the ``<at>`` state as in NExT-Chat.
+1. **vision** (:func:`training.demo_pretrain.pretrain_vision`): the vision tower alone, with
+   dense object-level targets through a linear read-out; then frozen for good, like CLIP.
+2. **sam** (:func:`training.demo_pretrain.pretrain_sam`): SAM alone, masks from jittered
+   box prompts, as segment-anything was pre-trained.
+3. **stage2** and its further cycles (the trainer's stage 2, NExT-Chat's stages 1-2 in
+   one): projector, LLM and location MLPs on the frozen image tokens, with NExT-Chat's
+   losses plus the LLM-side grounding stand-ins of :class:`DemoAux`, on a task mix with
+   every ability the backend exposes (absent objects answered in text); cycles on cached
+   tower features (:class:`CachedSynthStream`) run no rendering or tower.
+4. **stage3**: ``seg_prompt_mlp`` + SAM's mask decoder learn the ``<at>`` prompt.
 
-The answer path stays NExT-Chat's: boxes from the ``<at>`` hidden state through
-``loc_decoder``, masks from SAM prompted by it. The auxiliary heads are dropped from the
-shipped checkpoint. Training data are fresh scenes (scene ``i`` of the training seed for
-sample ``i``); evaluation uses a held-out split of another seed, written to disk once.
+Then the region score's calibration and the evaluation on the held-out, task and
+robustness splits. Every phase is resumable (a rerun continues where an interrupted one
+stopped). Two recipes (:data:`RECIPES`): ``shipped``, the phases that made ``models/demo``
+(grown one measured cycle at a time), and ``90min``, sized to run from scratch in the
+issue's 90 minutes. The answer path stays NExT-Chat's: boxes from the ``<at>`` hidden
+state through ``loc_decoder``, masks from SAM prompted by it; the auxiliary heads are
+dropped from the shipped checkpoint.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ import contextlib
 import json
 import logging
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -581,9 +583,10 @@ def training_synth_config(**overrides: Any) -> synth.SynthConfig:
 
 
 def default_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
-    """The shipped recipe; ``scale`` shortens it (tests and smoke runs). Step counts are
-    sized from the measured step times to fit the issue's 90-minute budget (see
-    docs/demo-recipe.md)."""
+    """The phases that made the shipped ``models/demo``, in order; ``scale`` shortens them
+    (tests and smoke runs). Grown one measured cycle at a time (docs/demo-recipe.md): their
+    wall times add up to 325 minutes on this CPU, not the issue's 90
+    (:func:`ninety_minute_phases` is sized to it)."""
 
     def n(x: int) -> int:
         return max(2, int(x * scale))
@@ -689,12 +692,7 @@ def default_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
             for name, lr, seed, mix in (
                 ("stage2g", 3e-4, 6, CAPTION_MIX),
                 ("stage2h", 1.5e-4, 7, CAPTION_MIX),
-                (
-                    "stage2i",
-                    1e-4,
-                    8,
-                    {"rec": 0.4, "multi": 0.15, "caption": 0.15, "chat": 0.15, "absent": 0.15},
-                ),
+                ("stage2i", 1e-4, 8, FINAL_MIX),
             )
         ),
         # 4. NExT-Chat's stage 3: seg_prompt_mlp + SAM's mask decoder learn the <at> prompt.
@@ -710,9 +708,7 @@ def default_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
     ]
 
 
-# Step counts of the shipped run, sized to the issue's 90-minute budget from the step times
-# measured on 2 UNSHARED CPU cores (docs/demo-recipe.md): vision ~0.6 s, SAM ~0.3 s,
-# language ~0.26 s per step.
+# Step counts of the second full run (2026-12-01), which the later cycles continued.
 VISION_STEPS, SAM_STEPS, LANGUAGE_STEPS, LANGUAGE_MORE_STEPS, MASK_STEPS = (
     1500,
     600,
@@ -726,8 +722,55 @@ CACHED_STEPS, CACHED_MORE_STEPS, CACHED_SCENES = 22000, 20000, 20000
 # stage2g, -h, -i, the caption cycles (added on top of the model shipped after sam-more3)
 CAPTION_STEPS, CAPTION_SCENES = 6000, 6000
 CAPTION_MIX = {"rec": 0.3, "multi": 0.1, "caption": 0.3, "chat": 0.15, "absent": 0.15}
+# the last cycle's mix (stage2i), weighted back to referring expressions
+FINAL_MIX = {"rec": 0.4, "multi": 0.15, "caption": 0.15, "chat": 0.15, "absent": 0.15}
 # the longer SAM pre-training (added on top of stage2e's weights)
 SAM_MORE_STEPS, SAM_MORE2_STEPS, SAM_MORE3_STEPS = 1500, 3000, 3000
+
+
+def ninety_minute_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
+    """The recipe sized to run FROM SCRATCH in the issue's 90 minutes on 2 CPU cores
+    (``--recipe 90min``). The shipped model's recipe (:func:`default_phases`) grew one
+    measured cycle at a time and adds up to 325 minutes; this one keeps what those cycles
+    taught and drops their restarts: the tower pre-trained and frozen, ONE SAM pre-training
+    cycle, ONE language cycle on cached tower features from its first step (0.15 s a step
+    against 0.29 s rendering fresh scenes, measured), with every grounding stand-in and the
+    final task mix of the shipped cycles, GIoU at weight 1, then stage 3. Step counts are
+    sized from the step times measured on this unshared CPU: vision ~1.1 s at batch 16
+    (rendering with every variation included), SAM ~0.3 s, a cached language step with
+    every stand-in 0.20 s at batch 8, caching ~35 ms a scene (docs/demo-recipe.md)."""
+
+    def n(x: int) -> int:
+        return max(2, int(x * scale))
+
+    return [
+        PretrainPhase("vision", n(1000), 2e-3, batch_size=16, warmup=min(100, n(100))),
+        PretrainPhase("sam", n(1200), 1e-3, batch_size=8, seed=12, warmup=min(50, n(50))),
+        Phase(
+            "stage2",
+            2,
+            n(NINETY_LANGUAGE_STEPS),
+            1e-3,
+            loss={"cycle1": 0.0, "giou": 1.0},
+            lr_scale={"language_model": 0.3},
+            weight_decay=0.01,
+            task_mix=FINAL_MIX,
+            cache_scenes=n(8000),
+        ),
+        Phase(
+            "stage3",
+            3,
+            n(MASK_STEPS),
+            5e-4,
+            trainable=["seg_prompt_mlp", "sam.mask_decoder"],
+            aux=False,
+            task_mix={"rec": 0.7, "multi": 0.3},
+        ),
+    ]
+
+
+NINETY_LANGUAGE_STEPS = 13000
+RECIPES = {"shipped": default_phases, "90min": ninety_minute_phases}
 
 
 def eval_split(out: Path, n_scenes: int) -> Path:
@@ -892,7 +935,7 @@ def run(
             continue
         with times(phase.name):
             if isinstance(phase, PretrainPhase):
-                train_cfg = training_synth_config()
+                train_cfg = training_synth_config(blob_prob=phase.blob_prob)
                 if phase.kind == "vision":
                     held_out = [
                         synth.render_scene(
@@ -995,6 +1038,19 @@ def continue_from(
             indent=2,
         )
     )
+
+
+def stop_cleanly_on_sigterm() -> None:
+    """``kill`` (SIGTERM) stops a run as Ctrl-C does: by an exception, so that the phase's
+    wall time so far is added to ``times.json`` (:class:`_Times`) and the resumed run's
+    ``phase_wall_s`` stays the whole time. (The default SIGTERM ends the process at once;
+    and a run started in the background by a shell ignores SIGINT.)"""
+
+    def stop(signum: int, _frame: Any) -> None:
+        log.warning("stopped by signal %d; rerun the same command to resume", signum)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 class _Times:
@@ -1240,6 +1296,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--ship", default=None, help="copy the final checkpoint here (e.g. models/demo)"
     )
+    ap.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="shipped",
+        help="shipped: the phases that made models/demo (325 minutes on this CPU); 90min: "
+        "the recipe sized to run from scratch in 90 minutes",
+    )
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-scenes", type=int, default=300)
@@ -1273,7 +1336,8 @@ def main(argv: list[str] | None = None) -> int:
         print(readme_summary(metrics))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    phases = default_phases(args.scale)
+    stop_cleanly_on_sigterm()
+    phases = RECIPES[args.recipe](args.scale)
     if args.continue_from:
         continue_from(Path(args.out), Path(args.continue_from), phases, args.at)
     metrics = run(

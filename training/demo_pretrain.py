@@ -134,7 +134,7 @@ def vision_targets(scene: synth.Scene, grid: int) -> VisionTargets:
         k = row * grid + col
         objectness[k] = 1.0
         center_color[k] = colors.index(o.color)
-        center_shape[k] = synth.SHAPES.index(o.shape)
+        center_shape[k] = synth.shape_id(o.shape)  # a blob's: ignored
         center_size[k] = synth.SIZES.index(o.size)
         ccx, ccy = centers[col], centers[row]
         center_box[k] = [ccx - b[0], ccy - b[1], b[2] - ccx, b[3] - ccy]
@@ -193,9 +193,11 @@ def vision_loss(
         "cell_color": F.cross_entropy(color.reshape(-1, N_COLORS + 1), t["cell_color"].reshape(-1)),
         "cell_shape": F.cross_entropy(shape.reshape(-1, N_SHAPES + 1), t["cell_shape"].reshape(-1)),
     }
+    named = pos & (t["center_shape"] >= 0)  # blobs (synth.BLOB) have no shape class
+    if named.any():
+        parts["center_shape"] = 2.0 * F.cross_entropy(shape[named], t["center_shape"][named])
     if pos.any():
         parts["center_color"] = F.cross_entropy(color[pos], t["center_color"][pos])
-        parts["center_shape"] = 2.0 * F.cross_entropy(shape[pos], t["center_shape"][pos])
         parts["center_size"] = F.cross_entropy(size[pos], t["center_size"][pos])
         parts["center_box"] = 5.0 * F.l1_loss(cbox[pos], t["center_box"][pos]) + 2.0 * _giou_ltrb(
             cbox[pos], t["center_box"][pos]
@@ -223,6 +225,9 @@ class PretrainPhase:
     save_every: int = 40
     log_every: int = 20
     tag: str = ""  # tells apart two pre-trainings of one kind in a recipe ("sam", "sam-more")
+    # the share of objects drawn as unnamed random shapes (synth.BLOB): objectness, colour
+    # and box learnt from pixels beyond the domain's six shapes
+    blob_prob: float = 0.0
 
     @property
     def name(self) -> str:

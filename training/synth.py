@@ -126,6 +126,13 @@ NEW_COLORS: dict[str, tuple[int, int, int]] = {
 ALL_SHAPES: tuple[str, ...] = SHAPES + NEW_SHAPES
 ALL_COLORS: dict[str, tuple[int, int, int]] = {**COLORS, **NEW_COLORS}
 SIZES: tuple[str, ...] = ("small", "large")
+# An unnamed random shape (a star-convex polygon of 5-12 vertices), drawn only for the
+# perception pre-training (SynthConfig.blob_prob): no word names it and no record refers to
+# it; the tower learns its objectness, colour and extent from its pixels, not from a class
+# (a stand-in for the open-ended images CLIP is pre-trained on, beyond any task's words).
+BLOB = "blob"
+# What a per-object class id is for a BLOB's shape: ignored by torch's cross-entropy.
+IGNORE_CLASS = -100
 BACKGROUNDS: tuple[str, ...] = ("plain", "gradient", "noise", "texture")
 # What SynthConfig() draws from (the held-out split's renderer): "texture" is opt-in.
 DEFAULT_BACKGROUNDS: tuple[str, ...] = ("plain", "gradient", "noise")
@@ -173,6 +180,9 @@ class SynthConfig:
     small_range: tuple[float, float] = (0.06, 0.14)
     large_range: tuple[float, float] = (0.21, 0.35)
     small_prob: float = 0.5  # probability that an object is small
+    # probability that a drawn object is an unnamed BLOB instead of one of ``shapes``: for
+    # the perception pre-training's scenes only (render_scene); generate() refuses it
+    blob_prob: float = 0.0
     shapes: tuple[str, ...] = SHAPES  # restrict for curricula; names from ALL_SHAPES
     colors: tuple[str, ...] = tuple(COLORS)  # names from ALL_COLORS
     backgrounds: tuple[str, ...] = DEFAULT_BACKGROUNDS  # drawn uniformly
@@ -252,6 +262,7 @@ class SynthConfig:
             )
         for name in (
             "small_prob",
+            "blob_prob",
             "repeat_prob",
             "chat_yes_prob",
             "antialias_prob",
@@ -372,7 +383,8 @@ class DenseAnnotations:
     each original pixel, ``-1`` on the background. ``attributes``: one
     ``{"shape", "color", "size"}`` per object; ``shape_ids``/``color_ids``/``size_ids``:
     the same as indices into :data:`SHAPES`, ``list(COLORS)`` and :data:`SIZES` (int64
-    arrays of length N); ``boxes``: ``Nx4`` original-pixel xyxy."""
+    arrays of length N; a :data:`BLOB`'s shape is :data:`IGNORE_CLASS`); ``boxes``:
+    ``Nx4`` original-pixel xyxy."""
 
     label_map: np.ndarray
     attributes: list[dict[str, str]]
@@ -496,6 +508,11 @@ def render_scene(
     return Scene(scene_id=scene_id, image=image, objects=drawn, background=background)
 
 
+def shape_id(shape: str) -> int:
+    """The class of ``shape`` among :data:`SHAPES`; :data:`IGNORE_CLASS` for a :data:`BLOB`."""
+    return IGNORE_CLASS if shape == BLOB else SHAPES.index(shape)
+
+
 def dense_annotations(scene: Scene) -> DenseAnnotations:
     """The scene's per-pixel object index map and per-object attributes (stage-0 targets)."""
     label = np.full((scene.height, scene.width), -1, dtype=np.int32)
@@ -505,7 +522,7 @@ def dense_annotations(scene: Scene) -> DenseAnnotations:
     return DenseAnnotations(
         label_map=label,
         attributes=[o.attributes for o in scene.objects],
-        shape_ids=np.array([SHAPES.index(o.shape) for o in scene.objects], dtype=np.int64),
+        shape_ids=np.array([shape_id(o.shape) for o in scene.objects], dtype=np.int64),
         color_ids=np.array([color_names.index(o.color) for o in scene.objects], dtype=np.int64),
         size_ids=np.array([SIZES.index(o.size) for o in scene.objects], dtype=np.int64),
         boxes=np.array([o.box for o in scene.objects], dtype=np.float64).reshape(-1, 4),
@@ -657,6 +674,8 @@ def _propose(
     else:
         shape = config.shapes[int(rng.integers(len(config.shapes)))]
         color = palette[int(rng.integers(len(palette)))]
+        if config.blob_prob and rng.random() < config.blob_prob:  # no draw when 0: the
+            shape = BLOB  # default scenes stay the same pixel for pixel
     if forced is None and placed and rng.random() < config.repeat_prob:
         # Repeated colors/shapes are what makes size, position and multi-instance
         # expressions necessary; independent draws rarely repeat a color + shape.
@@ -666,20 +685,21 @@ def _propose(
             color = src.color
         if mode in (0, 2):
             shape = src.shape
+    outline = _blob_outline(rng) if shape == BLOB else None
     x0, y0 = max(0, math.floor(cx - r) - 1), max(0, math.floor(cy - r) - 1)
     x1, y1 = min(width, math.ceil(cx + r) + 2), min(height, math.ceil(cy + r) + 2)
     alpha = None
     if antialias:
         k = 4
         big = Image.new("L", ((x1 - x0) * k, (y1 - y0) * k), 0)
-        _draw_shape(ImageDraw.Draw(big), shape, (cx - x0) * k, (cy - y0) * k, r * k, fill=255)
+        _draw_shape(ImageDraw.Draw(big), shape, (cx - x0) * k, (cy - y0) * k, r * k, 255, outline)
         small_img = big.resize((x1 - x0, y1 - y0), Image.Resampling.BOX)
         alpha = np.asarray(small_img, dtype=np.float32) / 255.0
         crop = alpha >= 0.5
         alpha = np.where(crop | (alpha > 0), alpha, 0.0).astype(np.float32)
     else:
         crop_img = Image.new("1", (x1 - x0, y1 - y0), 0)
-        _draw_shape(ImageDraw.Draw(crop_img), shape, cx - x0, cy - y0, r)
+        _draw_shape(ImageDraw.Draw(crop_img), shape, cx - x0, cy - y0, r, 1, outline)
         crop = np.asarray(crop_img, dtype=bool)
     area = int(np.count_nonzero(crop))
     if area == 0:
@@ -729,11 +749,36 @@ def _regular_polygon(
     ]
 
 
+def _blob_outline(rng: np.random.Generator) -> np.ndarray:
+    """A :data:`BLOB`'s outline: ``n x 2`` (angle, radius as a fraction of the half-side)
+    of 5-12 vertices at sorted random angles, radii 0.3-1, scaled so that the farthest
+    vertex touches the nominal square's edge (the blob spans its square on one axis)."""
+    n = int(rng.integers(5, 13))
+    angles = np.sort(rng.uniform(0.0, 2.0 * math.pi, n))
+    radii = rng.uniform(0.3, 1.0, n)
+    reach = np.maximum(np.abs(np.cos(angles)), np.abs(np.sin(angles))) * radii
+    return np.stack([angles, radii / reach.max()], axis=1)
+
+
 def _draw_shape(
-    draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: int = 1
+    draw: ImageDraw.ImageDraw,
+    shape: str,
+    cx: float,
+    cy: float,
+    r: float,
+    fill: int = 1,
+    outline: np.ndarray | None = None,
 ) -> None:
     """Rasterize ``shape`` inscribed in the square of half-side ``r`` centred at
-    ``(cx, cy)`` (pixels of ``draw``'s image), upright, fill 1, no anti-aliasing."""
+    ``(cx, cy)`` (pixels of ``draw``'s image), upright, fill 1, no anti-aliasing;
+    a :data:`BLOB` by its ``outline`` (:func:`_blob_outline`)."""
+    if shape == BLOB:
+        if outline is None:
+            raise ValueError("a blob is drawn from its outline (_blob_outline)")
+        draw.polygon(
+            [(cx + r * f * math.cos(t), cy + r * f * math.sin(t)) for t, f in outline], fill=fill
+        )
+        return
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         return
@@ -1071,6 +1116,11 @@ def generate(
     (``None``: ``config.seed``), deterministically."""
     config = config or SynthConfig()
     seed = config.seed if seed is None else seed
+    if config.blob_prob:
+        raise ValueError(
+            f"blob_prob={config.blob_prob}: blobs have no name for a record to use; they are "
+            "for the perception pre-training's scenes (render_scene). Set blob_prob=0 here."
+        )
     if n_scenes < 0 or start < 0:
         raise ValueError(f"n_scenes and start must be >= 0, got {n_scenes} and {start}")
     for i in range(start, start + n_scenes):
