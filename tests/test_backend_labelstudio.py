@@ -43,6 +43,9 @@ pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
 
 LS_VERSION = "1.23.2"
 LS_VENV = REPO / ".lsenv"
+# Label Studio 1.23.2 asks for sentry-sdk>=2.16 with no upper bound; sentry-sdk 3.0 (2026-12)
+# refuses its `send_default_pii` option and the server exits at start. Installed beside it.
+LS_PINS = (f"label-studio=={LS_VERSION}", "sentry-sdk>=2.16,<3")
 USER, PASSWORD = "admin@example.com", "nextchat-test-pass"
 
 
@@ -51,12 +54,23 @@ def _ls_installed() -> bool:
     if not exe.exists():
         return False
     probe = subprocess.run(
-        [str(exe), "-c", "import importlib.metadata as m; print(m.version('label-studio'))"],
+        [
+            str(exe),
+            "-c",
+            "import importlib.metadata as m; print(m.version('label-studio'), "
+            "m.version('sentry-sdk'))",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    return probe.returncode == 0 and probe.stdout.strip() == LS_VERSION
+    versions = probe.stdout.split()
+    return (
+        probe.returncode == 0
+        and len(versions) == 2
+        and versions[0] == LS_VERSION
+        and int(versions[1].split(".")[0]) < 3
+    )
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +86,7 @@ def ls_venv() -> Path:
                 "install",
                 "-q",
                 "--disable-pip-version-check",
-                f"label-studio=={LS_VERSION}",
+                *LS_PINS,
             ],
             capture_output=True,
             text=True,
