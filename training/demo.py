@@ -696,16 +696,22 @@ def default_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
             )
         ),
         # 4. NExT-Chat's stage 3: seg_prompt_mlp + SAM's mask decoder learn the <at> prompt.
-        Phase(
-            "stage3",
-            3,
-            n(MASK_STEPS),
-            5e-4,
-            trainable=["seg_prompt_mlp", "sam.mask_decoder"],
-            aux=False,
-            task_mix={"rec": 0.7, "multi": 0.3},  # the records with masks
-        ),
+        _stage3(n(MASK_STEPS)),
     ]
+
+
+def _stage3(steps: int) -> Phase:
+    """NExT-Chat's stage 3, the last phase of every recipe: ``seg_prompt_mlp`` + SAM's
+    mask decoder learn the ``<at>`` prompt, on the records with masks."""
+    return Phase(
+        "stage3",
+        3,
+        steps,
+        5e-4,
+        trainable=["seg_prompt_mlp", "sam.mask_decoder"],
+        aux=False,
+        task_mix={"rec": 0.7, "multi": 0.3},
+    )
 
 
 # Step counts of the second full run (2026-12-01), which the later cycles continued.
@@ -733,12 +739,13 @@ def ninety_minute_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
     (``--recipe 90min``). The shipped model's recipe (:func:`default_phases`) grew one
     measured cycle at a time and adds up to 325 minutes; this one keeps what those cycles
     taught and drops their restarts: the tower pre-trained and frozen, ONE SAM pre-training
-    cycle, ONE language cycle on cached tower features from its first step (0.15 s a step
-    against 0.29 s rendering fresh scenes, measured), with every grounding stand-in and the
-    final task mix of the shipped cycles, GIoU at weight 1, then stage 3. Step counts are
-    sized from the step times measured on this unshared CPU: vision ~1.1 s at batch 16
-    (rendering with every variation included), SAM ~0.3 s, a cached language step with
-    every stand-in 0.20 s at batch 8, caching ~35 ms a scene (docs/demo-recipe.md)."""
+    cycle, ONE language cycle on cached tower features from its first step (no rendering or
+    tower in a step), with every grounding stand-in and the final task mix of the shipped
+    cycles, GIoU at weight 1, then stage 3. Step counts are sized from the step times
+    measured on this unshared CPU: vision 1.15 s at batch 16 (rendering with every
+    variation included), SAM 0.51-0.58 s at batch 8, a cached language step with every
+    stand-in 0.20 s at batch 8, caching 36 ms a scene. Its one run from scratch took 88.6
+    minutes (docs/demo-recipe.md, docs/demo-run-2026-12-07-90min.json)."""
 
     def n(x: int) -> int:
         return max(2, int(x * scale))
@@ -757,19 +764,11 @@ def ninety_minute_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
             task_mix=FINAL_MIX,
             cache_scenes=n(8000),
         ),
-        Phase(
-            "stage3",
-            3,
-            n(MASK_STEPS),
-            5e-4,
-            trainable=["seg_prompt_mlp", "sam.mask_decoder"],
-            aux=False,
-            task_mix={"rec": 0.7, "multi": 0.3},
-        ),
+        _stage3(n(MASK_STEPS)),
     ]
 
 
-NINETY_LANGUAGE_STEPS = 13000
+NINETY_LANGUAGE_STEPS = 13000  # 50 minutes at the measured 0.20 s a step (+ caching)
 RECIPES = {"shipped": default_phases, "90min": ninety_minute_phases}
 
 
