@@ -189,3 +189,26 @@ def test_new_words_errors_sorts_each_box_by_the_object_it_lands_on(tmp_path):
     assert n_all <= 6
     assert sum(v["n"] for k, v in bias.items() if k.startswith("shape ")) == n_all
     assert "log width ratio" in stdout
+
+
+def test_language_trial_times_trains_and_prints_curves(tmp_path):
+    root = str(tmp_path)
+    small = "hidden_size=64,intermediate_size=128"
+    args = ("--root", root, "time", "--variants", "recipe:", f"small:{small}")
+    stdout = run_bench("language_trial.py", *args, "--steps", "2", "--pool", "4")
+    table = [line.split("|") for line in stdout.splitlines() if line.startswith("| ")][1:]
+    assert [r[1].strip() for r in table] == ["recipe", "small"], stdout
+    recipe, trial = (float(r[3].split()[0]) for r in table)
+    assert trial < recipe and table[0][5].strip() == "1.00x", stdout  # LLM parameters, ratio
+    # a trial: a fresh LLM on the bundled model's frozen tower, scored every 2 steps
+    trial_args = ("--root", root, "train", "tiny", "--llm", small, "--steps", "4", "--pool", "4")
+    run_bench("language_trial.py", *trial_args, "--eval-every", "2", "--eval-max", "4")
+    stdout = run_bench("language_trial.py", "--root", root, "curves", "tiny")
+    steps = [line.split("|")[1].strip() for line in stdout.splitlines() if line.startswith("| ")]
+    assert steps[1:] == ["2", "4"], stdout
+    assert '"hidden_size": 64' in stdout
+    bad = subprocess.run(
+        [sys.executable, "bench/language_trial.py", "--root", root, "train", "x", "--llm", "hidden=1"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert bad.returncode != 0 and "unknown LLM fields ['hidden']" in bad.stderr

@@ -267,7 +267,7 @@ def test_the_ninety_minute_recipe_runs_from_scratch_at_small_scale(tmp_path, cap
     assert json.loads(capsys.readouterr().out)["n_records"] == 4
     metrics = json.loads((out / "metrics.json").read_text())
     names = ["vision", "sam", "stage2", "stage3"]
-    assert [p["name"] if "name" in p else p["kind"] for p in metrics["phases"]] == names
+    assert phase_names(metrics) == names
     assert set(metrics["phase_wall_s"]) >= {"splits", *names, "calibration", "evaluation"}
     # the language cycle trained on the frozen tower's cached features, with every stand-in
     assert (out / "stage2" / "feature-pool.pt").is_file()
@@ -283,6 +283,15 @@ def test_the_ninety_minute_recipe_runs_from_scratch_at_small_scale(tmp_path, cap
     with pytest.raises(SystemExit):
         demo.main(["--recipe", "120min", "--out", str(out)])
     assert "invalid choice: '120min'" in capsys.readouterr().err
+    # the run directory is this recipe's: the shipped recipe would reuse its phases by name
+    with pytest.raises(SystemExit, match="holds a run of recipe '90min' at scale 0.0002"):
+        demo.main(["--recipe", "shipped", "--scale", "0.0002", "--out", str(out)])
+    assert not (out / "stage2b").exists()
+
+
+def phase_names(metrics: dict) -> list[str]:
+    """The phases a run's metrics.json lists, by name (a pre-training by its kind)."""
+    return [p["name"] if "name" in p else p["kind"] for p in metrics["phases"]]
 
 
 def test_the_readme_states_the_shipped_metrics():
@@ -297,7 +306,7 @@ def test_the_readme_states_the_ninety_minute_run_from_its_metrics():
     assert readme_block("demo-90min") == demo.readme_summary(metrics)
     # it is the 90-minute recipe's run, from scratch (nothing continued), within 90 minutes
     recipe = demo.ninety_minute_phases()
-    assert [p["name"] if "name" in p else p["kind"] for p in metrics["phases"]] == [
+    assert phase_names(metrics) == [
         p.name for p in recipe
     ]
     assert [p["steps"] for p in metrics["phases"]] == [p.steps for p in recipe]

@@ -1098,7 +1098,10 @@ def _phase(
     *,
     steps: int,
     easy: bool,
+    pool: Path | None = None,
 ) -> None:
+    """Train one language or mask phase into ``out``. ``pool``: where a cached phase keeps
+    its tower features (default ``out/feature-pool.pt``; a trial shares one across runs)."""
     per_scene = {"records_per_scene": phase.records_per_scene} if phase.cache_scenes else {}
     synth_cfg = training_synth_config(
         easy=easy, task_mix=dict(phase.task_mix or LANGUAGE_MIX), **per_scene
@@ -1113,7 +1116,7 @@ def _phase(
             n_scenes=phase.cache_scenes,
             synth_config=synth_cfg,
             grid=grid,
-            path=out / "feature-pool.pt",
+            path=pool or out / "feature-pool.pt",
         )
     else:
         stream = SynthStream(mcfg, seed=seed, n=10_000_000, synth_config=synth_cfg, grid=grid)
@@ -1289,6 +1292,24 @@ def readme_summary(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def claim_run_dir(out: Path, recipe: str, scale: float) -> None:
+    """A run directory holds ONE recipe at one scale: a run reuses every finished phase of
+    its name there, so another recipe's (or scale's) phases must not be taken for its own.
+    The first run writes ``recipe.json``; a later one with other settings is refused."""
+    marker = out / "recipe.json"
+    mine = {"recipe": recipe, "scale": scale}
+    if marker.exists():
+        had = json.loads(marker.read_text())
+        if had != mine:
+            raise SystemExit(
+                f"{out} holds a run of recipe {had['recipe']!r} at scale {had['scale']}, not "
+                f"{recipe!r} at {scale}; give another --out, or delete {out} to start over"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(mine))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train the demo checkpoint (resumable).")
     ap.add_argument("--out", default="runs/demo")
@@ -1336,6 +1357,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     stop_cleanly_on_sigterm()
+    claim_run_dir(Path(args.out), args.recipe, args.scale)
     phases = RECIPES[args.recipe](args.scale)
     if args.continue_from:
         continue_from(Path(args.out), Path(args.continue_from), phases, args.at)

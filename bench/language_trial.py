@@ -1,0 +1,193 @@
+"""How fast does the 90-minute recipe's language cycle learn with another LLM size or LLM
+learning rate? A trial of that ONE cycle, from a fresh LLM, on a fixed frozen tower.
+
+    python bench/language_trial.py time                  # step time of each variant vs the recipe's LLM
+    python bench/language_trial.py train h128 --llm hidden_size=128,intermediate_size=344
+    python bench/language_trial.py train h128-lm1 --llm hidden_size=128,intermediate_size=344 --lm-scale 1
+    python bench/language_trial.py curves h128 h128-lm1  # their held-out curves, by step and minute
+
+The vision tower and SAM are the bundled model's (``models/demo``; frozen, as in the recipe's
+language cycle), every other module is a fresh model's of the given LLM sizes (seed 0, the
+bundled tokenizer). The cycle is ``training.demo.ninety_minute_phases``' ``stage2``: cached
+tower features of a pool of scenes (computed once under ``runs/language-trial/`` and shared by
+every trial of that pool size), every ``DemoAux`` stand-in, its task mix, lr and cosine
+schedule; ``--steps`` sizes the schedule (the recipe's 13,000 by default). ``train`` scores the
+first 100 held-out expressions every ``--eval-every`` steps (the recipe run's curve); its
+``elapsed_s`` is the trainer's own clock (no model loading), so run one trial at a time for
+minutes that mean something - the curve by step does not depend on it.
+
+``time`` runs ``--steps`` (default 300) steps of each variant on a pool of 200 scenes, no
+evaluation, one after the other in this process's threads, and prints seconds per step and
+the ratio to the recipe's LLM (the first row). Variants: ``NAME:key=value,...`` of
+``LLMConfig`` (``num_kv_heads`` follows ``num_heads``); ``NAME:`` is the recipe's LLM.
+
+The tower is the bundled model's 1,500-step one, not the 1,000-step tower a 90-minute run
+trains: a trial compares LLM settings with each other, not with a run from scratch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+ROOT = REPO / "runs" / "language-trial"  # --root
+DEFAULT_VARIANTS = [
+    "recipe:",
+    "hidden128:hidden_size=128,intermediate_size=344",
+    "hidden192:hidden_size=192,intermediate_size=512",
+    "layers2:num_layers=2",
+]
+
+
+def llm_overrides(spec: str) -> dict[str, int]:
+    """``"hidden_size=128,intermediate_size=344"`` -> its dict (``num_kv_heads`` follows
+    ``num_heads``)."""
+    out: dict[str, int] = {}
+    for part in filter(None, spec.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise SystemExit(f"--llm wants key=integer pairs, e.g. hidden_size=128; got {part!r}")
+        out[key.strip()] = int(value)
+    if "num_heads" in out:
+        out.setdefault("num_kv_heads", out["num_heads"])
+    return out
+
+
+def trial_config(llm: dict[str, int]):
+    from nextchat_core.config import get_preset
+
+    base = get_preset("demo")
+    fields = {f.name for f in dataclasses.fields(base.llm)}
+    unknown = sorted(set(llm) - fields)
+    if unknown:
+        raise SystemExit(f"unknown LLM fields {unknown}; LLMConfig has {sorted(fields)}")
+    config = dataclasses.replace(base, llm=dataclasses.replace(base.llm, **llm))
+    config.llm.validate()
+    return config
+
+
+def initial_checkpoint(out: Path, config) -> tuple[Path, int]:
+    """A fresh model of ``config`` (seed 0) with the bundled model's vision tower and SAM;
+    returns its directory and the LLM's parameter count."""
+    import torch
+    from safetensors.torch import load_file
+
+    from nextchat_core.build import build_model, save_pretrained
+    from nextchat_core.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model = build_model(config)
+    path = out / "init"
+    if not (path / "model.safetensors").exists():
+        bundled = load_file(str(REPO / "models" / "demo" / "model.safetensors"))
+        for prefix, module in (("vision_tower.", model.vision_tower), ("sam.", model.sam)):
+            module.load_state_dict(
+                {k[len(prefix) :]: v for k, v in bundled.items() if k.startswith(prefix)}
+            )
+        save_pretrained(model, path, load_tokenizer(REPO / "models" / "demo", config))
+    return path, sum(p.numel() for p in model.language_model.parameters())
+
+
+def run_trial(
+    root: Path,
+    name: str,
+    llm: dict[str, int],
+    *,
+    steps: int,
+    lm_scale: float,
+    pool: int,
+    eval_every: int,
+    eval_max: int = 100,
+) -> tuple[Path, int]:
+    from training import demo
+
+    config = trial_config(llm)
+    out = root / name
+    init, n_llm = initial_checkpoint(out, config)
+    phase = next(p for p in demo.ninety_minute_phases() if p.name == "stage2")
+    phase = dataclasses.replace(phase, lr_scale={"language_model": lm_scale}, cache_scenes=pool)
+    eval_set = demo.read_refexp_jsonl(demo.eval_split(root / "splits", 300), config)
+    grid = config.vision.image_size // config.vision.patch_size
+    (out / "trial.json").write_text(
+        json.dumps({"llm": llm, "lm_scale": lm_scale, "steps": steps, "pool": pool})
+    )
+    demo._phase(
+        phase, out / "stage2", str(init), None, config, grid, 8, eval_set, eval_every, eval_max,
+        steps=steps, easy=False, pool=root / f"pool-{pool}.pt",
+    )  # fmt: skip
+    return out / "stage2", n_llm
+
+
+def rows(phase_dir: Path, *, evals: bool) -> list[dict]:
+    lines = (phase_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if bool(r.get("eval")) == evals]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--root", type=Path, default=ROOT, help="where trials and pools are kept")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("time")
+    t.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
+    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--pool", type=int, default=200)
+    r = sub.add_parser("train")
+    r.add_argument("name")
+    r.add_argument("--llm", default="", help="LLMConfig overrides, e.g. hidden_size=128")
+    r.add_argument("--lm-scale", type=float, default=0.3, help="the LLM's lr multiplier")
+    r.add_argument("--steps", type=int, default=13000)
+    r.add_argument("--pool", type=int, default=8000)
+    r.add_argument("--eval-every", type=int, default=1000)
+    r.add_argument("--eval-max", type=int, default=100, help="held-out expressions scored")
+    c = sub.add_parser("curves")
+    c.add_argument("names", nargs="+")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    if args.cmd == "time":
+        table = []
+        for variant in args.variants:
+            name, _, spec = variant.partition(":")
+            shutil.rmtree(args.root / f"time-{name}", ignore_errors=True)  # time it afresh
+            phase_dir, n_llm = run_trial(
+                args.root, f"time-{name}", llm_overrides(spec), steps=args.steps, lm_scale=0.3,
+                pool=args.pool, eval_every=0,
+            )  # fmt: skip
+            last = rows(phase_dir, evals=False)[-1]
+            table.append((name, spec or "(the recipe's)", n_llm, last["elapsed_s"] / last["step"]))
+        print(f"\n{args.steps} steps each, batch 8, cached features, every stand-in\n")
+        print("| LLM | overrides | LLM parameters | s / step | vs the recipe's |")
+        print("|---|---|---|---|---|")
+        for name, spec, n_llm, s in table:
+            print(f"| {name} | {spec} | {n_llm / 1e6:.2f} M | {s:.3f} | {s / table[0][3]:.2f}x |")
+    elif args.cmd == "train":
+        run_trial(
+            args.root, args.name, llm_overrides(args.llm), steps=args.steps,
+            lm_scale=args.lm_scale, pool=args.pool, eval_every=args.eval_every,
+            eval_max=args.eval_max,
+        )  # fmt: skip
+    else:
+        for name in args.names:
+            phase_dir = args.root / name / "stage2"
+            print(f"\n{name}: {(args.root / name / 'trial.json').read_text().strip()}\n")
+            print("| step | minutes | Acc@0.5 | mean box IoU | mask mIoU | present: a region |")
+            print("|---|---|---|---|---|---|")
+            for e in rows(phase_dir, evals=True):
+                print(
+                    f"| {e['step']} | {e['elapsed_s'] / 60:.1f} | {e['rec_acc']:.2f} | "
+                    f"{e['mean_box_iou']:.2f} | {e['mask_miou']:.2f} | "
+                    f"{e['present_with_region_rate']:.2f} |"
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
