@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from packaging.requirements import Requirement
 from test_backend_support import (
     BOX1,
     REPO,
@@ -50,27 +51,27 @@ USER, PASSWORD = "admin@example.com", "nextchat-test-pass"
 
 
 def _ls_installed() -> bool:
+    """``.lsenv`` holds versions that satisfy every one of ``LS_PINS``."""
     exe = LS_VENV / "bin" / "python"
     if not exe.exists():
         return False
+    pins = [Requirement(pin) for pin in LS_PINS]
     probe = subprocess.run(
         [
             str(exe),
             "-c",
-            "import importlib.metadata as m; print(m.version('label-studio'), "
-            "m.version('sentry-sdk'))",
+            "import importlib.metadata as m, json, sys; "
+            "print(json.dumps({n: m.version(n) for n in sys.argv[1:]}))",
+            *(pin.name for pin in pins),
         ],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    versions = probe.stdout.split()
-    return (
-        probe.returncode == 0
-        and len(versions) == 2
-        and versions[0] == LS_VERSION
-        and int(versions[1].split(".")[0]) < 3
-    )
+    if probe.returncode != 0:
+        return False  # a package is missing: install
+    installed = json.loads(probe.stdout)
+    return all(pin.specifier.contains(installed[pin.name], prereleases=True) for pin in pins)
 
 
 @pytest.fixture(scope="session")
