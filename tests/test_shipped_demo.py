@@ -284,7 +284,7 @@ def test_the_ninety_minute_recipe_runs_from_scratch_at_small_scale(tmp_path, cap
         demo.main(["--recipe", "120min", "--out", str(out)])
     assert "invalid choice: '120min'" in capsys.readouterr().err
     # the run directory is this recipe's: the shipped recipe would reuse its phases by name
-    with pytest.raises(SystemExit, match="holds a run of recipe '90min' at scale 0.0002"):
+    with pytest.raises(SystemExit, match=r"holds a run of recipe '90min' at scale 0\.0002"):
         demo.main(["--recipe", "shipped", "--scale", "0.0002", "--out", str(out)])
     assert not (out / "stage2b").exists()
 
@@ -306,9 +306,7 @@ def test_the_readme_states_the_ninety_minute_run_from_its_metrics():
     assert readme_block("demo-90min") == demo.readme_summary(metrics)
     # it is the 90-minute recipe's run, from scratch (nothing continued), within 90 minutes
     recipe = demo.ninety_minute_phases()
-    assert phase_names(metrics) == [
-        p.name for p in recipe
-    ]
+    assert phase_names(metrics) == [p.name for p in recipe]
     assert [p["steps"] for p in metrics["phases"]] == [p.steps for p in recipe]
     assert "continued_from" not in metrics and sum(metrics["phase_wall_s"].values()) <= 90 * 60
 
