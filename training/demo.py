@@ -582,6 +582,38 @@ def training_synth_config(**overrides: Any) -> synth.SynthConfig:
     return synth.SynthConfig(**{**base, **overrides})
 
 
+def _language(name: str, steps: int, lr: float, **kwargs: Any) -> Phase:
+    """A cycle of the language stage. What every one shares: no cycle1 (it collapsed the
+    <at> state to a constant while boxes were poor, measured in the first demo runs), the LLM
+    at 0.3x the learning rate, a little weight decay."""
+    kwargs.setdefault("loss", {"cycle1": 0.0})
+    return Phase(
+        name,
+        2,
+        steps,
+        lr,
+        lr_scale={"language_model": 0.3},
+        weight_decay=0.01,
+        **kwargs,
+    )
+
+
+def _cached(
+    name: str, steps: int, lr: float, seed: int, scenes: int, mix: dict[str, float]
+) -> Phase:
+    """A language cycle on a fixed pool of ``scenes`` whose frozen-tower features are
+    computed once (CachedSynthStream), GIoU at weight 1 (see stage2d in default_phases)."""
+    return _language(
+        name,
+        steps,
+        lr,
+        seed=seed,
+        cache_scenes=scenes,
+        loss={"cycle1": 0.0, "giou": 1.0},
+        task_mix=mix,
+    )
+
+
 def default_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
     """The phases that made the shipped ``models/demo``, in order; ``scale`` shortens them
     (tests and smoke runs). Grown one measured cycle at a time (docs/demo-recipe.md): their
@@ -592,34 +624,12 @@ def default_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
         return max(2, int(x * scale))
 
     def language(name: str, steps: int, lr: float, **kwargs: Any) -> Phase:
-        # What every cycle of the language stage shares: no cycle1 (it collapsed the <at>
-        # state to a constant while boxes were poor, measured in the first demo runs), the
-        # LLM at 0.3x the learning rate, a little weight decay.
-        kwargs.setdefault("loss", {"cycle1": 0.0})
-        return Phase(
-            name,
-            2,
-            n(steps),
-            lr,
-            lr_scale={"language_model": 0.3},
-            weight_decay=0.01,
-            **kwargs,
-        )
+        return _language(name, n(steps), lr, **kwargs)
 
     def cached(
         name: str, steps: int, lr: float, seed: int, scenes: int, mix: dict[str, float]
     ) -> Phase:
-        # A cycle on a fixed pool of scenes whose frozen-tower features are computed once
-        # (CachedSynthStream), GIoU at weight 1 (see stage2d below).
-        return language(
-            name,
-            steps,
-            lr,
-            seed=seed,
-            cache_scenes=n(scenes),
-            loss={"cycle1": 0.0, "giou": 1.0},
-            task_mix=mix,
-        )
+        return _cached(name, n(steps), lr, seed, n(scenes), mix)
 
     return [
         # 1. The vision tower alone, dense object-level targets (docs/perception-trial.md's
@@ -753,17 +763,7 @@ def ninety_minute_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
     return [
         PretrainPhase("vision", n(1000), 2e-3, batch_size=16, warmup=min(100, n(100))),
         PretrainPhase("sam", n(1200), 1e-3, batch_size=8, seed=12, warmup=min(50, n(50))),
-        Phase(
-            "stage2",
-            2,
-            n(NINETY_LANGUAGE_STEPS),
-            1e-3,
-            loss={"cycle1": 0.0, "giou": 1.0},
-            lr_scale={"language_model": 0.3},
-            weight_decay=0.01,
-            task_mix=FINAL_MIX,
-            cache_scenes=n(8000),
-        ),
+        _cached("stage2", n(NINETY_LANGUAGE_STEPS), 1e-3, 0, n(8000), FINAL_MIX),
         _stage3(n(MASK_STEPS)),
     ]
 
