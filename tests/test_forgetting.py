@@ -161,10 +161,12 @@ def _conflicting_tasks(root: Path, n: int) -> list[dict]:
 
 def test_a_retraining_job_that_forgets_is_not_promoted(tmp_path):
     # The bundled model knows the original vocabulary (most of the regression slice right);
-    # 60 steps at lr 5e-4 without replay on the contradicting corrections win the held-out
-    # corrections and lose the words. The gate must see the second and refuse. (At 1e-3 the
-    # model shipped 2026-12-06 lost everything, the corrections too, in one of three runs:
-    # held-out 0.0 -> 0.0 or 0.125; at 5e-4, 0.0 -> 0.875 and the slice 0.83 -> 0.0.)
+    # 60 steps at lr 5e-4 without replay on the contradicting corrections lose the words
+    # while the held-out corrections - which contradict them too - get no worse. The
+    # held-out check then promotes, so only the regression slice can refuse: it must.
+    # (Whether the held-out score also rises varies between machines: here 0.0 -> 0.875
+    # on 2026-12-06; CI's run of 2026-12-07 stayed at 0.0 -> 0.0, the slice 0.83 -> 0.0.
+    # Either way the held-out check passes, which is what this test needs.)
     settings = RetrainSettings.from_env(
         {},
         model_dir=tmp_path / "md",
@@ -187,8 +189,10 @@ def test_a_retraining_job_that_forgets_is_not_promoted(tmp_path):
     old, new = result["eval_old"], result["eval_new"]
     r_old, r_new = result["regression"]["old"], result["regression"]["new"]
     print(old["rec_acc"], new["rec_acc"], r_old["rec_acc"], r_new["rec_acc"], result["reason"])
-    assert new["rec_acc"] > old["rec_acc"]  # it did learn what the corrections asked ...
-    assert r_new["rec_acc"] < r_old["rec_acc"] - 0.05  # ... and forgot the words
+    # the held-out slice alone would promote it (the gate's reason starts so) ...
+    assert gate(old, new, settings.policy, settings.tolerance)[0]
+    assert result["reason"].startswith("not worse on the held-out slice")
+    assert r_new["rec_acc"] < r_old["rec_acc"] - 0.05  # ... but it forgot the words
     assert result["promoted"] is False
     assert "forgets the original vocabulary" in result["reason"]
     assert versions.read_current_version(settings.model_dir) is None  # the base is served
