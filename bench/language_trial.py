@@ -106,6 +106,7 @@ def run_trial(
     pool: int,
     eval_every: int,
     eval_max: int = 100,
+    precision: str = "fp32",
 ) -> tuple[Path, int]:
     from training import demo
 
@@ -113,11 +114,15 @@ def run_trial(
     out = root / name
     init, n_llm = initial_checkpoint(out, config)
     phase = next(p for p in demo.ninety_minute_phases() if p.name == "stage2")
-    phase = dataclasses.replace(phase, lr_scale={"language_model": lm_scale}, cache_scenes=pool)
+    phase = dataclasses.replace(
+        phase, lr_scale={"language_model": lm_scale}, cache_scenes=pool, precision=precision
+    )
     eval_set = demo.read_refexp_jsonl(demo.eval_split(root / "splits", 300), config)
     grid = config.vision.image_size // config.vision.patch_size
     (out / "trial.json").write_text(
-        json.dumps({"llm": llm, "lm_scale": lm_scale, "steps": steps, "pool": pool})
+        json.dumps(
+            {"llm": llm, "lm_scale": lm_scale, "steps": steps, "pool": pool, "precision": precision}
+        )
     )
     demo._phase(
         phase, out / "stage2", str(init), None, config, grid, 8, eval_set, eval_every, eval_max,
@@ -147,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--pool", type=int, default=8000)
     r.add_argument("--eval-every", type=int, default=1000)
     r.add_argument("--eval-max", type=int, default=100, help="held-out expressions scored")
+    r.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     c = sub.add_parser("curves")
     c.add_argument("names", nargs="+")
     args = ap.parse_args(argv)
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         run_trial(
             args.root, args.name, llm_overrides(args.llm), steps=args.steps,
             lm_scale=args.lm_scale, pool=args.pool, eval_every=args.eval_every,
-            eval_max=args.eval_max,
+            eval_max=args.eval_max, precision=args.precision,
         )  # fmt: skip
     else:
         for name in args.names:

@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         default="2048",
         help="RETRAIN_FEATURE_CACHE_MB values (0: every step runs the frozen encoders)",
     )
+    p.add_argument("--precision", default="auto", help="RETRAIN_PRECISION values")
     p.add_argument(
         "--box-bias",
         type=int,
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         print(json.dumps({"before": before}), flush=True)
-        for k, (replay, lr, epochs, paste, tower, point, cache_mb) in enumerate(
+        for k, (replay, lr, epochs, paste, tower, point, cache_mb, precision) in enumerate(
             itertools.product(
                 [float(x) for x in args.replay.split(",")],
                 [float(x) for x in args.lr.split(",")],
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 [bool(int(x)) for x in args.tower.split(",")],
                 [float(x) for x in args.point.split(",")],
                 [float(x) for x in args.feature_cache_mb.split(",")],
+                args.precision.split(","),
             )
         ):
             settings = RetrainSettings.from_env(
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 regression=args.regression,
                 point=point,
                 feature_cache_mb=cache_mb,
+                precision=precision,
                 policy="always",
             )
             for task in train:
@@ -193,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tower": tower,
                 "point": point,
                 "feature_cache_mb": cache_mb,
+                "precision": precision,
                 "loss": settings.loss,
                 "job_s": round(job_s, 1),
                 "stages": result["stages"],

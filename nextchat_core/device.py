@@ -20,3 +20,26 @@ def resolve_device(name: str | None = None) -> str:
             f"device {chosen!r} was asked for but torch sees no CUDA device; use 'cpu' or 'auto'"
         )
     return chosen
+
+
+def cpu_description() -> dict[str, object]:
+    """What a CPU timing was measured on: the model name, torch's threads, the kernels
+    torch picked (``AVX512`` ...) and whether the CPU has AMX for bf16 (a bf16 matrix
+    product several times a float32 one's speed there; ``bench/precision.py``)."""
+    model, flags = "unknown", []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = value.split()
+    except OSError:  # not Linux: the model name stays unknown, the rest is torch's
+        pass
+    return {
+        "cpu": model,
+        "threads": torch.get_num_threads(),
+        "kernels": torch.backends.cpu.get_cpu_capability(),
+        "amx_bf16": "amx_bf16" in flags,
+    }

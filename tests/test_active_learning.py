@@ -385,6 +385,12 @@ def test_retrain_settings_reject_bad_values():
             RetrainSettings.from_env({"RETRAIN_STAGE_EPOCHS": bad})
     with pytest.raises(ValueError, match=r"RETRAIN_STAGE_EPOCHS='3' is not valid.*'2=6,3=1'"):
         RetrainSettings.from_env({"RETRAIN_STAGE_EPOCHS": "3"})
+    auto = RetrainSettings.from_env({})
+    assert (auto.precision_on("cpu"), auto.precision_on("cuda")) == ("fp32", "bf16")
+    bf16 = RetrainSettings.from_env({"RETRAIN_PRECISION": "bf16"})
+    assert (bf16.precision_on("cpu"), bf16.precision_on("cuda")) == ("bf16", "bf16")
+    with pytest.raises(ValueError, match="RETRAIN_PRECISION must be auto, fp32 or bf16"):
+        RetrainSettings.from_env({"RETRAIN_PRECISION": "fp16"})
     with pytest.raises(ValueError, match="PROMOTE_POLICY"):
         RetrainSettings.from_env({"PROMOTE_POLICY": "sometimes"})
     with pytest.raises(ValueError, match="RETRAIN_STAGES"):

@@ -4,6 +4,7 @@ scores of the evaluation, and the perception pre-training loops (resumable)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -242,6 +243,30 @@ def test_vision_pretraining_trains_only_the_tower_and_resumes_bit_identically(tm
     assert any(not torch.equal(a[k], start[k]) for k in a if k.startswith("vision_tower.model."))
     report = json.loads((tmp_path / "whole" / "readout.json").read_text())
     assert {"color", "shape", "size", "mean_iou", "recall"} <= set(report["large"])
+
+
+@pytest.mark.timeout(600)
+def test_pretraining_under_bf16_autocast_keeps_float32_weights_and_learns(tmp_path):
+    # bf16 is the forward's arithmetic (CPU autocast), not what is stored: the tower's
+    # weights stay float32, and the loss falls as it does in float32
+    init = _init(tmp_path)
+    cfg = demo.training_synth_config()
+    phase = demo_pretrain.PretrainPhase(
+        "vision", 8, 2e-3, batch_size=2, warmup=1, log_every=4, precision="bf16"
+    )
+    done = demo_pretrain.pretrain_vision(init, tmp_path / "bf16", phase, cfg)
+    state = from_pretrained(done).model.state_dict()
+    tower = [v for k, v in state.items() if k.startswith("vision_tower.")]
+    assert {v.dtype for v in tower if v.is_floating_point()} == {torch.float32}
+    start = from_pretrained(init).model.state_dict()
+    assert any(not torch.equal(state[k], start[k]) for k in state if k.startswith("vision_tower."))
+    rows = [json.loads(x) for x in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16', got 'fp16'"):
+        demo_pretrain.pretrain_vision(
+            init, tmp_path / "bad", dataclasses.replace(phase, precision="fp16"), cfg
+        )
 
 
 def test_vision_targets_put_each_object_at_its_centre_cell():

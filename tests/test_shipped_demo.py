@@ -260,7 +260,14 @@ def test_the_recipe_runs_end_to_end_at_small_scale(tmp_path):
 def test_the_ninety_minute_recipe_runs_from_scratch_at_small_scale(tmp_path, capsys):
     # the CLI's --recipe 90min: one SAM cycle, one language cycle on cached features
     out = tmp_path / "run"
-    args = ["--recipe", "90min", "--scale", "0.0002", "--out", str(out)]
+    args = ["--recipe", "90min", "--scale", "0.0002", "--out", str(out), "--steps", "stage2=3"]
+    for bad, said in (
+        ("stage9=3", r"phases \['stage9'\] that this recipe does not have; its phases: vision, "),
+        ("stage2=many", "--steps wants PHASE=STEPS pairs like stage2=30000, got 'stage2=many'"),
+    ):
+        with pytest.raises(SystemExit, match=said):
+            demo.main([*args[:-1], bad])
+    assert not out.exists()  # refused before the run directory was claimed
     assert (
         demo.main([*args, "--batch-size", "2", "--eval-scenes", "4", "--eval-every", "1000"]) == 0
     )
@@ -268,6 +275,11 @@ def test_the_ninety_minute_recipe_runs_from_scratch_at_small_scale(tmp_path, cap
     metrics = json.loads((out / "metrics.json").read_text())
     names = ["vision", "sam", "stage2", "stage3"]
     assert phase_names(metrics) == names
+    # --steps set the language cycle's steps (2 at this scale), nothing else's
+    assert [p["steps"] for p in metrics["phases"]] == [2, 2, 3, 2]
+    assert metrics["recipe"] == {"recipe": "90min", "scale": 0.0002, "steps": "stage2=3"}
+    assert set(metrics["machine"]) == {"cpu", "threads", "kernels", "amx_bf16"}
+    assert metrics["phases"][0]["precision"] == "bf16"  # the tower's pre-training
     assert set(metrics["phase_wall_s"]) >= {"splits", *names, "calibration", "evaluation"}
     # the language cycle trained on the frozen tower's cached features, with every stand-in
     assert (out / "stage2" / "feature-pool.pt").is_file()
@@ -286,6 +298,8 @@ def test_the_ninety_minute_recipe_runs_from_scratch_at_small_scale(tmp_path, cap
     # the run directory is this recipe's: the shipped recipe would reuse its phases by name
     with pytest.raises(SystemExit, match=r"holds a run of recipe '90min' at scale 0\.0002"):
         demo.main(["--recipe", "shipped", "--scale", "0.0002", "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"with --steps stage2=3, not '90min' at 0\.0002;"):
+        demo.main(args[:-2])  # the same recipe without its --steps
     assert not (out / "stage2b").exists()
 
 
@@ -305,7 +319,9 @@ def test_the_readme_states_the_ninety_minute_run_from_its_metrics():
     metrics = json.loads(run.read_text())
     assert readme_block("demo-90min") == demo.readme_summary(metrics)
     # it is the 90-minute recipe's run, from scratch (nothing continued), within 90 minutes
-    recipe = demo.ninety_minute_phases()
+    recipe = demo.with_steps(
+        demo.ninety_minute_phases(), metrics.get("recipe", {}).get("steps", "")
+    )
     assert phase_names(metrics) == [p.name for p in recipe]
     assert [p["steps"] for p in metrics["phases"]] == [p.steps for p in recipe]
     assert "continued_from" not in metrics and sum(metrics["phase_wall_s"].values()) <= 90 * 60

@@ -105,6 +105,21 @@ def test_each_stage_lowers_its_loss(tmp_path, stage):
         assert "lm_loss" in rows[0] and "focal_loss" not in rows[0]
 
 
+def test_bf16_autocast_trains_on_the_cpu_and_keeps_float32_weights(tmp_path):
+    # precision "bf16" is accelerate's autocast, on the CPU too (AMX makes it pay:
+    # bench/precision.py); the answers' <at> <boxes> go in through loc_encoder, whose bf16
+    # output must be scattered into the float32 token embeddings
+    data = write_refexp(tmp_path)
+    cfg = config_for(tmp_path, data, precision="bf16", steps=20, batch_size=3, log_every=5)
+    result = train(cfg)
+    rows = [r for r in metrics(result.log_path) if not r.get("eval")]
+    assert rows[-1]["loss"] < rows[0]["loss"] * 0.9, [r["loss"] for r in rows]
+    from safetensors.torch import load_file
+
+    weights = load_file(str(result.final_dir / "model.safetensors"))
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
+
+
 def test_interrupted_run_resumes_exactly(tmp_path):
     data = write_refexp(tmp_path)
     full = train(config_for(tmp_path, data, output_dir=str(tmp_path / "full")))

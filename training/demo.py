@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -52,6 +53,7 @@ from nextchat_core.batch import Sample
 from nextchat_core.build import from_pretrained
 from nextchat_core.config import NextChatConfig, get_preset
 from nextchat_core.conversation import IGNORE_INDEX
+from nextchat_core.device import cpu_description
 from nextchat_core.frames import SquareGeometry
 from nextchat_core.image_processing import ImageProcessor
 from nextchat_core.modeling import NextChatModel, NextChatOutput
@@ -554,6 +556,7 @@ class Phase:
     # (CachedSynthStream); 0: render fresh scenes every step (SynthStream).
     cache_scenes: int = 0
     records_per_scene: int = 6  # of a cached pool
+    precision: str = "fp32"  # "bf16": CPU/CUDA bf16 autocast (TrainConfig.precision)
 
 
 # The task mix of the language stage: grounding first, every ability the backend exposes
@@ -761,7 +764,9 @@ def ninety_minute_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
         return max(2, int(x * scale))
 
     return [
-        PretrainPhase("vision", n(1000), 2e-3, batch_size=16, warmup=min(100, n(100))),
+        PretrainPhase(
+            "vision", n(1000), 2e-3, batch_size=16, warmup=min(100, n(100)), precision="bf16"
+        ),
         PretrainPhase("sam", n(1200), 1e-3, batch_size=8, seed=12, warmup=min(50, n(50))),
         _cached("stage2", n(NINETY_LANGUAGE_STEPS), 1e-3, 0, n(8000), FINAL_MIX),
         _stage3(n(MASK_STEPS)),
@@ -913,9 +918,11 @@ def run(
     eval_every: int = 500,
     eval_max: int = 100,
     ship: Path | None = None,
+    recipe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train all phases (resuming any that was interrupted), evaluate on the held-out,
-    task and robustness splits, optionally ship."""
+    task and robustness splits, optionally ship. ``recipe``: the CLI's recipe name, scale
+    and ``--steps`` (:func:`claim_run_dir`), kept in the metrics."""
     out.mkdir(parents=True, exist_ok=True)
     mcfg = get_preset("demo")
     grid = mcfg.vision.image_size // mcfg.vision.patch_size  # LLM token grid (8x8)
@@ -984,7 +991,11 @@ def run(
         "batch_size": batch_size,
         "weights_bytes": (Path(init) / "model.safetensors").stat().st_size,
         "date": time.strftime("%Y-%m-%d"),
+        # the CPU that finished the run (a resumed run's earlier phases may have had another)
+        "machine": cpu_description(),
     }
+    if recipe is not None:
+        metrics["recipe"] = recipe
     if earlier is not None:
         metrics["continued_from"] = earlier
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -1139,6 +1150,7 @@ def _phase(
         lr_scale=phase.lr_scale or {},
         weight_decay=phase.weight_decay,
         tokenizer=tokenizer_dir if init == "demo" else None,
+        precision=phase.precision,
     )
     log.info("phase %s%s: %d steps from %s", phase.name, " (easy)" if easy else "", steps, init)
     train(config, samples=stream, eval_samples=eval_set, aux=DemoAux(mcfg) if phase.aux else None)
@@ -1252,8 +1264,15 @@ def readme_summary(metrics: dict[str, Any]) -> str:
     if walls:
         total = sum(walls.values())
         parts = ", ".join(f"{k} {v / 60:.1f}" for k, v in walls.items())
+        machine = metrics.get("machine")
+        on = (
+            f" on {machine['cpu']} ({machine['threads']} threads"
+            f"{', AMX' if machine['amx_bf16'] else ''})"
+            if machine
+            else ""
+        )
         lines.append(
-            f"Wall time of the run that made it: {total / 60:.1f} minutes ({parts}; minutes)."
+            f"Wall time of the run that made it{on}: {total / 60:.1f} minutes ({parts}; minutes)."
         )
         earlier = metrics.get("continued_from")
         if earlier:
@@ -1292,22 +1311,50 @@ def readme_summary(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def claim_run_dir(out: Path, recipe: str, scale: float) -> None:
-    """A run directory holds ONE recipe at one scale: a run reuses every finished phase of
-    its name there, so another recipe's (or scale's) phases must not be taken for its own.
-    The first run writes ``recipe.json``; a later one with other settings is refused."""
+def with_steps(phases: list[Phase | PretrainPhase], spec: str) -> list[Phase | PretrainPhase]:
+    """``--steps``: ``"stage2=30000,vision=800"`` -> ``phases`` with those phases' step
+    counts (a language phase's cosine schedule is sized by them). For a CPU faster or
+    slower than the one a recipe was sized on: ``bench/precision.py`` times its steps."""
+    wanted: dict[str, int] = {}
+    for part in filter(None, spec.replace(" ", "").split(",")):
+        name, sep, value = part.partition("=")
+        if not sep or not value.isdigit() or int(value) < 1:
+            raise SystemExit(f"--steps wants PHASE=STEPS pairs like stage2=30000, got {part!r}")
+        wanted[name] = int(value)
+    unknown = sorted(set(wanted) - {p.name for p in phases})
+    if unknown:
+        raise SystemExit(
+            f"--steps names phases {unknown} that this recipe does not have; its phases: "
+            f"{', '.join(p.name for p in phases)}"
+        )
+    return [dataclasses.replace(p, steps=wanted.get(p.name, p.steps)) for p in phases]
+
+
+def claim_run_dir(out: Path, recipe: str, scale: float, steps: str = "") -> dict[str, Any]:
+    """A run directory holds ONE recipe at one scale (and ``--steps``): a run reuses every
+    finished phase of its name there, so another recipe's (or scale's) phases must not be
+    taken for its own. The first run writes ``recipe.json``; a later one with other
+    settings is refused. Returns what the directory holds (the run's ``recipe`` in its
+    metrics)."""
     marker = out / "recipe.json"
-    mine = {"recipe": recipe, "scale": scale}
+    mine: dict[str, Any] = {"recipe": recipe, "scale": scale}
+    if steps:
+        mine["steps"] = steps
     if marker.exists():
         had = json.loads(marker.read_text())
         if had != mine:
+            what = f"recipe {had['recipe']!r} at scale {had['scale']}"
+            if had.get("steps"):
+                what += f" with --steps {had['steps']}"
             raise SystemExit(
-                f"{out} holds a run of recipe {had['recipe']!r} at scale {had['scale']}, not "
-                f"{recipe!r} at {scale}; give another --out, or delete {out} to start over"
+                f"{out} holds a run of {what}, not {recipe!r} at {scale}"
+                f"{' with --steps ' + steps if steps else ''}; give another --out, or delete "
+                f"{out} to start over"
             )
-        return
+        return mine
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(mine))
+    return mine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1324,6 +1371,13 @@ def main(argv: list[str] | None = None) -> int:
         "the recipe sized to run from scratch in 90 minutes",
     )
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps")
+    ap.add_argument(
+        "--steps",
+        default="",
+        metavar="PHASE=N,...",
+        help="set some phases' steps after --scale, e.g. stage2=30000 (a faster CPU fits more "
+        "in the same minutes: bench/precision.py)",
+    )
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-scenes", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=500)
@@ -1357,8 +1411,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     stop_cleanly_on_sigterm()
-    claim_run_dir(Path(args.out), args.recipe, args.scale)
-    phases = RECIPES[args.recipe](args.scale)
+    phases = with_steps(RECIPES[args.recipe](args.scale), args.steps)
+    recipe = claim_run_dir(Path(args.out), args.recipe, args.scale, args.steps.replace(" ", ""))
     if args.continue_from:
         continue_from(Path(args.out), Path(args.continue_from), phases, args.at)
     metrics = run(
@@ -1368,6 +1422,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_scenes=args.eval_scenes,
         eval_every=args.eval_every,
         ship=Path(args.ship) if args.ship else None,
+        recipe=recipe,
     )
     print(json.dumps(metrics["final"], indent=2))
     return 0

@@ -228,6 +228,9 @@ class PretrainPhase:
     # the share of objects drawn as unnamed random shapes (synth.BLOB): objectness, colour
     # and box learnt from pixels beyond the domain's six shapes
     blob_prob: float = 0.0
+    # "bf16": the forward runs under CPU bf16 autocast (weights and the optimizer stay
+    # float32); on a CPU with AMX the demo tower's step takes half the time (bench/precision.py)
+    precision: str = "fp32"
 
     @property
     def name(self) -> str:
@@ -308,6 +311,8 @@ def _loop(
         trained, head = model.sam, nn.Identity()
     else:
         raise ValueError(f"unknown pre-training kind {phase.kind!r}; expected 'vision' or 'sam'")
+    if phase.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {phase.precision!r}")
     trained.requires_grad_(True)
     trained.train()
     params = [p for p in [*trained.parameters(), *head.parameters()] if p.requires_grad]
@@ -334,12 +339,12 @@ def _loop(
         scenes = _scene_batch(
             phase.seed, int(state["step"]), phase.batch_size, synth_cfg, flip=phase.kind == "vision"
         )
-        if phase.kind == "vision":
-            parts = _vision_step(model, head, processor, scenes, grid)
-        else:
-            parts = _sam_step(
-                model, processor, scenes, np.random.default_rng([phase.seed, int(state["step"])])
-            )
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=phase.precision == "bf16"):
+            if phase.kind == "vision":
+                parts = _vision_step(model, head, processor, scenes, grid)
+            else:
+                rng = np.random.default_rng([phase.seed, int(state["step"])])
+                parts = _sam_step(model, processor, scenes, rng)
         loss = sum(parts.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[union-attr]

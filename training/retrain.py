@@ -105,6 +105,9 @@ class RetrainSettings(ServiceSettings):
     # computed once and reused by every step and stage (training.feature_cache), within
     # this much memory (float32, per image: README; 0: off)
     feature_cache_mb: float = 2048.0
+    # RETRAIN_PRECISION: auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16 (bf16
+    # autocast on the CPU too: pays on a CPU with AMX - bench/precision.py)
+    precision: str = "auto"
     # PROMOTE_FORGETTING_TOLERANCE: Acc@0.5 / mask mIoU the regression slice may lose
     forgetting_tolerance: float = 0.05
     keep_versions: int = 5  # KEEP_VERSIONS: retention (current and rollback target kept)
@@ -164,6 +167,7 @@ class RetrainSettings(ServiceSettings):
             regression=get("RETRAIN_REGRESSION", int, 0),
             point=get("RETRAIN_POINT", float, 0.0),
             feature_cache_mb=get("RETRAIN_FEATURE_CACHE_MB", float, 2048.0),
+            precision=get("RETRAIN_PRECISION", str, "auto"),
             forgetting_tolerance=get("PROMOTE_FORGETTING_TOLERANCE", float, 0.05),
             keep_versions=get("KEEP_VERSIONS", int, 5),
             lora=get("RETRAIN_LORA", str, "auto"),
@@ -177,6 +181,10 @@ class RetrainSettings(ServiceSettings):
     def validate(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"PROMOTE_POLICY must be one of {POLICIES}, got {self.policy!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(
+                f"RETRAIN_PRECISION must be auto, fp32 or bf16, got {self.precision!r}"
+            )
         if self.lora not in ("auto", "on", "off"):
             raise ValueError(f"RETRAIN_LORA must be auto, on or off, got {self.lora!r}")
         bad = [s for s in self.stages if s not in (0, 1, 2, 3)]
@@ -228,6 +236,12 @@ class RetrainSettings(ServiceSettings):
                 "RETRAIN_FEATURE_CACHE_MB must be >= 0 (megabytes; 0 turns the cache off), "
                 f"got {self.feature_cache_mb}"
             )
+
+    def precision_on(self, device: str) -> str:
+        """The training precision on ``device`` ("cpu" or a CUDA device)."""
+        if self.precision != "auto":
+            return self.precision
+        return "fp32" if device == "cpu" else "bf16"
 
     @functools.cached_property
     def store(self) -> AnnotationStore:
@@ -534,7 +548,7 @@ def _train_stages(
             # RETRAIN_TRAINABLE / RETRAIN_LR_SCALE are the language stages'; stage 3 keeps its own
             trainable=list(settings.trainable) if settings.trainable and stage != 3 else None,
             lr_scale=dict(settings.lr_scale) if stage != 3 else {},
-            precision="bf16" if device != "cpu" else "fp32",
+            precision=settings.precision_on(device),
             gradient_checkpointing=big,
             lora={"r": 16, "alpha": 32, "dropout": 0.05} if use_lora and stage != 3 else None,
             feature_cache_mb=settings.feature_cache_mb,

@@ -82,7 +82,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     clip_norm: float = 1.0
-    precision: str = "fp32"  # fp32 | bf16 (bf16 autocast on CUDA)
+    precision: str = "fp32"  # fp32 | bf16 (autocast; on CPU it needs AMX/AVX512-BF16 to pay)
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the model (pays off on CUDA for long runs)
     lora: dict[str, Any] | None = None  # {"r": 16, "alpha": 32, "dropout": 0.05}

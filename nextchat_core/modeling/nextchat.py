@@ -209,7 +209,7 @@ class NextChatModel(nn.Module):
         if n_slots:
             assert boxes is not None
             box_embeds = self.loc_encoder(boxes.to(embeds.dtype))
-            embeds = embeds.masked_scatter(slots.unsqueeze(-1), box_embeds)
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), box_embeds.to(embeds.dtype))
         return embeds
 
     def _llm(
