@@ -7,10 +7,12 @@ learning rate? A trial of that ONE cycle, from a fresh LLM, on a fixed frozen to
     python bench/language_trial.py curves h128 h128-lm1  # their held-out curves, by step and minute
 
 The vision tower and SAM are the bundled model's (``models/demo``; frozen, as in the recipe's
-language cycle), every other module is a fresh model's of the given LLM sizes (seed 0, the
-bundled tokenizer). The cycle is ``training.demo.ninety_minute_phases``' ``stage2``: cached
-tower features of a pool of scenes (computed once under ``runs/language-trial/`` and shared by
-every trial of that pool size), every ``DemoAux`` stand-in, its task mix, lr and cosine
+language cycle) or, with ``train --tower CHECKPOINT``, another checkpoint's (a tower
+pre-trained otherwise); every other module is a fresh model's of the given LLM sizes (seed 0,
+the bundled tokenizer). ``--precision bf16`` runs the cycle under bf16 autocast. The cycle is
+``training.demo.ninety_minute_phases``' ``stage2``: cached tower features of a pool of scenes
+(computed once under ``runs/language-trial/`` and shared by every trial of that pool size and
+tower), every ``DemoAux`` stand-in, its task mix, lr and cosine
 schedule; ``--steps`` sizes the schedule (the recipe's 13,000 by default). ``train`` scores the
 first 100 held-out expressions every ``--eval-every`` steps (the recipe run's curve); its
 ``elapsed_s`` is the trainer's own clock (no model loading), so run one trial at a time for
@@ -21,8 +23,8 @@ evaluation, one after the other in this process's threads, and prints seconds pe
 the ratio to the recipe's LLM (the first row). Variants: ``NAME:key=value,...`` of
 ``LLMConfig`` (``num_kv_heads`` follows ``num_heads``); ``NAME:`` is the recipe's LLM.
 
-The tower is the bundled model's 1,500-step one, not the 1,000-step tower a 90-minute run
-trains: a trial compares LLM settings with each other, not with a run from scratch.
+The bundled tower is a 1,500-step one, not the 1,000-step tower a 90-minute run trains: a
+trial compares settings with each other, not with a run from scratch.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 ROOT = REPO / "runs" / "language-trial"  # --root
+BUNDLED = REPO / "models" / "demo"
 DEFAULT_VARIANTS = [
     "recipe:",
     "hidden128:hidden_size=128,intermediate_size=344",
@@ -74,9 +77,10 @@ def trial_config(llm: dict[str, int]):
     return config
 
 
-def initial_checkpoint(out: Path, config) -> tuple[Path, int]:
-    """A fresh model of ``config`` (seed 0) with the bundled model's vision tower and SAM;
-    returns its directory and the LLM's parameter count."""
+def initial_checkpoint(out: Path, config, tower: Path = BUNDLED) -> tuple[Path, int]:
+    """A fresh model of ``config`` (seed 0) with the vision tower and SAM of ``tower`` (a
+    checkpoint; the bundled model's by default); returns its directory and the LLM's
+    parameter count."""
     import torch
     from safetensors.torch import load_file
 
@@ -87,13 +91,20 @@ def initial_checkpoint(out: Path, config) -> tuple[Path, int]:
     model = build_model(config)
     path = out / "init"
     if not (path / "model.safetensors").exists():
-        bundled = load_file(str(REPO / "models" / "demo" / "model.safetensors"))
+        weights = load_file(str(tower / "model.safetensors"))
         for prefix, module in (("vision_tower.", model.vision_tower), ("sam.", model.sam)):
             module.load_state_dict(
-                {k[len(prefix) :]: v for k, v in bundled.items() if k.startswith(prefix)}
+                {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
             )
-        save_pretrained(model, path, load_tokenizer(REPO / "models" / "demo", config))
+        save_pretrained(model, path, load_tokenizer(BUNDLED, config))
     return path, sum(p.numel() for p in model.language_model.parameters())
+
+
+def weights_id(checkpoint: Path) -> str:
+    """A short hash of a checkpoint's weights: cached tower features belong to one tower."""
+    import hashlib
+
+    return hashlib.sha256((checkpoint / "model.safetensors").read_bytes()).hexdigest()[:10]
 
 
 def run_trial(
@@ -107,12 +118,13 @@ def run_trial(
     eval_every: int,
     eval_max: int = 100,
     precision: str = "fp32",
+    tower: Path = BUNDLED,
 ) -> tuple[Path, int]:
     from training import demo
 
     config = trial_config(llm)
     out = root / name
-    init, n_llm = initial_checkpoint(out, config)
+    init, n_llm = initial_checkpoint(out, config, tower)
     phase = next(p for p in demo.ninety_minute_phases() if p.name == "stage2")
     phase = dataclasses.replace(
         phase, lr_scale={"language_model": lm_scale}, cache_scenes=pool, precision=precision
@@ -121,12 +133,19 @@ def run_trial(
     grid = config.vision.image_size // config.vision.patch_size
     (out / "trial.json").write_text(
         json.dumps(
-            {"llm": llm, "lm_scale": lm_scale, "steps": steps, "pool": pool, "precision": precision}
+            {
+                "llm": llm,
+                "lm_scale": lm_scale,
+                "steps": steps,
+                "pool": pool,
+                "precision": precision,
+                "tower": str(tower),
+            }
         )
     )
     demo._phase(
         phase, out / "stage2", str(init), None, config, grid, 8, eval_set, eval_every, eval_max,
-        steps=steps, easy=False, pool=root / f"pool-{pool}.pt",
+        steps=steps, easy=False, pool=root / f"pool-{pool}-{weights_id(tower)}.pt",
     )  # fmt: skip
     return out / "stage2", n_llm
 
@@ -153,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--eval-every", type=int, default=1000)
     r.add_argument("--eval-max", type=int, default=100, help="held-out expressions scored")
     r.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    r.add_argument(
+        "--tower",
+        type=Path,
+        default=BUNDLED,
+        help="a checkpoint whose vision tower and SAM the trial uses (e.g. a pre-training's "
+        "final/; default: the bundled model's)",
+    )
     c = sub.add_parser("curves")
     c.add_argument("names", nargs="+")
     args = ap.parse_args(argv)
@@ -178,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         run_trial(
             args.root, args.name, llm_overrides(args.llm), steps=args.steps,
             lm_scale=args.lm_scale, pool=args.pool, eval_every=args.eval_every,
-            eval_max=args.eval_max, precision=args.precision,
+            eval_max=args.eval_max, precision=args.precision, tower=args.tower,
         )  # fmt: skip
     else:
         for name in args.names:

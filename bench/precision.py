@@ -82,13 +82,13 @@ def time_pretrain(kind: str, precision: str, steps: int, work: Path) -> float:
     return per_step(out / "metrics.jsonl")
 
 
-def time_language(precision: str, steps: int, work: Path) -> float:
+def time_language(precision: str, steps: int, work: Path, pool: int) -> float:
     import language_trial
 
     name = f"language-{precision}"
     shutil.rmtree(work / name, ignore_errors=True)
     phase_dir, _ = language_trial.run_trial(
-        work, name, {}, steps=steps, lm_scale=0.3, pool=200, eval_every=0, precision=precision
+        work, name, {}, steps=steps, lm_scale=0.3, pool=pool, eval_every=0, precision=precision
     )
     return per_step(phase_dir / "metrics.jsonl")
 
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         "--phases", nargs="+", default=["vision", "sam", "language"],
         choices=["vision", "sam", "language"],
     )  # fmt: skip
+    ap.add_argument("--pool", type=int, default=200, help="scenes cached for the language step")
     ap.add_argument("--work", type=Path, default=None, help="keep the runs here (default: temp)")
     args = ap.parse_args(argv)
     if args.steps < 8:
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             times = []
             for precision in PRECISIONS:
                 if phase == "language":
-                    times.append(time_language(precision, args.steps, work))
+                    times.append(time_language(precision, args.steps, work, args.pool))
                 else:
                     times.append(time_pretrain(phase, precision, args.steps, work))
             table.append((phase, times[0], times[1]))

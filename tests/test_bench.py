@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -206,9 +208,26 @@ def test_language_trial_times_trains_and_prints_curves(tmp_path):
     stdout = run_bench("language_trial.py", "--root", root, "curves", "tiny")
     steps = [line.split("|")[1].strip() for line in stdout.splitlines() if line.startswith("| ")]
     assert steps[1:] == ["2", "4"], stdout
-    assert '"hidden_size": 64' in stdout
+    assert '"hidden_size": 64' in stdout and '"tower": ' in stdout
+    # the cached tower features are the tower's: their pool is named by its weights
+    pools = sorted(p.name for p in tmp_path.glob("pool-4-*.pt"))
+    assert len(pools) == 1 and re.fullmatch(r"pool-4-[0-9a-f]{10}\.pt", pools[0]), pools
     bad = subprocess.run(
         [sys.executable, "bench/language_trial.py", "--root", root, "train", "x", "--llm", "hidden=1"],
         cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     assert bad.returncode != 0 and "unknown LLM fields ['hidden']" in bad.stderr
+
+
+def test_precision_times_the_recipes_phases_in_float32_and_bf16(tmp_path):
+    args = ("--steps", "8", "--phases", "vision", "language", "--pool", "4")
+    stdout = run_bench("precision.py", *args, "--work", str(tmp_path))
+    assert "GFLOP/s" in stdout and "AMX bf16: " in stdout, stdout
+    table = [line.split("|") for line in stdout.splitlines() if line.startswith("| ")][1:]
+    assert [r[1].strip() for r in table] == ["vision", "language"], stdout
+    for row in table:
+        fp32, bf16, ratio = (float(row[k].strip().rstrip("x")) for k in (2, 3, 4))
+        assert fp32 > 0 and bf16 > 0 and ratio == pytest.approx(bf16 / fp32, abs=0.02), row
+    # each phase ran both ways (its own run directory, its own log)
+    assert {p.name for p in tmp_path.iterdir()} >= {"vision-fp32", "vision-bf16"}
+    assert (tmp_path / "language-bf16" / "trial.json").read_text().count('"bf16"') == 1

@@ -120,6 +120,22 @@ def test_bf16_autocast_trains_on_the_cpu_and_keeps_float32_weights(tmp_path):
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
 
 
+def test_one_process_trains_in_float32_and_bf16_one_after_the_other():
+    # accelerate refuses a second mixed precision in a process; a worker or a bench that
+    # runs both gets each (make_accelerator starts a single process's state afresh)
+    from training.engine import make_accelerator
+
+    for precision, mixed, dtype in (
+        ("fp32", "no", torch.float32),
+        ("bf16", "bf16", torch.bfloat16),
+        ("fp32", "no", torch.float32),
+    ):
+        accelerator = make_accelerator(EngineSettings(precision=precision), cpu=True)
+        assert accelerator.mixed_precision == mixed
+        with accelerator.autocast():
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == dtype
+
+
 def test_interrupted_run_resumes_exactly(tmp_path):
     data = write_refexp(tmp_path)
     full = train(config_for(tmp_path, data, output_dir=str(tmp_path / "full")))

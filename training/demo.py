@@ -754,11 +754,13 @@ def ninety_minute_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
     taught and drops their restarts: the tower pre-trained and frozen, ONE SAM pre-training
     cycle, ONE language cycle on cached tower features from its first step (no rendering or
     tower in a step), with every grounding stand-in and the final task mix of the shipped
-    cycles, GIoU at weight 1, then stage 3. Step counts are sized from the step times
-    measured on this unshared CPU: vision 1.15 s at batch 16 (rendering with every
-    variation included), SAM 0.51-0.58 s at batch 8, a cached language step with every
-    stand-in 0.20 s at batch 8, caching 36 ms a scene. Its one run from scratch took 88.6
-    minutes (docs/demo-recipe.md, docs/demo-run-2026-12-07-90min.json)."""
+    cycles, GIoU at weight 1, then stage 3. Step counts were sized from the step times
+    measured on the CPU of its first run (unshared): vision 1.15 s at batch 16 (rendering
+    with every variation included), SAM 0.51-0.58 s at batch 8, a cached language step
+    with every stand-in 0.20 s at batch 8, caching 36 ms a scene; that run took 88.6
+    minutes (docs/demo-recipe.md). CPUs differ: another ran the language step in 0.107 s
+    and pre-trains the tower in bf16 autocast (as here) at 0.64x its float32 step, so
+    ``--steps`` resizes phases to a machine (``bench/precision.py`` times them)."""
 
     def n(x: int) -> int:
         return max(2, int(x * scale))
@@ -773,7 +775,7 @@ def ninety_minute_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
     ]
 
 
-NINETY_LANGUAGE_STEPS = 13000  # 50 minutes at the measured 0.20 s a step (+ caching)
+NINETY_LANGUAGE_STEPS = 13000  # 43 minutes at the first run's 0.20 s a step (+ caching)
 RECIPES = {"shipped": default_phases, "90min": ninety_minute_phases}
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch import nn
 
 from nextchat_core.config import LossConfig
@@ -39,8 +40,15 @@ class EngineSettings:
 def make_accelerator(settings: EngineSettings, *, cpu: bool = False) -> Accelerator:
     if settings.precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {settings.precision!r}")
+    mixed = "bf16" if settings.precision == "bf16" else "no"
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed and state.get("num_processes", 1) == 1:
+        # accelerate keeps ONE mixed precision per process and refuses another; a single
+        # process (a worker, a bench) may train in both, so its state is started afresh.
+        # (A launch of several processes has one precision, set by its launcher.)
+        AcceleratorState._reset_state()
     return Accelerator(
-        mixed_precision="bf16" if settings.precision == "bf16" else "no",
+        mixed_precision=mixed,
         gradient_accumulation_steps=settings.accumulate,
         cpu=cpu,
         dynamo_backend="inductor" if settings.compile else "no",
