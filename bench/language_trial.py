@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--pool", type=int, default=8000)
     r.add_argument("--eval-every", type=int, default=1000)
     r.add_argument("--eval-max", type=int, default=100, help="held-out expressions scored")
-    r.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    r.add_argument("--precision", default="fp32", help="fp32 or bf16 (autocast)")
     r.add_argument(
         "--tower",
         type=Path,

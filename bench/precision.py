@@ -29,8 +29,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-PRECISIONS = ("fp32", "bf16")
-
 
 def cpu_line() -> str:
     from nextchat_core.device import cpu_description
@@ -110,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
+    from nextchat_core.device import PRECISIONS  # ("fp32", "bf16"): the baseline first
+
     table: list[tuple[str, float, float]] = []
     fp32, bf16 = (matmul_gflops(p) for p in PRECISIONS)
     with tempfile.TemporaryDirectory(prefix="precision-") as tmp:

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import torch
 
+# Training precisions: float32, or bf16 autocast (weights and optimizer stay float32) - on
+# CUDA, or on a CPU, where it pays with AMX (bench/precision.py)
+PRECISIONS = ("fp32", "bf16")
+
 
 def resolve_device(name: str | None = None) -> str:
     """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` for ``name`` (``None``: cpu; ``"auto"``: cuda

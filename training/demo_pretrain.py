@@ -38,6 +38,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from nextchat_core import frames, losses
 from nextchat_core.build import from_pretrained, save_pretrained
+from nextchat_core.device import PRECISIONS
 from nextchat_core.frames import SamGeometry, SquareGeometry
 from nextchat_core.image_processing import ImageProcessor
 from nextchat_core.modeling import NextChatModel
@@ -311,7 +312,7 @@ def _loop(
         trained, head = model.sam, nn.Identity()
     else:
         raise ValueError(f"unknown pre-training kind {phase.kind!r}; expected 'vision' or 'sam'")
-    if phase.precision not in ("fp32", "bf16"):
+    if phase.precision not in PRECISIONS:
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {phase.precision!r}")
     trained.requires_grad_(True)
     trained.train()

@@ -16,6 +16,7 @@ from accelerate.state import AcceleratorState
 from torch import nn
 
 from nextchat_core.config import LossConfig
+from nextchat_core.device import PRECISIONS
 from nextchat_core.modeling import NextChatModel, NextChatOutput
 
 from .lora import LoraSettings, apply_lora
@@ -38,7 +39,7 @@ class EngineSettings:
 
 
 def make_accelerator(settings: EngineSettings, *, cpu: bool = False) -> Accelerator:
-    if settings.precision not in ("fp32", "bf16"):
+    if settings.precision not in PRECISIONS:
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {settings.precision!r}")
     mixed = "bf16" if settings.precision == "bf16" else "no"
     state = AcceleratorState._shared_state

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from labelstudio.results import LabelStudioFormatError
-from nextchat_core.device import resolve_device
+from nextchat_core.device import PRECISIONS, resolve_device
 from training import versions
 from training.settings import ServiceSettings
 
@@ -181,7 +181,7 @@ class RetrainSettings(ServiceSettings):
     def validate(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"PROMOTE_POLICY must be one of {POLICIES}, got {self.policy!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
+        if self.precision not in ("auto", *PRECISIONS):
             raise ValueError(
                 f"RETRAIN_PRECISION must be auto, fp32 or bf16, got {self.precision!r}"
             )

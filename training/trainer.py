@@ -34,7 +34,7 @@ from transformers import get_cosine_schedule_with_warmup
 from nextchat_core.batch import collate
 from nextchat_core.build import build_model, from_pretrained, save_pretrained
 from nextchat_core.config import PRESETS, get_preset
-from nextchat_core.device import resolve_device
+from nextchat_core.device import PRECISIONS, resolve_device
 from nextchat_core.files import atomic_write_text
 from nextchat_core.image_processing import ImageProcessor
 from nextchat_core.predictor import NextChatPredictor
@@ -112,7 +112,7 @@ class TrainConfig:
                 raise ValueError(
                     f"train config: unknown data kind {src.kind!r}; expected one of {sorted(_READERS)}"
                 )
-        if self.precision not in ("fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise ValueError(
                 f"train config: precision must be 'fp32' or 'bf16', got {self.precision!r}"
             )
