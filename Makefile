@@ -32,7 +32,10 @@ clean:
 
 ## Train the demo checkpoint from scratch (resumable) and ship it to models/demo. RECIPE=shipped
 ## (default): the phases that made the bundled model (wall time per phase: models/demo/metrics.json);
-## RECIPE=90min: the recipe sized to 90 minutes on 2 CPU cores (docs/demo-recipe.md).
+## RECIPE=90min: the recipe sized to 90 minutes on 2 CPU cores (docs/demo-recipe.md); with
+## MINUTES=90 its language cycle takes the steps the minutes leave on THIS machine.
 RECIPE ?= shipped
+MINUTES ?=
 demo-model: $(STAMP)
-	$(BIN)/python -m training.demo --recipe $(RECIPE) --out runs/demo-$(RECIPE) --ship models/demo
+	$(BIN)/python -m training.demo --recipe $(RECIPE) --out runs/demo-$(RECIPE)$(if $(MINUTES),-$(MINUTES)min) \
+		$(if $(MINUTES),--minutes $(MINUTES)) --ship models/demo

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shutil
 import sys
 import tempfile
@@ -55,15 +54,6 @@ def matmul_gflops(dtype_name: str, m: int = 688, k: int = 256, n: int = 688) -> 
     return 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
 
 
-def per_step(metrics: Path) -> float:
-    """Seconds per step between the first and the last logged row of a phase."""
-    rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
-    if len(rows) < 2:
-        raise SystemExit(f"{metrics}: fewer than two logged steps; raise --steps")
-    first, last = rows[0], rows[-1]
-    return (last["elapsed_s"] - first["elapsed_s"]) / (last["step"] - first["step"])
-
-
 def time_pretrain(kind: str, precision: str, steps: int, work: Path) -> float:
     from training import demo
     from training.demo_pretrain import pretrain_sam, pretrain_vision
@@ -77,18 +67,20 @@ def time_pretrain(kind: str, precision: str, steps: int, work: Path) -> float:
     synth_cfg = demo.training_synth_config(blob_prob=phase.blob_prob)
     run = pretrain_vision if kind == "vision" else pretrain_sam
     run(REPO / "models" / "demo", out, phase, synth_cfg)
-    return per_step(out / "metrics.jsonl")
+    return demo.seconds_per_step(out / "metrics.jsonl")
 
 
 def time_language(precision: str, steps: int, work: Path, pool: int) -> float:
     import language_trial
+
+    from training import demo
 
     name = f"language-{precision}"
     shutil.rmtree(work / name, ignore_errors=True)
     phase_dir, _ = language_trial.run_trial(
         work, name, {}, steps=steps, lm_scale=0.3, pool=pool, eval_every=0, precision=precision
     )
-    return per_step(phase_dir / "metrics.jsonl")
+    return demo.seconds_per_step(phase_dir / "metrics.jsonl")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool", type=int, default=200, help="scenes cached for the language step")
     ap.add_argument("--work", type=Path, default=None, help="keep the runs here (default: temp)")
     args = ap.parse_args(argv)
-    if args.steps < 8:
-        raise SystemExit("--steps must be >= 8 (seconds per step are read between log rows)")
+    if args.steps < 8 or ("language" in args.phases and args.steps < 50):
+        raise SystemExit(
+            "--steps must be >= 8, and >= 50 with the language phase (seconds per step are "
+            "read between a phase's log rows; the language cycle logs every 25 steps)"
+        )
     import logging
 
     logging.basicConfig(level=logging.WARNING)

@@ -298,9 +298,46 @@ def test_the_ninety_minute_recipe_runs_from_scratch_at_small_scale(tmp_path, cap
     # the run directory is this recipe's: the shipped recipe would reuse its phases by name
     with pytest.raises(SystemExit, match=r"holds a run of recipe '90min' at scale 0\.0002"):
         demo.main(["--recipe", "shipped", "--scale", "0.0002", "--out", str(out)])
-    with pytest.raises(SystemExit, match=r"with --steps stage2=3, not '90min' at 0\.0002;"):
+    with pytest.raises(SystemExit, match=r"with --steps stage2=3, not recipe '90min' at scale"):
         demo.main(args[:-2])  # the same recipe without its --steps
     assert not (out / "stage2b").exists()
+
+
+@pytest.mark.timeout(600)
+def test_minutes_fit_the_ninety_minute_recipe_to_this_machine(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--recipe", "90min", "--scale", "0.0002", "--out", str(out), "--batch-size", "2"]
+    for extra, said in (
+        (["--minutes", "0"], "--minutes wants minutes > 0"),
+        (["--recipe", "shipped", "--minutes", "5"], "for --recipe shipped"),
+        (["--minutes", "5", "--steps", "stage2=3"], "sets the steps of stage2: leave it out"),
+    ):
+        with pytest.raises(SystemExit):
+            demo.main([*base, *extra])
+        assert said in capsys.readouterr().err
+    assert not out.exists()
+    # 0.01 minutes are spent before the language cycle starts: it gets the probe's minimum
+    args = [*base, "--eval-scenes", "4", "--eval-every", "1000", "--minutes", "0.01"]
+    assert demo.main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["recipe"] == {"recipe": "90min", "scale": 0.0002, "minutes": 0.01}
+    fill = metrics["fill"]["stage2"]
+    assert fill == json.loads((out / "stage2" / "fill.json").read_text())
+    assert fill["steps"] == demo.FILL_PROBE_STEPS and fill["left_s"] < 0.6
+    assert fill["step_s"] > 0 and fill["probe_s"] > 0 and fill["reserve_s"] == demo.FILL_RESERVE_S
+    usable = fill["left_s"] - fill["probe_s"] - fill["reserve_s"]
+    assert fill["steps"] == max(
+        demo.FILL_PROBE_STEPS, int(usable / (fill["step_s"] * demo.FILL_EVAL_MARGIN))
+    )
+    rows = [json.loads(x) for x in (out / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == fill["steps"]  # the cycle trained what it decided
+    assert not (out / "stage2" / "probe").exists()  # the probe's weights are thrown away
+    assert "(stage2 took the steps the run's --minutes left: 50 at the" in demo.readme_summary(
+        metrics
+    )
+    # a resumed run keeps the steps decided, whatever the budget left says now
+    phase = next(p for p in demo.ninety_minute_phases(0.0002) if p.name == "stage2")
+    assert demo.fill_steps(phase, out / "stage2", "unused", (), 1e9) == fill["steps"]
 
 
 def phase_names(metrics: dict) -> list[str]:
@@ -315,7 +352,7 @@ def test_the_readme_states_the_shipped_metrics():
 
 
 def test_the_readme_states_the_ninety_minute_run_from_its_metrics():
-    run = Path(__file__).resolve().parents[1] / "docs" / "demo-run-2026-12-07-90min.json"
+    run = Path(__file__).resolve().parents[1] / "docs" / "demo-run-2026-12-07-90min-30k.json"
     metrics = json.loads(run.read_text())
     assert readme_block("demo-90min") == demo.readme_summary(metrics)
     # it is the 90-minute recipe's run, from scratch (nothing continued), within 90 minutes

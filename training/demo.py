@@ -557,6 +557,8 @@ class Phase:
     cache_scenes: int = 0
     records_per_scene: int = 6  # of a cached pool
     precision: str = "fp32"  # "bf16": CPU/CUDA bf16 autocast (TrainConfig.precision)
+    # with ``--minutes``: this phase takes the steps the minutes leave (fill_steps)
+    fill: bool = False
 
 
 # The task mix of the language stage: grounding first, every ability the backend exposes
@@ -770,7 +772,9 @@ def ninety_minute_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
             "vision", n(1000), 2e-3, batch_size=16, warmup=min(100, n(100)), precision="bf16"
         ),
         PretrainPhase("sam", n(1200), 1e-3, batch_size=8, seed=12, warmup=min(50, n(50))),
-        _cached("stage2", n(NINETY_LANGUAGE_STEPS), 1e-3, 0, n(8000), FINAL_MIX),
+        dataclasses.replace(
+            _cached("stage2", n(NINETY_LANGUAGE_STEPS), 1e-3, 0, n(8000), FINAL_MIX), fill=True
+        ),
         _stage3(n(MASK_STEPS)),
     ]
 
@@ -921,10 +925,15 @@ def run(
     eval_max: int = 100,
     ship: Path | None = None,
     recipe: dict[str, Any] | None = None,
+    minutes: float | None = None,
 ) -> dict[str, Any]:
     """Train all phases (resuming any that was interrupted), evaluate on the held-out,
     task and robustness splits, optionally ship. ``recipe``: the CLI's recipe name, scale
-    and ``--steps`` (:func:`claim_run_dir`), kept in the metrics."""
+    and ``--steps`` (:func:`claim_run_dir`), kept in the metrics. ``minutes``: the whole
+    run's budget on this machine; the phase marked ``fill`` gets the steps it leaves
+    (:func:`fill_steps`)."""
+    if minutes is not None and not any(isinstance(p, Phase) and p.fill for p in phases):
+        raise ValueError("a minutes budget needs a phase marked fill=True to absorb it")
     out.mkdir(parents=True, exist_ok=True)
     mcfg = get_preset("demo")
     grid = mcfg.vision.image_size // mcfg.vision.patch_size  # LLM token grid (8x8)
@@ -969,7 +978,11 @@ def run(
                 eval_every,
                 eval_max,
             )
-            _phase(phase, phase_dir, init, *common, steps=phase.steps, easy=False)
+            steps = phase.steps
+            if minutes is not None and phase.fill:
+                spent = sum(times.load().values())  # the phases before this one
+                steps = fill_steps(phase, phase_dir, init, common, minutes * 60 - spent)
+            _phase(phase, phase_dir, init, *common, steps=steps, easy=False)
             init = str(phase_dir / "final")
     ckpt = from_pretrained(init)
     from nextchat_core.predictor import NextChatPredictor
@@ -998,6 +1011,10 @@ def run(
     }
     if recipe is not None:
         metrics["recipe"] = recipe
+    filled = {p.name: out / p.name / "fill.json" for p in phases}
+    filled = {name: json.loads(f.read_text()) for name, f in filled.items() if f.exists()}
+    if filled:
+        metrics["fill"] = filled
     if earlier is not None:
         metrics["continued_from"] = earlier
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -1158,6 +1175,63 @@ def _phase(
     train(config, samples=stream, eval_samples=eval_set, aux=DemoAux(mcfg) if phase.aux else None)
 
 
+# --minutes: what the phases after the filled one take (stage 3, calibration, evaluation:
+# 7.9 minutes in the first 90-minute run, the slower of the CPUs measured), the steps a probe
+# times, and a margin for the evaluations during the phase (not in a step's time)
+FILL_RESERVE_S = 8 * 60
+FILL_PROBE_STEPS = 50
+FILL_EVAL_MARGIN = 1.05
+
+
+def seconds_per_step(metrics: Path) -> float:
+    """Training seconds per step between the first and the last logged row of a phase's
+    ``metrics.jsonl`` (start-up and evaluations excluded)."""
+    rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if not r.get("eval")]
+    rows = [r for r in rows if "elapsed_s" in r and "loss" in r]
+    if len(rows) < 2 or rows[-1]["step"] == rows[0]["step"]:
+        raise ValueError(f"{metrics}: fewer than two logged steps to time")
+    first, last = rows[0], rows[-1]
+    return (last["elapsed_s"] - first["elapsed_s"]) / (last["step"] - first["step"])
+
+
+def fill_steps(
+    phase: Phase, phase_dir: Path, init: str, common: tuple[Any, ...], left_s: float
+) -> int:
+    """The steps of ``phase`` that fit ``left_s`` seconds (the budget the phases before
+    it left) on THIS machine, decided once and kept in ``phase_dir/fill.json`` (a resumed
+    run keeps them): a probe of ``FILL_PROBE_STEPS`` steps from ``init`` caches the phase's
+    feature pool (which the phase then reuses) and times a step; the phases after it get
+    ``FILL_RESERVE_S``; evaluations ``FILL_EVAL_MARGIN``. At least ``FILL_PROBE_STEPS``
+    when the budget is spent."""
+    record = phase_dir / "fill.json"
+    if record.exists():
+        return int(json.loads(record.read_text())["steps"])
+    start = time.perf_counter()
+    probe = phase_dir / "probe"
+    shutil.rmtree(probe, ignore_errors=True)
+    no_eval = (*common[:5], 0, common[6])
+    _phase(
+        phase, probe, init, *no_eval, steps=FILL_PROBE_STEPS, easy=False,
+        pool=phase_dir / "feature-pool.pt",
+    )  # fmt: skip
+    step_s = seconds_per_step(probe / "metrics.jsonl")
+    probe_s = time.perf_counter() - start
+    usable = left_s - probe_s - FILL_RESERVE_S
+    steps = max(FILL_PROBE_STEPS, int(usable / (step_s * FILL_EVAL_MARGIN)))
+    fill = {
+        "steps": steps,
+        "left_s": round(left_s, 1),
+        "probe_s": round(probe_s, 1),
+        "reserve_s": FILL_RESERVE_S,
+        "step_s": step_s,
+        "eval_margin": FILL_EVAL_MARGIN,
+    }
+    record.write_text(json.dumps(fill, indent=2))
+    shutil.rmtree(probe)
+    log.info("phase %s fills the budget: %s", phase.name, fill)
+    return steps
+
+
 def domain_tokenizer(out: Path, mcfg: NextChatConfig) -> str:
     """Train (once) the byte-level BPE on the domain's texts; returns its directory."""
     from nextchat_core.tokenizer import train_bpe_tokenizer
@@ -1276,6 +1350,11 @@ def readme_summary(metrics: dict[str, Any]) -> str:
         lines.append(
             f"Wall time of the run that made it{on}: {total / 60:.1f} minutes ({parts}; minutes)."
         )
+        for name, fill in (metrics.get("fill") or {}).items():
+            lines.append(
+                f"({name} took the steps the run's --minutes left: {fill['steps']:,} at the "
+                f"{fill['step_s']:.3f} s a step its probe measured.)"
+            )
         earlier = metrics.get("continued_from")
         if earlier:
             lines.append(
@@ -1332,31 +1411,40 @@ def with_steps(phases: list[Phase | PretrainPhase], spec: str) -> list[Phase | P
     return [dataclasses.replace(p, steps=wanted.get(p.name, p.steps)) for p in phases]
 
 
-def claim_run_dir(out: Path, recipe: str, scale: float, steps: str = "") -> dict[str, Any]:
-    """A run directory holds ONE recipe at one scale (and ``--steps``): a run reuses every
-    finished phase of its name there, so another recipe's (or scale's) phases must not be
-    taken for its own. The first run writes ``recipe.json``; a later one with other
-    settings is refused. Returns what the directory holds (the run's ``recipe`` in its
-    metrics)."""
+def claim_run_dir(
+    out: Path, recipe: str, scale: float, steps: str = "", minutes: float | None = None
+) -> dict[str, Any]:
+    """A run directory holds ONE recipe at one scale (and ``--steps``, ``--minutes``): a run
+    reuses every finished phase of its name there, so another recipe's (or scale's) phases
+    must not be taken for its own. The first run writes ``recipe.json``; a later one with
+    other settings is refused. Returns what the directory holds (the run's ``recipe`` in
+    its metrics)."""
     marker = out / "recipe.json"
     mine: dict[str, Any] = {"recipe": recipe, "scale": scale}
     if steps:
         mine["steps"] = steps
+    if minutes is not None:
+        mine["minutes"] = minutes
     if marker.exists():
         had = json.loads(marker.read_text())
         if had != mine:
-            what = f"recipe {had['recipe']!r} at scale {had['scale']}"
-            if had.get("steps"):
-                what += f" with --steps {had['steps']}"
             raise SystemExit(
-                f"{out} holds a run of {what}, not {recipe!r} at {scale}"
-                f"{' with --steps ' + steps if steps else ''}; give another --out, or delete "
-                f"{out} to start over"
+                f"{out} holds a run of {_settings(had)}, not {_settings(mine)}; give another "
+                f"--out, or delete {out} to start over"
             )
         return mine
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(mine))
     return mine
+
+
+def _settings(recipe: dict[str, Any]) -> str:
+    said = f"recipe {recipe['recipe']!r} at scale {recipe['scale']}"
+    if recipe.get("steps"):
+        said += f" with --steps {recipe['steps']}"
+    if recipe.get("minutes") is not None:
+        said += f" in --minutes {recipe['minutes']}"
+    return said
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1379,6 +1467,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PHASE=N,...",
         help="set some phases' steps after --scale, e.g. stage2=30000 (a faster CPU fits more "
         "in the same minutes: bench/precision.py)",
+    )
+    ap.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="fit the run into this many minutes of this machine: the recipe's fill phase "
+        "(the 90-minute recipe's language cycle) gets the steps the phases before it leave, "
+        "timed by a probe (its fill.json)",
     )
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-scenes", type=int, default=300)
@@ -1414,7 +1510,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     stop_cleanly_on_sigterm()
     phases = with_steps(RECIPES[args.recipe](args.scale), args.steps)
-    recipe = claim_run_dir(Path(args.out), args.recipe, args.scale, args.steps.replace(" ", ""))
+    if args.minutes is not None:
+        fill = [p.name for p in phases if isinstance(p, Phase) and p.fill]
+        if not args.minutes > 0 or not fill:
+            ap.error(
+                f"--minutes wants minutes > 0 and a recipe with a phase that fills them "
+                f"(--recipe 90min), got {args.minutes} for --recipe {args.recipe}"
+            )
+        if set(fill) & {p.partition("=")[0] for p in args.steps.replace(" ", "").split(",")}:
+            ap.error(f"--minutes sets the steps of {fill[0]}: leave it out of --steps")
+    recipe = claim_run_dir(
+        Path(args.out), args.recipe, args.scale, args.steps.replace(" ", ""), args.minutes
+    )
     if args.continue_from:
         continue_from(Path(args.out), Path(args.continue_from), phases, args.at)
     metrics = run(
@@ -1425,6 +1532,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_every=args.eval_every,
         ship=Path(args.ship) if args.ship else None,
         recipe=recipe,
+        minutes=args.minutes,
     )
     print(json.dumps(metrics["final"], indent=2))
     return 0
