@@ -263,7 +263,9 @@ def test_pretraining_under_bf16_autocast_keeps_float32_weights_and_learns(tmp_pa
     rows = [json.loads(x) for x in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 2 and losses[1] < losses[0]
-    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16', got 'fp16'"):
+    done = json.loads((tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert done["done"] and done["precision"] == "bf16"
+    with pytest.raises(ValueError, match="precision must be 'auto', 'fp32' or 'bf16', got 'fp16'"):
         demo_pretrain.pretrain_vision(
             init, tmp_path / "bad", dataclasses.replace(phase, precision="fp16"), cfg
         )

@@ -279,7 +279,10 @@ def test_the_ninety_minute_recipe_runs_from_scratch_at_small_scale(tmp_path, cap
     assert [p["steps"] for p in metrics["phases"]] == [2, 2, 3, 2]
     assert metrics["recipe"] == {"recipe": "90min", "scale": 0.0002, "steps": "stage2=3"}
     assert set(metrics["machine"]) == {"cpu", "threads", "kernels", "amx_bf16"}
-    assert metrics["phases"][0]["precision"] == "bf16"  # the tower's pre-training
+    # the tower's pre-training: bf16 autocast where the CPU has AMX, else float32
+    assert metrics["phases"][0]["precision"] == "auto"
+    done = json.loads((out / "vision" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert done["precision"] == ("bf16" if metrics["machine"]["amx_bf16"] else "fp32")
     assert set(metrics["phase_wall_s"]) >= {"splits", *names, "calibration", "evaluation"}
     # the language cycle trained on the frozen tower's cached features, with every stand-in
     assert (out / "stage2" / "feature-pool.pt").is_file()
@@ -338,6 +341,16 @@ def test_minutes_fit_the_ninety_minute_recipe_to_this_machine(tmp_path, capsys):
     # a resumed run keeps the steps decided, whatever the budget left says now
     phase = next(p for p in demo.ninety_minute_phases(0.0002) if p.name == "stage2")
     assert demo.fill_steps(phase, out / "stage2", "unused", (), 1e9) == fill["steps"]
+    # ten minutes beyond the reserve: a real probe's step time sizes the phase
+    mcfg = get_preset("demo")
+    common = (None, mcfg, 8, 2, None, 0, 4)
+    left = demo.FILL_RESERVE_S + 600
+    steps = demo.fill_steps(phase, tmp_path / "more", str(out / "sam" / "final"), common, left)
+    more = json.loads((tmp_path / "more" / "fill.json").read_text())
+    usable = left - more["probe_s"] - demo.FILL_RESERVE_S
+    assert steps == more["steps"]  # (probe_s is recorded to 0.1 s: a step or two either way)
+    assert abs(steps - usable / (more["step_s"] * demo.FILL_EVAL_MARGIN)) <= 2
+    assert steps > 10 * demo.FILL_PROBE_STEPS  # minutes of steps that take a fraction of a second
 
 
 def phase_names(metrics: dict) -> list[str]:

@@ -761,15 +761,16 @@ def ninety_minute_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
     with every variation included), SAM 0.51-0.58 s at batch 8, a cached language step
     with every stand-in 0.20 s at batch 8, caching 36 ms a scene; that run took 88.6
     minutes (docs/demo-recipe.md). CPUs differ: another ran the language step in 0.107 s
-    and pre-trains the tower in bf16 autocast (as here) at 0.64x its float32 step, so
-    ``--steps`` resizes phases to a machine (``bench/precision.py`` times them)."""
+    and pre-trains the tower in bf16 autocast (as here) at 0.64x its float32 step; the
+    language cycle is the phase ``--minutes`` sizes to the machine (``fill``), and
+    ``--steps`` sets any phase's steps (``bench/precision.py`` times them)."""
 
     def n(x: int) -> int:
         return max(2, int(x * scale))
 
     return [
         PretrainPhase(
-            "vision", n(1000), 2e-3, batch_size=16, warmup=min(100, n(100)), precision="bf16"
+            "vision", n(1000), 2e-3, batch_size=16, warmup=min(100, n(100)), precision="auto"
         ),
         PretrainPhase("sam", n(1200), 1e-3, batch_size=8, seed=12, warmup=min(50, n(50))),
         dataclasses.replace(
@@ -1122,7 +1123,7 @@ def _phase(
     mcfg: NextChatConfig,
     grid: int,
     batch_size: int,
-    eval_set: SampleSet,
+    eval_set: SampleSet | None,
     eval_every: int,
     eval_max: int,
     *,
@@ -1209,7 +1210,7 @@ def fill_steps(
     start = time.perf_counter()
     probe = phase_dir / "probe"
     shutil.rmtree(probe, ignore_errors=True)
-    no_eval = (*common[:5], 0, common[6])
+    no_eval = (*common[:4], None, 0, common[6])  # a probe is not scored
     _phase(
         phase, probe, init, *no_eval, steps=FILL_PROBE_STEPS, easy=False,
         pool=phase_dir / "feature-pool.pt",

@@ -38,7 +38,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from nextchat_core import frames, losses
 from nextchat_core.build import from_pretrained, save_pretrained
-from nextchat_core.device import PRECISIONS
+from nextchat_core.device import PRECISIONS, cpu_description
 from nextchat_core.frames import SamGeometry, SquareGeometry
 from nextchat_core.image_processing import ImageProcessor
 from nextchat_core.modeling import NextChatModel
@@ -230,7 +230,8 @@ class PretrainPhase:
     # and box learnt from pixels beyond the domain's six shapes
     blob_prob: float = 0.0
     # "bf16": the forward runs under CPU bf16 autocast (weights and the optimizer stay
-    # float32); on a CPU with AMX the demo tower's step takes half the time (bench/precision.py)
+    # float32); on a CPU with AMX the demo tower's step takes 0.64x (bench/precision.py).
+    # "auto": bf16 where the CPU has AMX, else fp32 (without it bf16 is emulated)
     precision: str = "fp32"
 
     @property
@@ -312,8 +313,11 @@ def _loop(
         trained, head = model.sam, nn.Identity()
     else:
         raise ValueError(f"unknown pre-training kind {phase.kind!r}; expected 'vision' or 'sam'")
-    if phase.precision not in PRECISIONS:
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {phase.precision!r}")
+    if phase.precision not in ("auto", *PRECISIONS):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {phase.precision!r}")
+    bf16 = phase.precision == "bf16" or (
+        phase.precision == "auto" and bool(cpu_description()["amx_bf16"])
+    )
     trained.requires_grad_(True)
     trained.train()
     params = [p for p in [*trained.parameters(), *head.parameters()] if p.requires_grad]
@@ -340,7 +344,7 @@ def _loop(
         scenes = _scene_batch(
             phase.seed, int(state["step"]), phase.batch_size, synth_cfg, flip=phase.kind == "vision"
         )
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=phase.precision == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             if phase.kind == "vision":
                 parts = _vision_step(model, head, processor, scenes, grid)
             else:
@@ -398,7 +402,14 @@ def _loop(
         (out / "readout.json").write_text(json.dumps(report, indent=2))
         log.info("vision read-out on held-out scenes: %s", report)
     log_file.write(
-        json.dumps({"step": state["step"], "elapsed_s": round(state["elapsed_s"], 1), "done": True})
+        json.dumps(
+            {
+                "step": state["step"],
+                "elapsed_s": round(state["elapsed_s"], 1),
+                "precision": "bf16" if bf16 else "fp32",  # what "auto" chose on this CPU
+                "done": True,
+            }
+        )
         + "\n"
     )
     log_file.close()
