@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool", type=int, default=200, help="scenes cached for the language step")
     ap.add_argument("--work", type=Path, default=None, help="keep the runs here (default: temp)")
     args = ap.parse_args(argv)
-    if args.steps < 8 or ("language" in args.phases and args.steps < 50):
+    if args.steps < 8 or ("language" in args.phases and args.steps <= 25):
         raise SystemExit(
-            "--steps must be >= 8, and >= 50 with the language phase (seconds per step are "
+            "--steps must be >= 8, and > 25 with the language phase (seconds per step are "
             "read between a phase's log rows; the language cycle logs every 25 steps)"
         )
     import logging

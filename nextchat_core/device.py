@@ -30,7 +30,8 @@ def cpu_description() -> dict[str, object]:
     """What a CPU timing was measured on: the model name, torch's threads, the kernels
     torch picked (``AVX512`` ...) and whether the CPU has AMX for bf16 (a bf16 matrix
     product several times a float32 one's speed there; ``bench/precision.py``)."""
-    model, flags = "unknown", []
+    model = "unknown"
+    flags: list[str] = []
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
