@@ -1393,16 +1393,22 @@ def readme_summary(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def with_steps(phases: list[Phase | PretrainPhase], spec: str) -> list[Phase | PretrainPhase]:
-    """``--steps``: ``"stage2=30000,vision=800"`` -> ``phases`` with those phases' step
-    counts (a language phase's cosine schedule is sized by them). For a CPU faster or
-    slower than the one a recipe was sized on: ``bench/precision.py`` times its steps."""
+def parse_steps(spec: str) -> dict[str, int]:
+    """``--steps``: ``"stage2=30000,vision=800"`` -> ``{"stage2": 30000, "vision": 800}``."""
     wanted: dict[str, int] = {}
     for part in filter(None, spec.replace(" ", "").split(",")):
         name, sep, value = part.partition("=")
         if not sep or not value.isdigit() or int(value) < 1:
             raise SystemExit(f"--steps wants PHASE=STEPS pairs like stage2=30000, got {part!r}")
         wanted[name] = int(value)
+    return wanted
+
+
+def with_steps(phases: list[Phase | PretrainPhase], spec: str) -> list[Phase | PretrainPhase]:
+    """``--steps``: ``phases`` with the step counts :func:`parse_steps` reads (a language
+    phase's cosine schedule is sized by them). For a CPU faster or slower than the one a
+    recipe was sized on: ``bench/precision.py`` times its steps."""
+    wanted = parse_steps(spec)
     unknown = sorted(set(wanted) - {p.name for p in phases})
     if unknown:
         raise SystemExit(
@@ -1518,7 +1524,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"--minutes wants minutes > 0 and a recipe with a phase that fills them "
                 f"(--recipe 90min), got {args.minutes} for --recipe {args.recipe}"
             )
-        if set(fill) & {p.partition("=")[0] for p in args.steps.replace(" ", "").split(",")}:
+        if set(fill) & set(parse_steps(args.steps)):
             ap.error(f"--minutes sets the steps of {fill[0]}: leave it out of --steps")
     recipe = claim_run_dir(
         Path(args.out), args.recipe, args.scale, args.steps.replace(" ", ""), args.minutes

@@ -106,7 +106,8 @@ class RetrainSettings(ServiceSettings):
     # this much memory (float32, per image: README; 0: off)
     feature_cache_mb: float = 2048.0
     # RETRAIN_PRECISION: auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16 (bf16
-    # autocast on the CPU too: pays on a CPU with AMX - bench/precision.py)
+    # autocast on the CPU too; the bundled model's job took 1.11x in it even with AMX, its
+    # mask stage slower: bench/RESULTS.md)
     precision: str = "auto"
     # PROMOTE_FORGETTING_TOLERANCE: Acc@0.5 / mask mIoU the regression slice may lose
     forgetting_tolerance: float = 0.05
