@@ -4,6 +4,7 @@ learning rate? A trial of that ONE cycle, from a fresh LLM, on a fixed frozen to
     python bench/language_trial.py time                  # step time of each variant vs the recipe's LLM
     python bench/language_trial.py train h128 --llm hidden_size=128,intermediate_size=344
     python bench/language_trial.py train h128-lm1 --llm hidden_size=128,intermediate_size=344 --lm-scale 1
+    python bench/language_trial.py train lr6 --lr 6e-4       # the recipe's LLM at a lower peak lr
     python bench/language_trial.py curves h128 h128-lm1  # their held-out curves, by step and minute
 
 The vision tower and SAM are the bundled model's (``models/demo``; frozen, as in the recipe's
@@ -119,6 +120,7 @@ def run_trial(
     eval_max: int = 100,
     precision: str = "fp32",
     tower: Path = BUNDLED,
+    lr: float | None = None,
 ) -> tuple[Path, int]:
     from training import demo
 
@@ -127,7 +129,11 @@ def run_trial(
     init, n_llm = initial_checkpoint(out, config, tower)
     phase = next(p for p in demo.ninety_minute_phases() if p.name == "stage2")
     phase = dataclasses.replace(
-        phase, lr_scale={"language_model": lm_scale}, cache_scenes=pool, precision=precision
+        phase,
+        lr=phase.lr if lr is None else lr,
+        lr_scale={"language_model": lm_scale},
+        cache_scenes=pool,
+        precision=precision,
     )
     eval_set = demo.read_refexp_jsonl(demo.eval_split(root / "splits", 300), config)
     grid = config.vision.image_size // config.vision.patch_size
@@ -135,6 +141,7 @@ def run_trial(
         json.dumps(
             {
                 "llm": llm,
+                "lr": phase.lr,
                 "lm_scale": lm_scale,
                 "steps": steps,
                 "pool": pool,
@@ -166,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("train")
     r.add_argument("name")
     r.add_argument("--llm", default="", help="LLMConfig overrides, e.g. hidden_size=128")
+    r.add_argument(
+        "--lr", type=float, default=None, help="the cycle's peak lr (default: the recipe's)"
+    )
     r.add_argument("--lm-scale", type=float, default=0.3, help="the LLM's lr multiplier")
     r.add_argument("--steps", type=int, default=13000)
     r.add_argument("--pool", type=int, default=8000)
@@ -204,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         run_trial(
             args.root, args.name, llm_overrides(args.llm), steps=args.steps,
             lm_scale=args.lm_scale, pool=args.pool, eval_every=args.eval_every,
-            eval_max=args.eval_max, precision=args.precision, tower=args.tower,
+            eval_max=args.eval_max, precision=args.precision, tower=args.tower, lr=args.lr,
         )  # fmt: skip
     else:
         for name in args.names:

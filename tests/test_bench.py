@@ -204,11 +204,15 @@ def test_language_trial_times_trains_and_prints_curves(tmp_path):
     assert trial < recipe and table[0][5].strip() == "1.00x", stdout  # LLM parameters, ratio
     # a trial: a fresh LLM on the bundled model's frozen tower, scored every 2 steps
     trial_args = ("--root", root, "train", "tiny", "--llm", small, "--steps", "4", "--pool", "4")
-    run_bench("language_trial.py", *trial_args, "--eval-every", "2", "--eval-max", "4")
+    lr = ("--lr", "2e-4", "--lm-scale", "1")  # the cycle's peak lr, the LLM's at 1x of it
+    run_bench("language_trial.py", *trial_args, *lr, "--eval-every", "2", "--eval-max", "4")
     stdout = run_bench("language_trial.py", "--root", root, "curves", "tiny")
     steps = [line.split("|")[1].strip() for line in stdout.splitlines() if line.startswith("| ")]
     assert steps[1:] == ["2", "4"], stdout
     assert '"hidden_size": 64' in stdout and '"tower": ' in stdout
+    assert '"lr": 0.0002, "lm_scale": 1.0' in stdout
+    ran = json.loads((tmp_path / "tiny" / "stage2" / "final" / "train_metrics.json").read_text())
+    assert ran["config"]["lr"] == 2e-4 and ran["config"]["lr_scale"] == {"language_model": 1.0}
     # the cached tower features are the tower's: their pool is named by its weights
     pools = sorted(p.name for p in tmp_path.glob("pool-4-*.pt"))
     assert len(pools) == 1 and re.fullmatch(r"pool-4-[0-9a-f]{10}\.pt", pools[0]), pools

@@ -334,6 +334,8 @@ def test_minutes_fit_the_ninety_minute_recipe_to_this_machine(tmp_path, capsys):
     )
     rows = [json.loads(x) for x in (out / "stage2" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) == fill["steps"]  # the cycle trained what it decided
+    ran = {p["name"]: p["steps"] for p in metrics["phases"] if "name" in p}
+    assert ran["stage2"] == fill["steps"] and ran["stage3"] == 2  # what ran, not the recipe's
     assert not (out / "stage2" / "probe").exists()  # the probe's weights are thrown away
     assert "(stage2 took the steps the run's --minutes left: 50 at the" in demo.readme_summary(
         metrics

@@ -1003,7 +1003,6 @@ def run(
         "vision_readout": readout,
         "curve": curve,
         "phase_wall_s": times.load(),
-        "phases": [{"type": type(p).__name__, **p.__dict__} for p in phases],
         "batch_size": batch_size,
         "weights_bytes": (Path(init) / "model.safetensors").stat().st_size,
         "date": time.strftime("%Y-%m-%d"),
@@ -1012,10 +1011,17 @@ def run(
     }
     if recipe is not None:
         metrics["recipe"] = recipe
-    filled = {p.name: out / p.name / "fill.json" for p in phases}
-    filled = {name: json.loads(f.read_text()) for name, f in filled.items() if f.exists()}
+    records = {p.name: out / p.name / "fill.json" for p in phases}
+    filled = {name: json.loads(f.read_text()) for name, f in records.items() if f.exists()}
     if filled:
         metrics["fill"] = filled
+    # the steps each phase ran: a filled one's are what --minutes decided, not the recipe's
+    metrics["phases"] = [
+        {"type": type(p).__name__, **p.__dict__, "steps": filled[p.name]["steps"]}
+        if p.name in filled
+        else {"type": type(p).__name__, **p.__dict__}
+        for p in phases
+    ]
     if earlier is not None:
         metrics["continued_from"] = earlier
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
