@@ -1017,9 +1017,11 @@ def run(
         metrics["fill"] = filled
     # the steps each phase ran: a filled one's are what --minutes decided, not the recipe's
     metrics["phases"] = [
-        {"type": type(p).__name__, **p.__dict__, "steps": filled[p.name]["steps"]}
-        if p.name in filled
-        else {"type": type(p).__name__, **p.__dict__}
+        {
+            "type": type(p).__name__,
+            **p.__dict__,
+            "steps": filled.get(p.name, {}).get("steps", p.steps),
+        }
         for p in phases
     ]
     if earlier is not None:
