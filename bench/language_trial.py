@@ -3,9 +3,9 @@ learning rate? A trial of that ONE cycle, from a fresh LLM, on a fixed frozen to
 
     python bench/language_trial.py time                  # step time of each variant vs the recipe's LLM
     python bench/language_trial.py train h128 --llm hidden_size=128,intermediate_size=344
-    python bench/language_trial.py train h128-lm1 --llm hidden_size=128,intermediate_size=344 --lm-scale 1
-    python bench/language_trial.py train lr6 --lr 6e-4       # the recipe's LLM at a lower peak lr
-    python bench/language_trial.py curves h128 h128-lm1  # their held-out curves, by step and minute
+    python bench/language_trial.py train h128-lm03 --llm hidden_size=128,intermediate_size=344 --lm-scale 0.3
+    python bench/language_trial.py train lr6 --lr 6e-4       # the recipe's cycle at another peak lr
+    python bench/language_trial.py curves h128 h128-lm03  # their held-out curves, by step and minute
 
 The vision tower and SAM are the bundled model's (``models/demo``; frozen, as in the recipe's
 language cycle) or, with ``train --tower CHECKPOINT``, another checkpoint's (a tower
@@ -20,8 +20,9 @@ first 100 held-out expressions every ``--eval-every`` steps (the recipe run's cu
 minutes that mean something - the curve by step does not depend on it.
 
 ``time`` runs ``--steps`` (default 300) steps of each variant on a pool of 200 scenes, no
-evaluation, one after the other in this process's threads, and prints seconds per step and
-the ratio to the recipe's LLM (the first row). Variants: ``NAME:key=value,...`` of
+evaluation, one after the other in this process's threads, and prints seconds per step
+(``training.demo.seconds_per_step``: first logged step to last, start-up left out, as
+``--minutes`` times a phase) and the ratio to the recipe's LLM (the first row). Variants: ``NAME:key=value,...`` of
 ``LLMConfig`` (``num_kv_heads`` follows ``num_heads``); ``NAME:`` is the recipe's LLM.
 
 The bundled tower is a 1,500-step one, not the 1,000-step tower a 90-minute run trains: a
@@ -54,12 +55,9 @@ DEFAULT_VARIANTS = [
 def llm_overrides(spec: str) -> dict[str, int]:
     """``"hidden_size=128,intermediate_size=344"`` -> its dict (``num_kv_heads`` follows
     ``num_heads``)."""
-    out: dict[str, int] = {}
-    for part in filter(None, spec.split(",")):
-        key, sep, value = part.partition("=")
-        if not sep or not value.strip().isdigit():
-            raise SystemExit(f"--llm wants key=integer pairs, e.g. hidden_size=128; got {part!r}")
-        out[key.strip()] = int(value)
+    from training.demo import parse_int_pairs
+
+    out = parse_int_pairs(spec, "--llm wants LLMConfig field=integer pairs like hidden_size=128")
     if "num_heads" in out:
         out.setdefault("num_kv_heads", out["num_heads"])
     return out
@@ -114,7 +112,7 @@ def run_trial(
     llm: dict[str, int],
     *,
     steps: int,
-    lm_scale: float,
+    lm_scale: float | None,
     pool: int,
     eval_every: int,
     eval_max: int = 100,
@@ -131,7 +129,7 @@ def run_trial(
     phase = dataclasses.replace(
         phase,
         lr=phase.lr if lr is None else lr,
-        lr_scale={"language_model": lm_scale},
+        lr_scale=phase.lr_scale if lm_scale is None else {"language_model": lm_scale},
         cache_scenes=pool,
         precision=precision,
     )
@@ -142,7 +140,7 @@ def run_trial(
             {
                 "llm": llm,
                 "lr": phase.lr,
-                "lm_scale": lm_scale,
+                "lm_scale": (phase.lr_scale or {}).get("language_model", 1.0),
                 "steps": steps,
                 "pool": pool,
                 "precision": precision,
@@ -176,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument(
         "--lr", type=float, default=None, help="the cycle's peak lr (default: the recipe's)"
     )
-    r.add_argument("--lm-scale", type=float, default=0.3, help="the LLM's lr multiplier")
+    r.add_argument(
+        "--lm-scale",
+        type=float,
+        default=None,
+        help="the LLM's lr multiplier (default: the recipe's)",
+    )
     r.add_argument("--steps", type=int, default=13000)
     r.add_argument("--pool", type=int, default=8000)
     r.add_argument("--eval-every", type=int, default=1000)
@@ -195,16 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     if args.cmd == "time":
+        from training import demo
+
         table = []
         for variant in args.variants:
             name, _, spec = variant.partition(":")
             shutil.rmtree(args.root / f"time-{name}", ignore_errors=True)  # time it afresh
             phase_dir, n_llm = run_trial(
-                args.root, f"time-{name}", llm_overrides(spec), steps=args.steps, lm_scale=0.3,
+                args.root, f"time-{name}", llm_overrides(spec), steps=args.steps, lm_scale=None,
                 pool=args.pool, eval_every=0,
             )  # fmt: skip
-            last = rows(phase_dir, evals=False)[-1]
-            table.append((name, spec or "(the recipe's)", n_llm, last["elapsed_s"] / last["step"]))
+            step_s = demo.seconds_per_step(phase_dir / "metrics.jsonl")
+            table.append((name, spec or "(the recipe's)", n_llm, step_s))
         print(f"\n{args.steps} steps each, batch 8, cached features, every stand-in\n")
         print("| LLM | overrides | LLM parameters | s / step | vs the recipe's |")
         print("|---|---|---|---|---|")

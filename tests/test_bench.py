@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from training import demo
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -197,30 +199,41 @@ def test_language_trial_times_trains_and_prints_curves(tmp_path):
     root = str(tmp_path)
     small = "hidden_size=64,intermediate_size=128"
     args = ("--root", root, "time", "--variants", "recipe:", f"small:{small}")
-    stdout = run_bench("language_trial.py", *args, "--steps", "2", "--pool", "4")
+    # 26 steps: the trainer logs every 25th and the last, and a step time needs two rows
+    stdout = run_bench("language_trial.py", *args, "--steps", "26", "--pool", "4")
     table = [line.split("|") for line in stdout.splitlines() if line.startswith("| ")][1:]
     assert [r[1].strip() for r in table] == ["recipe", "small"], stdout
     recipe, trial = (float(r[3].split()[0]) for r in table)
     assert trial < recipe and table[0][5].strip() == "1.00x", stdout  # LLM parameters, ratio
+    assert all(float(r[4]) > 0 for r in table), stdout  # seconds per step
     # a trial: a fresh LLM on the bundled model's frozen tower, scored every 2 steps
     trial_args = ("--root", root, "train", "tiny", "--llm", small, "--steps", "4", "--pool", "4")
-    lr = ("--lr", "2e-4", "--lm-scale", "1")  # the cycle's peak lr, the LLM's at 1x of it
+    lr = ("--lr", "2e-4", "--lm-scale", "0.5")  # the cycle's peak lr, the LLM's at 0.5x of it
     run_bench("language_trial.py", *trial_args, *lr, "--eval-every", "2", "--eval-max", "4")
     stdout = run_bench("language_trial.py", "--root", root, "curves", "tiny")
     steps = [line.split("|")[1].strip() for line in stdout.splitlines() if line.startswith("| ")]
     assert steps[1:] == ["2", "4"], stdout
     assert '"hidden_size": 64' in stdout and '"tower": ' in stdout
-    assert '"lr": 0.0002, "lm_scale": 1.0' in stdout
+    assert '"lr": 0.0002, "lm_scale": 0.5' in stdout
     ran = json.loads((tmp_path / "tiny" / "stage2" / "final" / "train_metrics.json").read_text())
-    assert ran["config"]["lr"] == 2e-4 and ran["config"]["lr_scale"] == {"language_model": 1.0}
+    assert ran["config"]["lr"] == 2e-4 and ran["config"]["lr_scale"] == {"language_model": 0.5}
+    # without --lr / --lm-scale a trial runs the recipe's cycle as the recipe has it
+    recipe_cycle = next(p for p in demo.ninety_minute_phases() if p.name == "stage2")
+    timed = json.loads((tmp_path / "time-small" / "trial.json").read_text())
+    assert (timed["lr"], timed["lm_scale"]) == (recipe_cycle.lr, 1.0)
+    assert recipe_cycle.lr_scale == {"language_model": 1.0}
     # the cached tower features are the tower's: their pool is named by its weights
     pools = sorted(p.name for p in tmp_path.glob("pool-4-*.pt"))
     assert len(pools) == 1 and re.fullmatch(r"pool-4-[0-9a-f]{10}\.pt", pools[0]), pools
-    bad = subprocess.run(
-        [sys.executable, "bench/language_trial.py", "--root", root, "train", "x", "--llm", "hidden=1"],
-        cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
-    assert bad.returncode != 0 and "unknown LLM fields ['hidden']" in bad.stderr
+    for llm, error in (
+        ("hidden=1", "unknown LLM fields ['hidden']"),
+        ("hidden_size=big", "like hidden_size=128, got 'hidden_size=big'"),
+    ):
+        bad = subprocess.run(
+            [sys.executable, "bench/language_trial.py", "--root", root, "train", "x", "--llm", llm],
+            cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+        assert bad.returncode != 0 and error in bad.stderr, bad.stderr
 
 
 def test_precision_times_the_recipes_phases_in_float32_and_bf16(tmp_path):

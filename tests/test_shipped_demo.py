@@ -367,15 +367,17 @@ def test_the_readme_states_the_shipped_metrics():
 
 
 def test_the_readme_states_the_ninety_minute_run_from_its_metrics():
-    run = Path(__file__).resolve().parents[1] / "docs" / "demo-run-2026-12-07-90min-30k.json"
+    run = Path(__file__).resolve().parents[1] / "docs" / "demo-run-2026-12-07-90min-lr3e-4.json"
     metrics = json.loads(run.read_text())
     assert readme_block("demo-90min") == demo.readme_summary(metrics)
-    # it is the 90-minute recipe's run, from scratch (nothing continued), within 90 minutes
+    # it is the 90-minute recipe's run - every phase's settings (learning rates included)
+    # as the recipe has them now, the steps those it ran (--steps, or a --minutes fill) -
+    # from scratch (nothing continued), within 90 minutes
     recipe = demo.with_steps(
         demo.ninety_minute_phases(), metrics.get("recipe", {}).get("steps", "")
     )
     assert phase_names(metrics) == [p.name for p in recipe]
-    assert [p["steps"] for p in metrics["phases"]] == [p.steps for p in recipe]
+    assert metrics["phases"] == demo.phase_records(recipe, metrics.get("fill", {}))
     assert "continued_from" not in metrics and sum(metrics["phase_wall_s"].values()) <= 90 * 60
 
 
