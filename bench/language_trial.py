@@ -22,8 +22,9 @@ minutes that mean something - the curve by step does not depend on it.
 ``time`` runs ``--steps`` (default 300) steps of each variant on a pool of 200 scenes, no
 evaluation, one after the other in this process's threads, and prints seconds per step
 (``training.demo.seconds_per_step``: first logged step to last, start-up left out, as
-``--minutes`` times a phase) and the ratio to the recipe's LLM (the first row). Variants: ``NAME:key=value,...`` of
-``LLMConfig`` (``num_kv_heads`` follows ``num_heads``); ``NAME:`` is the recipe's LLM.
+``--minutes`` times a phase) and the ratio to the recipe's LLM (the first row). Variants:
+``NAME:key=value,...`` of ``LLMConfig`` (``num_kv_heads`` follows ``num_heads``); ``NAME:``
+is the recipe's LLM.
 
 The bundled tower is a 1,500-step one, not the 1,000-step tower a 90-minute run trains: a
 trial compares settings with each other, not with a run from scratch.
@@ -155,9 +156,10 @@ def run_trial(
     return out / "stage2", n_llm
 
 
-def rows(phase_dir: Path, *, evals: bool) -> list[dict]:
+def eval_rows(phase_dir: Path) -> list[dict]:
+    """The held-out evaluations a trial's phase logged."""
     lines = (phase_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if bool(r.get("eval")) == evals]
+    return [r for r in map(json.loads, lines) if r.get("eval")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{name}: {(args.root / name / 'trial.json').read_text().strip()}\n")
             print("| step | minutes | Acc@0.5 | mean box IoU | mask mIoU | present: a region |")
             print("|---|---|---|---|---|---|")
-            for e in rows(phase_dir, evals=True):
+            for e in eval_rows(phase_dir):
                 print(
                     f"| {e['step']} | {e['elapsed_s'] / 60:.1f} | {e['rec_acc']:.2f} | "
                     f"{e['mean_box_iou']:.2f} | {e['mask_miou']:.2f} | "

@@ -756,8 +756,8 @@ def ninety_minute_phases(scale: float = 1.0) -> list[Phase | PretrainPhase]:
     taught and drops their restarts: the tower pre-trained and frozen, ONE SAM pre-training
     cycle, ONE language cycle on cached tower features from its first step (no rendering or
     tower in a step), with every grounding stand-in and the final task mix of the shipped
-    cycles, GIoU at weight 1, every module at one peak learning rate (measured trials),
-    then stage 3. Step counts were sized from the step times
+    cycles, GIoU at weight 1, the projector, location MLPs and LLM at one peak learning
+    rate (measured trials), then stage 3. Step counts were sized from the step times
     measured on the CPU of its first run (unshared): vision 1.15 s at batch 16 (rendering
     with every variation included), SAM 0.51-0.58 s at batch 8, a cached language step
     with every stand-in 0.20 s at batch 8, caching 36 ms a scene; that run took 88.6
