@@ -1035,8 +1035,8 @@ def run(
     }
     if recipe is not None:
         metrics["recipe"] = recipe
-    records = {p.name: out / p.name / "fill.json" for p in phases}
-    filled = {name: json.loads(f.read_text()) for name, f in records.items() if f.exists()}
+    fill_files = {p.name: out / p.name / "fill.json" for p in phases}
+    filled = {name: json.loads(f.read_text()) for name, f in fill_files.items() if f.exists()}
     if filled:
         metrics["fill"] = filled
     metrics["phases"] = phase_records(phases, filled)
