@@ -149,7 +149,7 @@ def run_trial(
             }
         )
     )
-    demo._phase(
+    demo.train_phase(
         phase, out / "stage2", str(init), None, config, grid, 8, eval_set, eval_every, eval_max,
         steps=steps, easy=False, pool=root / f"pool-{pool}-{weights_id(tower)}.pt",
     )  # fmt: skip

@@ -994,20 +994,20 @@ def run(
                 continue
             if phase.stage == 3:
                 init = str(zero_prompt_mlp(init, out / "stage3-init"))
-            common = (
-                None,
-                mcfg,
-                grid,
-                phase.batch_size or batch_size,
-                eval_set,
-                eval_every,
-                eval_max,
-            )
+            setting: dict[str, Any] = {
+                "tokenizer_dir": None,
+                "mcfg": mcfg,
+                "grid": grid,
+                "batch_size": phase.batch_size or batch_size,
+                "eval_set": eval_set,
+                "eval_every": eval_every,
+                "eval_max": eval_max,
+            }
             steps = phase.steps
             if minutes is not None and phase.fill:
                 spent = sum(times.load().values())  # the phases before this one
-                steps = fill_steps(phase, phase_dir, init, common, minutes * 60 - spent)
-            _phase(phase, phase_dir, init, *common, steps=steps, easy=False)
+                steps = fill_steps(phase, phase_dir, init, setting, minutes * 60 - spent)
+            train_phase(phase, phase_dir, init, **setting, steps=steps, easy=False)
             init = str(phase_dir / "final")
     ckpt = from_pretrained(init)
     from nextchat_core.predictor import NextChatPredictor
@@ -1035,8 +1035,8 @@ def run(
     }
     if recipe is not None:
         metrics["recipe"] = recipe
-    fill_files = {p.name: out / p.name / "fill.json" for p in phases}
-    filled = {name: json.loads(f.read_text()) for name, f in fill_files.items() if f.exists()}
+    decided = {p.name: fill_record(out / p.name) for p in phases}
+    filled = {name: record for name, record in decided.items() if record is not None}
     if filled:
         metrics["fill"] = filled
     metrics["phases"] = phase_records(phases, filled)
@@ -1139,7 +1139,7 @@ def _initial_checkpoint(out: Path, mcfg: NextChatConfig, tokenizer_dir: str) -> 
     return str(path)
 
 
-def _phase(
+def train_phase(
     phase: Phase,
     out: Path,
     init: str,
@@ -1219,8 +1219,15 @@ def seconds_per_step(metrics: Path) -> float:
     return (last["elapsed_s"] - first["elapsed_s"]) / (last["step"] - first["step"])
 
 
+def fill_record(phase_dir: Path) -> dict[str, Any] | None:
+    """What :func:`fill_steps` decided for the phase in ``phase_dir`` (its ``fill.json``:
+    steps, the budget left, the probe's step time), or None for a phase not filled."""
+    path = phase_dir / "fill.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def fill_steps(
-    phase: Phase, phase_dir: Path, init: str, common: tuple[Any, ...], left_s: float
+    phase: Phase, phase_dir: Path, init: str, setting: dict[str, Any], left_s: float
 ) -> int:
     """The steps of ``phase`` that fit ``left_s`` seconds (the budget the phases before
     it left) on THIS machine, decided once and kept in ``phase_dir/fill.json`` (a resumed
@@ -1228,15 +1235,15 @@ def fill_steps(
     feature pool (which the phase then reuses) and times a step; the phases after it get
     ``FILL_RESERVE_S``; evaluations ``FILL_EVAL_MARGIN``. At least ``FILL_PROBE_STEPS``
     when the budget is spent."""
-    record = phase_dir / "fill.json"
-    if record.exists():
-        return int(json.loads(record.read_text())["steps"])
+    decided = fill_record(phase_dir)
+    if decided is not None:
+        return int(decided["steps"])
     start = time.perf_counter()
     probe = phase_dir / "probe"
     shutil.rmtree(probe, ignore_errors=True)
-    no_eval = (*common[:4], None, 0, common[6])  # a probe is not scored
-    _phase(
-        phase, probe, init, *no_eval, steps=FILL_PROBE_STEPS, easy=False,
+    no_eval = {**setting, "eval_set": None, "eval_every": 0}  # a probe is not scored
+    train_phase(
+        phase, probe, init, **no_eval, steps=FILL_PROBE_STEPS, easy=False,
         pool=phase_dir / "feature-pool.pt",
     )  # fmt: skip
     step_s = seconds_per_step(probe / "metrics.jsonl")
@@ -1251,7 +1258,7 @@ def fill_steps(
         "step_s": step_s,
         "eval_margin": FILL_EVAL_MARGIN,
     }
-    record.write_text(json.dumps(fill, indent=2))
+    (phase_dir / "fill.json").write_text(json.dumps(fill, indent=2))
     shutil.rmtree(probe)
     log.info("phase %s fills the budget: %s", phase.name, fill)
     return steps
