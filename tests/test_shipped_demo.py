@@ -342,12 +342,20 @@ def test_minutes_fit_the_ninety_minute_recipe_to_this_machine(tmp_path, capsys):
     )
     # a resumed run keeps the steps decided, whatever the budget left says now
     phase = next(p for p in demo.ninety_minute_phases(0.0002) if p.name == "stage2")
-    assert demo.fill_steps(phase, out / "stage2", "unused", (), 1e9) == fill["steps"]
+    assert demo.fill_steps(phase, out / "stage2", "unused", {}, 1e9) == fill["steps"]
     # ten minutes beyond the reserve: a real probe's step time sizes the phase
     mcfg = get_preset("demo")
-    common = (None, mcfg, 8, 2, None, 0, 4)
+    setting = {
+        "tokenizer_dir": None,
+        "mcfg": mcfg,
+        "grid": 8,
+        "batch_size": 2,
+        "eval_set": None,
+        "eval_every": 0,
+        "eval_max": 4,
+    }
     left = demo.FILL_RESERVE_S + 600
-    steps = demo.fill_steps(phase, tmp_path / "more", str(out / "sam" / "final"), common, left)
+    steps = demo.fill_steps(phase, tmp_path / "more", str(out / "sam" / "final"), setting, left)
     more = json.loads((tmp_path / "more" / "fill.json").read_text())
     usable = left - more["probe_s"] - demo.FILL_RESERVE_S
     assert steps == more["steps"]  # (probe_s is recorded to 0.1 s: a step or two either way)
