@@ -150,7 +150,8 @@ def run_trial(
         )
     )
     demo.train_phase(
-        phase, out / "stage2", str(init), None, config, grid, 8, eval_set, eval_every, eval_max,
+        phase, out / "stage2", str(init), tokenizer_dir=None, mcfg=config, grid=grid,
+        batch_size=8, eval_set=eval_set, eval_every=eval_every, eval_max=eval_max,
         steps=steps, easy=False, pool=root / f"pool-{pool}-{weights_id(tower)}.pt",
     )  # fmt: skip
     return out / "stage2", n_llm
