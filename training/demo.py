@@ -1035,8 +1035,7 @@ def run(
     }
     if recipe is not None:
         metrics["recipe"] = recipe
-    decided = {p.name: fill_record(out / p.name) for p in phases}
-    filled = {name: record for name, record in decided.items() if record is not None}
+    filled = {p.name: f for p in phases if (f := fill_record(out / p.name)) is not None}
     if filled:
         metrics["fill"] = filled
     metrics["phases"] = phase_records(phases, filled)
