@@ -330,7 +330,7 @@ def test_minutes_fit_the_ninety_minute_recipe_to_this_machine(tmp_path, capsys):
     assert fill["step_s"] > 0 and fill["probe_s"] > 0 and fill["reserve_s"] == demo.FILL_RESERVE_S
     usable = fill["left_s"] - fill["probe_s"] - fill["reserve_s"]
     assert fill["steps"] == max(
-        demo.FILL_PROBE_STEPS, int(usable / (fill["step_s"] * demo.FILL_EVAL_MARGIN))
+        demo.FILL_PROBE_STEPS, int(usable / (fill["step_s"] * demo.FILL_MARGIN))
     )
     rows = [json.loads(x) for x in (out / "stage2" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) == fill["steps"]  # the cycle trained what it decided
@@ -359,7 +359,7 @@ def test_minutes_fit_the_ninety_minute_recipe_to_this_machine(tmp_path, capsys):
     more = json.loads((tmp_path / "more" / "fill.json").read_text())
     usable = left - more["probe_s"] - demo.FILL_RESERVE_S
     assert steps == more["steps"]  # (probe_s is recorded to 0.1 s: a step or two either way)
-    assert abs(steps - usable / (more["step_s"] * demo.FILL_EVAL_MARGIN)) <= 2
+    assert abs(steps - usable / (more["step_s"] * demo.FILL_MARGIN)) <= 2
     assert steps > 10 * demo.FILL_PROBE_STEPS  # minutes of steps that take a fraction of a second
 
 

@@ -1201,10 +1201,13 @@ def train_phase(
 
 # --minutes: what the phases after the filled one take (stage 3, calibration, evaluation:
 # 7.9 minutes in the first 90-minute run, the slower of the CPUs measured), the steps a probe
-# times, and a margin for the evaluations during the phase (not in a step's time)
+# times, and the phase's seconds a step (its evaluations included) over the probe's: the
+# probe times the phase's first, fastest steps (an AMD EPYC ran steps 25-100 at 0.18 s, its
+# 500-750 at 0.20 s); measured 1.08 on a Xeon and 1.18 on that EPYC, whose run at 1.05
+# took 95.6 minutes (docs/demo-recipe.md)
 FILL_RESERVE_S = 8 * 60
 FILL_PROBE_STEPS = 50
-FILL_EVAL_MARGIN = 1.05
+FILL_MARGIN = 1.2
 
 
 def seconds_per_step(metrics: Path) -> float:
@@ -1232,8 +1235,8 @@ def fill_steps(
     it left) on THIS machine, decided once and kept in ``phase_dir/fill.json`` (a resumed
     run keeps them): a probe of ``FILL_PROBE_STEPS`` steps from ``init`` caches the phase's
     feature pool (which the phase then reuses) and times a step; the phases after it get
-    ``FILL_RESERVE_S``; evaluations ``FILL_EVAL_MARGIN``. At least ``FILL_PROBE_STEPS``
-    when the budget is spent. ``setting``: the phase's :func:`train_phase` keyword
+    ``FILL_RESERVE_S``; the phase's own steps are taken at ``FILL_MARGIN`` times the
+    probe's. At least ``FILL_PROBE_STEPS`` when the budget is spent. ``setting``: the phase's :func:`train_phase` keyword
     arguments (the probe runs with them, unscored)."""
     decided = fill_record(phase_dir)
     if decided is not None:
@@ -1249,14 +1252,14 @@ def fill_steps(
     step_s = seconds_per_step(probe / "metrics.jsonl")
     probe_s = time.perf_counter() - start
     usable = left_s - probe_s - FILL_RESERVE_S
-    steps = max(FILL_PROBE_STEPS, int(usable / (step_s * FILL_EVAL_MARGIN)))
+    steps = max(FILL_PROBE_STEPS, int(usable / (step_s * FILL_MARGIN)))
     fill = {
         "steps": steps,
         "left_s": round(left_s, 1),
         "probe_s": round(probe_s, 1),
         "reserve_s": FILL_RESERVE_S,
         "step_s": step_s,
-        "eval_margin": FILL_EVAL_MARGIN,
+        "margin": FILL_MARGIN,
     }
     (phase_dir / "fill.json").write_text(json.dumps(fill, indent=2))
     shutil.rmtree(probe)
