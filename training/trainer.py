@@ -13,6 +13,7 @@ Metrics go to ``output_dir/metrics.jsonl`` (one JSON object per log step / evalu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -456,8 +457,14 @@ def _position(global_index: int, n: int, seed: int) -> int:
     """Dataset index of the ``global_index``-th sample drawn: a fresh permutation per epoch,
     a pure function of (seed, epoch), so the data position is just a counter."""
     epoch, offset = divmod(global_index, n)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return int(perm[offset])
+    return int(_permutation(n, seed, epoch)[offset])
+
+
+@functools.lru_cache(maxsize=2)  # this epoch's and the next (a batch may straddle them)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    # drawn once an epoch, not once a sample: a 48,000-record pool's permutation took
+    # 0.94 ms on a 2-core EPYC, and a language step of 0.2 s draws 8 samples
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def _init_model(config: TrainConfig, training_data: Callable[..., SampleSet]):
