@@ -1236,8 +1236,8 @@ def fill_steps(
     run keeps them): a probe of ``FILL_PROBE_STEPS`` steps from ``init`` caches the phase's
     feature pool (which the phase then reuses) and times a step; the phases after it get
     ``FILL_RESERVE_S``; the phase's own steps are taken at ``FILL_MARGIN`` times the
-    probe's. At least ``FILL_PROBE_STEPS`` when the budget is spent. ``setting``: the phase's :func:`train_phase` keyword
-    arguments (the probe runs with them, unscored)."""
+    probe's. At least ``FILL_PROBE_STEPS`` when the budget is spent. ``setting``: the
+    phase's :func:`train_phase` keyword arguments (the probe runs with them, unscored)."""
     decided = fill_record(phase_dir)
     if decided is not None:
         return int(decided["steps"])
