@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -329,9 +330,8 @@ def test_minutes_fit_the_ninety_minute_recipe_to_this_machine(tmp_path, capsys):
     assert fill["steps"] == demo.FILL_PROBE_STEPS and fill["left_s"] < 0.6
     assert fill["step_s"] > 0 and fill["probe_s"] > 0 and fill["reserve_s"] == demo.FILL_RESERVE_S
     usable = fill["left_s"] - fill["probe_s"] - fill["reserve_s"]
-    assert fill["steps"] == max(
-        demo.FILL_PROBE_STEPS, int(usable / (fill["step_s"] * demo.FILL_MARGIN))
-    )
+    assert fill["steps"] == max(demo.FILL_PROBE_STEPS, int(usable / fill["step_s"]))
+    assert "checked_at" not in fill  # too few steps to re-time
     rows = [json.loads(x) for x in (out / "stage2" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) == fill["steps"]  # the cycle trained what it decided
     ran = {p["name"]: p["steps"] for p in metrics["phases"] if "name" in p}
@@ -359,8 +359,28 @@ def test_minutes_fit_the_ninety_minute_recipe_to_this_machine(tmp_path, capsys):
     more = json.loads((tmp_path / "more" / "fill.json").read_text())
     usable = left - more["probe_s"] - demo.FILL_RESERVE_S
     assert steps == more["steps"]  # (probe_s is recorded to 0.1 s: a step or two either way)
-    assert abs(steps - usable / (more["step_s"] * demo.FILL_MARGIN)) <= 2
+    assert abs(steps - usable / more["step_s"]) <= 2
     assert steps > 10 * demo.FILL_PROBE_STEPS  # minutes of steps that take a fraction of a second
+    # the probe's guess leaves out what the phase does beside its steps: evaluations every
+    # 5 steps here, each longer than 2.5 steps. The phase re-times itself and still ends
+    # in the budget; trained at the guess (the fill before train_filled) it overran
+    left = demo.FILL_RESERVE_S + 90
+    eval_set = demo.eval_sets(out, 4, mcfg)[0]
+    scored = {**setting, "eval_set": eval_set, "eval_every": 5, "eval_max": 4}
+    start = time.perf_counter()
+    demo.train_filled(phase, tmp_path / "paced", str(out / "sam" / "final"), scored, left)
+    wall = time.perf_counter() - start
+    paced = json.loads((tmp_path / "paced" / "fill.json").read_text())
+    rows = [json.loads(x) for x in (tmp_path / "paced" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == paced["steps"]  # trained what the check decided
+    assert paced["checked_at"] == min(demo.FILL_CHECK_STEPS, paced["guess"] // 2 // 25 * 25)
+    evals = [r for r in rows if r.get("eval")]
+    assert len(evals) == -(-paced["steps"] // 5) and all(r["eval_s"] > 0 for r in evals)
+    assert paced["eval_s"] > 2.5 * paced["pace_s"], paced  # an evaluation: over 2.5 steps
+    assert paced["steps"] < 0.8 * paced["guess"]
+    assert 0.6 * 90 < wall < 1.25 * 90, (wall, paced)
+    guessed = paced["guess"] * (paced["pace_s"] + paced["eval_s"] / 5)
+    assert guessed > 1.25 * 90, (guessed, paced)  # what the guess alone would have cost
 
 
 def phase_names(metrics: dict) -> list[str]:

@@ -1003,11 +1003,11 @@ def run(
                 "eval_every": eval_every,
                 "eval_max": eval_max,
             }
-            steps = phase.steps
             if minutes is not None and phase.fill:
                 spent = sum(times.load().values())  # the phases before this one
-                steps = fill_steps(phase, phase_dir, init, setting, minutes * 60 - spent)
-            train_phase(phase, phase_dir, init, **setting, steps=steps, easy=False)
+                train_filled(phase, phase_dir, init, setting, minutes * 60 - spent)
+            else:
+                train_phase(phase, phase_dir, init, **setting, steps=phase.steps, easy=False)
             init = str(phase_dir / "final")
     ckpt = from_pretrained(init)
     from nextchat_core.predictor import NextChatPredictor
@@ -1153,9 +1153,11 @@ def train_phase(
     steps: int,
     easy: bool,
     pool: Path | None = None,
+    stop_after: int | None = None,
 ) -> None:
     """Train one language or mask phase into ``out``. ``pool``: where a cached phase keeps
-    its tower features (default ``out/feature-pool.pt``; a trial shares one across runs)."""
+    its tower features (default ``out/feature-pool.pt``; a trial shares one across runs);
+    ``stop_after``: end after that step with a checkpoint (:func:`training.trainer.train`)."""
     per_scene = {"records_per_scene": phase.records_per_scene} if phase.cache_scenes else {}
     synth_cfg = training_synth_config(
         easy=easy, task_mix=dict(phase.task_mix or LANGUAGE_MIX), **per_scene
@@ -1196,18 +1198,24 @@ def train_phase(
         precision=phase.precision,
     )
     log.info("phase %s%s: %d steps from %s", phase.name, " (easy)" if easy else "", steps, init)
-    train(config, samples=stream, eval_samples=eval_set, aux=DemoAux(mcfg) if phase.aux else None)
+    train(
+        config,
+        samples=stream,
+        eval_samples=eval_set,
+        aux=DemoAux(mcfg) if phase.aux else None,
+        stop_after=stop_after,
+    )
 
 
 # --minutes: what the phases after the filled one take (stage 3, calibration, evaluation:
 # 7.9 minutes in the first 90-minute run, the slower of the CPUs measured), the steps a probe
-# times, and the phase's seconds a step (its evaluations included) over the probe's: the
-# probe times the phase's first, fastest steps (an AMD EPYC ran steps 25-100 at 0.18 s, its
-# 500-750 at 0.20 s); measured 1.08 on a Xeon and 1.18 on that EPYC, whose run at 1.05
-# took 95.6 minutes (docs/demo-recipe.md)
+# times for a first guess, and the step at which the phase re-sizes itself from its own
+# pace: the probe's steps are the phase's first and fastest, without its checkpoints or
+# evaluations (a run sized by the probe alone, at 1.05 times its step, took 95.6 minutes on
+# an AMD EPYC whose steps 25-100 ran at 0.18 s, 500-750 at 0.20 s: docs/demo-recipe.md)
 FILL_RESERVE_S = 8 * 60
 FILL_PROBE_STEPS = 50
-FILL_MARGIN = 1.2
+FILL_CHECK_STEPS = 1000
 
 
 def seconds_per_step(metrics: Path) -> float:
@@ -1228,6 +1236,11 @@ def fill_record(phase_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _write_fill(phase_dir: Path, fill: dict[str, Any]) -> None:
+    (phase_dir / "fill.json").write_text(json.dumps(fill, indent=2))
+    log.info("phase %s fills the budget: %s", phase_dir.name, fill)
+
+
 def fill_steps(
     phase: Phase, phase_dir: Path, init: str, setting: dict[str, Any], left_s: float
 ) -> int:
@@ -1235,8 +1248,8 @@ def fill_steps(
     it left) on THIS machine, decided once and kept in ``phase_dir/fill.json`` (a resumed
     run keeps them): a probe of ``FILL_PROBE_STEPS`` steps from ``init`` caches the phase's
     feature pool (which the phase then reuses) and times a step; the phases after it get
-    ``FILL_RESERVE_S``; the phase's own steps are taken at ``FILL_MARGIN`` times the
-    probe's. At least ``FILL_PROBE_STEPS`` when the budget is spent. ``setting``: the
+    ``FILL_RESERVE_S``. A first guess: :func:`train_filled` re-sizes the phase from its
+    own pace. At least ``FILL_PROBE_STEPS`` when the budget is spent. ``setting``: the
     phase's :func:`train_phase` keyword arguments (the probe runs with them, unscored)."""
     decided = fill_record(phase_dir)
     if decided is not None:
@@ -1252,19 +1265,76 @@ def fill_steps(
     step_s = seconds_per_step(probe / "metrics.jsonl")
     probe_s = time.perf_counter() - start
     usable = left_s - probe_s - FILL_RESERVE_S
-    steps = max(FILL_PROBE_STEPS, int(usable / (step_s * FILL_MARGIN)))
+    steps = max(FILL_PROBE_STEPS, int(usable / step_s))
     fill = {
         "steps": steps,
         "left_s": round(left_s, 1),
         "probe_s": round(probe_s, 1),
         "reserve_s": FILL_RESERVE_S,
         "step_s": step_s,
-        "margin": FILL_MARGIN,
+        "guess": steps,
     }
-    (phase_dir / "fill.json").write_text(json.dumps(fill, indent=2))
+    phase_dir.mkdir(parents=True, exist_ok=True)
+    _write_fill(phase_dir, fill)
     shutil.rmtree(probe)
-    log.info("phase %s fills the budget: %s", phase.name, fill)
     return steps
+
+
+def phase_spent(metrics: Path, upto: int) -> tuple[float, list[float]]:
+    """A phase's seconds up to step ``upto`` from its ``metrics.jsonl``: its training
+    seconds (checkpoints included) and each evaluation's. A step logged twice (a run
+    resumed from an earlier checkpoint logs the steps after it again) counts once."""
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    trained = {r["step"]: r["elapsed_s"] for r in rows if not r.get("eval") and "loss" in r}
+    evals = {r["step"]: r["eval_s"] for r in rows if r.get("eval") and r["step"] <= upto}
+    if upto not in trained:
+        raise ValueError(f"{metrics}: step {upto} is not logged")
+    return trained[upto], list(evals.values())
+
+
+def train_filled(
+    phase: Phase, phase_dir: Path, init: str, setting: dict[str, Any], left_s: float
+) -> None:
+    """Train the phase marked ``fill`` into ``left_s`` seconds: :func:`fill_steps`' guess,
+    then, after ``FILL_CHECK_STEPS`` steps (half its steps when it guessed fewer than
+    twice that), the phase's own pace over the second half of them (its checkpoints
+    included) and the seconds of its evaluations size the rest; the cosine schedule's
+    horizon moves with it (past the warm-up, a change of a few hundredths in the rate).
+    The check is kept in ``fill.json``: a resumed run keeps what it decided."""
+    guess = fill_steps(phase, phase_dir, init, setting, left_s)
+    fill = fill_record(phase_dir) or {}
+    check = min(FILL_CHECK_STEPS, guess // 2 // 25 * 25)  # a logged step (log_every 25)
+    if "checked_at" not in fill and check >= 50:
+        metrics = phase_dir / "metrics.jsonl"
+        last = _last_logged(metrics) if metrics.exists() else 0
+        before = phase_spent(metrics, last) if last else (0.0, [])
+        start = time.perf_counter()
+        train_phase(phase, phase_dir, init, **setting, steps=guess, easy=False, stop_after=check)
+        wall = time.perf_counter() - start
+        trained, evals = phase_spent(metrics, check)
+        half = check // 2 // 25 * 25
+        pace = (trained - phase_spent(metrics, half)[0]) / (check - half)
+        eval_s = sum(evals) / len(evals) if evals else 0.0
+        # the set-up this call timed beyond its records (building the model, loading the
+        # pool and the checkpoint): the second call does it again
+        setup_s = max(0.0, wall - (trained - before[0]) - (sum(evals) - sum(before[1])))
+        every = setting.get("eval_every") or 0
+        per_step = pace + (eval_s / every if every and setting.get("eval_set") else 0.0)
+        usable = left_s - fill["probe_s"] - FILL_RESERVE_S - trained - sum(evals) - setup_s
+        if setting.get("eval_set") is not None:
+            usable -= eval_s  # the phase's evaluation at its end
+        steps = check + max(0, int(usable / per_step))
+        fill.update(
+            steps=steps, checked_at=check, pace_s=round(pace, 4), eval_s=round(eval_s, 2),
+            setup_s=round(setup_s, 1), spent_s=round(trained + sum(evals), 1),
+        )  # fmt: skip
+        _write_fill(phase_dir, fill)
+    train_phase(phase, phase_dir, init, **setting, steps=int(fill["steps"]), easy=False)
+
+
+def _last_logged(metrics: Path) -> int:
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    return max((r["step"] for r in rows if not r.get("eval") and "loss" in r), default=0)
 
 
 def domain_tokenizer(out: Path, mcfg: NextChatConfig) -> str:
@@ -1386,9 +1456,14 @@ def readme_summary(metrics: dict[str, Any]) -> str:
             f"Wall time of the run that made it{on}: {total / 60:.1f} minutes ({parts}; minutes)."
         )
         for name, fill in (metrics.get("fill") or {}).items():
+            timed = f"the {fill['step_s']:.3f} s a step its probe measured"
+            if "checked_at" in fill:  # re-sized from its own pace (train_filled)
+                timed = (
+                    f"the {fill['pace_s']:.3f} s a step it ran at by step "
+                    f"{fill['checked_at']:,} ({fill['guess']:,} by its probe)"
+                )
             lines.append(
-                f"({name} took the steps the run's --minutes left: {fill['steps']:,} at the "
-                f"{fill['step_s']:.3f} s a step its probe measured.)"
+                f"({name} took the steps the run's --minutes left: {fill['steps']:,} at {timed}.)"
             )
         earlier = metrics.get("continued_from")
         if earlier:
