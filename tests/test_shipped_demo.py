@@ -375,7 +375,7 @@ def test_minutes_fit_the_ninety_minute_recipe_to_this_machine(tmp_path, capsys):
     assert max(r["step"] for r in rows) == paced["steps"]  # trained what the check decided
     assert paced["checked_at"] == min(demo.FILL_CHECK_STEPS, paced["guess"] // 2 // 25 * 25)
     evals = [r for r in rows if r.get("eval")]
-    assert len(evals) == -(-paced["steps"] // 5) and all(r["eval_s"] > 0 for r in evals)
+    assert len(evals) == -(-paced["steps"] // 5) and all(r["seconds"] > 0 for r in evals)
     assert paced["eval_s"] > 2.5 * paced["pace_s"], paced  # an evaluation: over 2.5 steps
     assert paced["steps"] < 0.8 * paced["guess"]
     assert 0.6 * 90 < wall < 1.25 * 90, (wall, paced)
@@ -395,7 +395,7 @@ def test_the_readme_states_the_shipped_metrics():
 
 
 def test_the_readme_states_the_ninety_minute_run_from_its_metrics():
-    run = Path(__file__).resolve().parents[1] / "docs" / "demo-run-2026-12-07-90min-lr3e-4.json"
+    run = Path(__file__).resolve().parents[1] / "docs" / "demo-run-2026-12-08-90min-paced.json"
     metrics = json.loads(run.read_text())
     assert readme_block("demo-90min") == demo.readme_summary(metrics)
     # it is the 90-minute recipe's run - every phase's settings (learning rates included)
@@ -404,7 +404,6 @@ def test_the_readme_states_the_ninety_minute_run_from_its_metrics():
     recipe = demo.with_steps(
         demo.ninety_minute_phases(), metrics.get("recipe", {}).get("steps", "")
     )
-    assert phase_names(metrics) == [p.name for p in recipe]
     assert metrics["phases"] == demo.phase_records(recipe, metrics.get("fill", {}))
     assert "continued_from" not in metrics and sum(metrics["phase_wall_s"].values()) <= 90 * 60
 

@@ -1188,7 +1188,7 @@ def train_phase(
         save_every=100,
         eval_every=eval_every,
         eval_max=eval_max,
-        log_every=25,
+        log_every=LOG_EVERY,
         trainable=phase.trainable,
         masks=phase.masks,
         loss=phase.loss or {},
@@ -1216,17 +1216,33 @@ def train_phase(
 FILL_RESERVE_S = 8 * 60
 FILL_PROBE_STEPS = 50
 FILL_CHECK_STEPS = 1000
+LOG_EVERY = 25  # the phases' metrics.jsonl rows
+
+
+def phase_log(metrics: Path) -> tuple[dict[int, float], dict[int, float]]:
+    """A phase's ``metrics.jsonl`` by step: its training seconds at each logged step
+    (checkpoints included, start-up and evaluations not) and each evaluation's seconds
+    (its report's ``seconds``). A step logged twice (a resumed run logs the steps
+    after its checkpoint again) keeps its last row. Empty for a phase not started."""
+    trained: dict[int, float] = {}
+    evals: dict[int, float] = {}
+    rows = metrics.read_text().splitlines() if metrics.exists() else []
+    for row in map(json.loads, rows):
+        if row.get("eval"):
+            evals[row["step"]] = row["seconds"]
+        elif "elapsed_s" in row and "loss" in row:
+            trained[row["step"]] = row["elapsed_s"]
+    return trained, evals
 
 
 def seconds_per_step(metrics: Path) -> float:
-    """Training seconds per step between the first and the last logged row of a phase's
+    """Training seconds per step between the first and the last logged step of a phase's
     ``metrics.jsonl`` (start-up and evaluations excluded)."""
-    rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if not r.get("eval")]
-    rows = [r for r in rows if "elapsed_s" in r and "loss" in r]
-    if len(rows) < 2 or rows[-1]["step"] == rows[0]["step"]:
+    trained = phase_log(metrics)[0]
+    if len(trained) < 2:
         raise ValueError(f"{metrics}: fewer than two logged steps to time")
-    first, last = rows[0], rows[-1]
-    return (last["elapsed_s"] - first["elapsed_s"]) / (last["step"] - first["step"])
+    first, last = min(trained), max(trained)
+    return (trained[last] - trained[first]) / (last - first)
 
 
 def fill_record(phase_dir: Path) -> dict[str, Any] | None:
@@ -1280,18 +1296,6 @@ def fill_steps(
     return steps
 
 
-def phase_spent(metrics: Path, upto: int) -> tuple[float, list[float]]:
-    """A phase's seconds up to step ``upto`` from its ``metrics.jsonl``: its training
-    seconds (checkpoints included) and each evaluation's. A step logged twice (a run
-    resumed from an earlier checkpoint logs the steps after it again) counts once."""
-    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
-    trained = {r["step"]: r["elapsed_s"] for r in rows if not r.get("eval") and "loss" in r}
-    evals = {r["step"]: r["eval_s"] for r in rows if r.get("eval") and r["step"] <= upto}
-    if upto not in trained:
-        raise ValueError(f"{metrics}: step {upto} is not logged")
-    return trained[upto], list(evals.values())
-
-
 def train_filled(
     phase: Phase, phase_dir: Path, init: str, setting: dict[str, Any], left_s: float
 ) -> None:
@@ -1299,42 +1303,39 @@ def train_filled(
     then, after ``FILL_CHECK_STEPS`` steps (half its steps when it guessed fewer than
     twice that), the phase's own pace over the second half of them (its checkpoints
     included) and the seconds of its evaluations size the rest; the cosine schedule's
-    horizon moves with it (past the warm-up, a change of a few hundredths in the rate).
+    horizon moves with it (past the warm-up: 0.2 % of the rate for a guess 15 % long).
     The check is kept in ``fill.json``: a resumed run keeps what it decided."""
     guess = fill_steps(phase, phase_dir, init, setting, left_s)
     fill = fill_record(phase_dir) or {}
-    check = min(FILL_CHECK_STEPS, guess // 2 // 25 * 25)  # a logged step (log_every 25)
-    if "checked_at" not in fill and check >= 50:
+    check = min(FILL_CHECK_STEPS, guess // 2 // LOG_EVERY * LOG_EVERY)  # a logged step
+    if "checked_at" not in fill and check >= 2 * LOG_EVERY:
         metrics = phase_dir / "metrics.jsonl"
-        last = _last_logged(metrics) if metrics.exists() else 0
-        before = phase_spent(metrics, last) if last else (0.0, [])
+        trained, evals = phase_log(metrics)  # a run resumed before the check has some
+        before = (trained[max(trained)] if trained else 0.0) + sum(evals.values())
         start = time.perf_counter()
         train_phase(phase, phase_dir, init, **setting, steps=guess, easy=False, stop_after=check)
         wall = time.perf_counter() - start
-        trained, evals = phase_spent(metrics, check)
-        half = check // 2 // 25 * 25
-        pace = (trained - phase_spent(metrics, half)[0]) / (check - half)
-        eval_s = sum(evals) / len(evals) if evals else 0.0
+        trained, evals = phase_log(metrics)
+        eval_seconds = [s for step, s in evals.items() if step <= check]
+        spent = trained[check] + sum(eval_seconds)
+        half = check // 2 // LOG_EVERY * LOG_EVERY
+        pace = (trained[check] - trained[half]) / (check - half)
+        eval_s = sum(eval_seconds) / len(eval_seconds) if eval_seconds else 0.0
         # the set-up this call timed beyond its records (building the model, loading the
         # pool and the checkpoint): the second call does it again
-        setup_s = max(0.0, wall - (trained - before[0]) - (sum(evals) - sum(before[1])))
+        setup_s = max(0.0, wall - (spent - before))
         every = setting.get("eval_every") or 0
         per_step = pace + (eval_s / every if every and setting.get("eval_set") else 0.0)
-        usable = left_s - fill["probe_s"] - FILL_RESERVE_S - trained - sum(evals) - setup_s
+        usable = left_s - fill["probe_s"] - FILL_RESERVE_S - spent - setup_s
         if setting.get("eval_set") is not None:
             usable -= eval_s  # the phase's evaluation at its end
         steps = check + max(0, int(usable / per_step))
         fill.update(
             steps=steps, checked_at=check, pace_s=round(pace, 4), eval_s=round(eval_s, 2),
-            setup_s=round(setup_s, 1), spent_s=round(trained + sum(evals), 1),
+            setup_s=round(setup_s, 1), spent_s=round(spent, 1),
         )  # fmt: skip
         _write_fill(phase_dir, fill)
     train_phase(phase, phase_dir, init, **setting, steps=int(fill["steps"]), easy=False)
-
-
-def _last_logged(metrics: Path) -> int:
-    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
-    return max((r["step"] for r in rows if not r.get("eval") and "loss" in r), default=0)
 
 
 def domain_tokenizer(out: Path, mcfg: NextChatConfig) -> str:
