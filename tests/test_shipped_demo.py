@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import readme_block
 from PIL import Image
+from safetensors.torch import load_file
 
 from nextchat_core.build import from_pretrained
 from nextchat_core.config import get_preset
@@ -508,3 +509,23 @@ def _box(result: dict):
     v = result["value"]
     rect = frames.PercentRect(v["x"], v["y"], v["width"], v["height"], v.get("rotation", 0))
     return frames.percent_to_pixel(rect, result["original_width"], result["original_height"])
+
+
+def test_a_phase_trains_the_same_whatever_the_process_drew_before(tmp_path):
+    """The stand-in heads (DemoAux) start from the phase's own seed, not from the global
+    generator's state: a phase run after a probe, an earlier phase or in a fresh process
+    (a resumed run) trains the same weights."""
+    mcfg = get_preset("demo")
+    phase = next(p for p in demo.ninety_minute_phases(0.0002) if p.name == "stage2")
+    assert phase.aux
+    finals = []
+    for draw in (1, 2):  # what the process drew before the phase
+        torch.manual_seed(draw)
+        out = tmp_path / f"after-{draw}"
+        demo.train_phase(
+            phase, out, str(DEMO), None, mcfg, 8, 2, None, 0, 0, steps=3, easy=False,
+            pool=tmp_path / "feature-pool.pt",
+        )  # fmt: skip
+        finals.append(load_file(str(out / "final" / "model.safetensors")))
+    assert finals[0].keys() == finals[1].keys()
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])

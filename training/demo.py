@@ -1198,13 +1198,15 @@ def train_phase(
         precision=phase.precision,
     )
     log.info("phase %s%s: %d steps from %s", phase.name, " (easy)" if easy else "", steps, init)
-    train(
-        config,
-        samples=stream,
-        eval_samples=eval_set,
-        aux=DemoAux(mcfg) if phase.aux else None,
-        stop_after=stop_after,
-    )
+    aux = None
+    if phase.aux:
+        # the stand-ins' initial weights from the phase's seed, not from whatever the
+        # process drew before (a probe, the phases before it - none when a run resumed
+        # between phases): train() seeds the generators only after they are built
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            aux = DemoAux(mcfg)
+    train(config, samples=stream, eval_samples=eval_set, aux=aux, stop_after=stop_after)
 
 
 # --minutes: what the phases after the filled one take (stage 3, calibration, evaluation:
