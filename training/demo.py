@@ -1292,7 +1292,6 @@ def fill_steps(
         "step_s": step_s,
         "guess": steps,
     }
-    phase_dir.mkdir(parents=True, exist_ok=True)
     _write_fill(phase_dir, fill)
     shutil.rmtree(probe)
     return steps
