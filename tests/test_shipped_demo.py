@@ -513,9 +513,9 @@ def _box(result: dict):
 
 
 def test_a_phase_trains_the_same_whatever_the_process_drew_before(tmp_path):
-    """The stand-in heads (DemoAux) start from the phase's own seed, not from the global
-    generator's state: a phase run after a probe, an earlier phase or in a fresh process
-    (a resumed run) trains the same weights."""
+    """The stand-in heads (DemoAux, built before the trainer seeds the generators) start
+    from the run's seed, not from the global generator's state: a phase run after a
+    probe, an earlier phase or in a fresh process (a resumed run) trains the same weights."""
     mcfg = get_preset("demo")
     phase = next(p for p in demo.ninety_minute_phases(0.0002) if p.name == "stage2")
     assert phase.aux

@@ -1198,14 +1198,7 @@ def train_phase(
         precision=phase.precision,
     )
     log.info("phase %s%s: %d steps from %s", phase.name, " (easy)" if easy else "", steps, init)
-    aux = None
-    if phase.aux:
-        # the stand-ins' initial weights from the phase's seed, not from whatever the
-        # process drew before (a probe, the phases before it - none when a run resumed
-        # between phases): train() seeds the generators only after they are built
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            aux = DemoAux(mcfg)
+    aux = DemoAux(mcfg) if phase.aux else None  # train() draws its weights from the seed
     train(config, samples=stream, eval_samples=eval_set, aux=aux, stop_after=stop_after)
 
 
@@ -1307,7 +1300,8 @@ def train_filled(
     horizon moves with it (past the warm-up: 0.2 % of the rate for a guess 15 % long).
     The check is kept in ``fill.json``: a resumed run keeps what it decided."""
     guess = fill_steps(phase, phase_dir, init, setting, left_s)
-    fill = fill_record(phase_dir) or {}
+    fill = fill_record(phase_dir)
+    assert fill is not None  # fill_steps wrote it
     check = min(FILL_CHECK_STEPS, guess // 2 // LOG_EVERY * LOG_EVERY)  # a logged step
     if "checked_at" not in fill and check >= 2 * LOG_EVERY:
         metrics = phase_dir / "metrics.jsonl"

@@ -238,6 +238,14 @@ def train(
     spec = get_stage(config.stage)
     device = torch.device(resolve_device(config.device))
     _seed_everything(config.seed)
+    if aux is not None:
+        # the caller built it from whatever the process's generator held (a probe, earlier
+        # stages, nothing in a fresh process): its initial weights are drawn again from
+        # the run's seed, so a rerun is exact (a resumed run then loads its checkpoint's)
+        for module in aux.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
 
     loaded: dict[str, SampleSet] = {}
 
